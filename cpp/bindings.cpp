@@ -1,0 +1,746 @@
+// The one file that includes pybind11. It validates every argument that comes
+// from Python (type, dtype, device, shape, strides, writability), calls the
+// native core, and turns every error value into a Python exception. Tensors
+// cross without copies: numpy arrays through the buffer protocol, torch
+// tensors (and anything else with __dlpack__) through DLPack.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "atlas/attention.h"
+#include "atlas/common.h"
+#include "atlas/kv_cache.h"
+#include "atlas/tree.h"
+#include "atlas/verify.h"
+
+namespace py = pybind11;
+
+namespace {
+
+// ---- errors ------------------------------------------------------------------
+
+struct CacheFullError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+void throw_if_error(const atlas::Status& st) {
+  if (st.ok()) return;
+  switch (st.code) {
+    case atlas::Code::kInvalidArgument:
+      throw py::value_error(st.message);
+    case atlas::Code::kCacheFull:
+      throw CacheFullError(st.message);
+    case atlas::Code::kUnsupported:
+      throw py::type_error(st.message);
+    default:
+      throw std::runtime_error(st.message);
+  }
+}
+
+[[noreturn]] void fail(const std::string& msg) { throw py::value_error(msg); }
+
+// ---- DLPack (the ABI is a published standard; only the fields we read) --------
+
+struct DLDevice {
+  int32_t device_type;  // 1 = CPU, 2 = CUDA, 3 = CUDA host
+  int32_t device_id;
+};
+struct DLDataType {
+  uint8_t code;  // 0 int, 1 uint, 2 float, 4 bfloat, 6 bool
+  uint8_t bits;
+  uint16_t lanes;
+};
+struct DLTensor {
+  void* data;
+  DLDevice device;
+  int32_t ndim;
+  DLDataType dtype;
+  int64_t* shape;
+  int64_t* strides;  // in elements; null = compact row-major
+  uint64_t byte_offset;
+};
+struct DLManagedTensor {
+  DLTensor dl_tensor;
+  void* manager_ctx;
+  void (*deleter)(DLManagedTensor*);
+};
+
+// ---- a borrowed view of an array-like argument ----------------------------------
+
+enum class Elem { kF32, kBF16, kF16, kF64, kI32, kI64, kU8, kBool, kOther };
+
+const char* elem_name(Elem e) {
+  switch (e) {
+    case Elem::kF32: return "float32";
+    case Elem::kBF16: return "bfloat16";
+    case Elem::kF16: return "float16";
+    case Elem::kF64: return "float64";
+    case Elem::kI32: return "int32";
+    case Elem::kI64: return "int64";
+    case Elem::kU8: return "uint8";
+    case Elem::kBool: return "bool";
+    default: return "an unsupported dtype";
+  }
+}
+
+int64_t elem_size(Elem e) {
+  switch (e) {
+    case Elem::kF32: case Elem::kI32: return 4;
+    case Elem::kBF16: case Elem::kF16: return 2;
+    case Elem::kF64: case Elem::kI64: return 8;
+    default: return 1;
+  }
+}
+
+struct View {
+  std::string name;
+  py::object keep;  // the numpy array or the DLPack capsule: alive while the view is
+  void* data = nullptr;
+  Elem elem = Elem::kOther;
+  bool on_cuda = false;
+  int32_t device_id = 0;
+  bool writeable = true;
+  std::vector<int64_t> shape;
+  std::vector<int64_t> strides;  // elements
+
+  int64_t ndim() const { return static_cast<int64_t>(shape.size()); }
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int64_t s : shape) n *= s;
+    return n;
+  }
+  std::string shape_str() const {
+    std::ostringstream os;
+    os << "(";
+    for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
+    if (shape.size() == 1) os << ",";
+    os << ")";
+    return os.str();
+  }
+  bool contiguous() const {
+    int64_t expect = 1;
+    for (int64_t i = ndim() - 1; i >= 0; --i) {
+      if (shape[i] != 1 && strides[i] != expect) return false;
+      expect *= shape[i];
+    }
+    return true;
+  }
+
+  View& dtype(std::initializer_list<Elem> allowed) {
+    for (Elem e : allowed) if (e == elem) return *this;
+    std::string list;
+    for (Elem e : allowed) list += std::string(list.empty() ? "" : " or ") + elem_name(e);
+    fail(name + " must have dtype " + list + ", got " + elem_name(elem));
+  }
+  View& dims(int64_t n) {
+    if (ndim() != n) fail(name + " must be " + std::to_string(n) + "-D, got shape " + shape_str());
+    return *this;
+  }
+  View& dim(int64_t i, int64_t size, const char* what) {
+    if (shape[i] != size)
+      fail(name + " must have shape[" + std::to_string(i) + "] == " + what + " = " + std::to_string(size) +
+           ", got shape " + shape_str());
+    return *this;
+  }
+  View& cpu() {
+    if (on_cuda) fail(name + " must be in CPU memory, got a CUDA tensor");
+    return *this;
+  }
+  View& dense() {
+    if (!contiguous()) fail(name + " must be contiguous (call .contiguous() / np.ascontiguousarray)");
+    return *this;
+  }
+  View& inner_dense() {
+    if (ndim() >= 1 && shape.back() > 1 && strides.back() != 1)
+      fail(name + " must be contiguous in its last dimension");
+    return *this;
+  }
+  View& output() {
+    if (!writeable) fail(name + " is an output and must be writeable");
+    return *this;
+  }
+  template <typename T>
+  T* ptr() const { return static_cast<T*>(data); }
+};
+
+View view_of(py::handle obj, const std::string& name) {
+  View v;
+  v.name = name;
+  if (obj.is_none()) fail(name + " must be an array, got None");
+  if (py::isinstance<py::array>(obj)) {
+    py::array arr = py::reinterpret_borrow<py::array>(obj);
+    py::dtype dt = arr.dtype();
+    char kind = dt.kind();
+    int64_t size = static_cast<int64_t>(dt.itemsize());
+    if (kind == 'f' && size == 4) v.elem = Elem::kF32;
+    else if (kind == 'f' && size == 2) v.elem = Elem::kF16;
+    else if (kind == 'f' && size == 8) v.elem = Elem::kF64;
+    else if (kind == 'i' && size == 4) v.elem = Elem::kI32;
+    else if (kind == 'i' && size == 8) v.elem = Elem::kI64;
+    else if (kind == 'u' && size == 1) v.elem = Elem::kU8;
+    else if (kind == 'b') v.elem = Elem::kBool;
+    if (!dt.attr("isnative").cast<bool>()) fail(name + " must be in native byte order");
+    v.keep = arr;
+    v.writeable = arr.writeable();
+    v.data = const_cast<void*>(arr.data());
+    for (py::ssize_t i = 0; i < arr.ndim(); ++i) {
+      v.shape.push_back(arr.shape(i));
+      if (arr.strides(i) % size != 0) fail(name + " has strides that are not a multiple of its item size");
+      v.strides.push_back(arr.strides(i) / size);
+    }
+    return v;
+  }
+  if (!py::hasattr(obj, "__dlpack__"))
+    fail(name + " must be a numpy array or a torch tensor, got " + std::string(py::str(py::type::of(obj))));
+  py::object capsule;
+  try {
+    capsule = obj.attr("__dlpack__")();
+  } catch (py::error_already_set& e) {
+    fail(name + " cannot be shared without a copy: " + std::string(e.what()));
+  }
+  auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule.ptr(), "dltensor"));
+  if (managed == nullptr) {
+    PyErr_Clear();
+    fail(name + ": __dlpack__ did not return a DLPack tensor capsule");
+  }
+  const DLTensor& t = managed->dl_tensor;
+  v.keep = capsule;  // not consumed: the producer frees its side when the capsule dies
+  v.data = static_cast<char*>(t.data) + t.byte_offset;
+  if (t.device.device_type == 2) v.on_cuda = true;
+  else if (t.device.device_type != 1 && t.device.device_type != 3)
+    fail(name + " must live in CPU or CUDA memory");
+  v.device_id = t.device.device_id;
+  if (t.dtype.lanes != 1) fail(name + " must not be a vector dtype");
+  if (t.dtype.code == 2 && t.dtype.bits == 32) v.elem = Elem::kF32;
+  else if (t.dtype.code == 2 && t.dtype.bits == 16) v.elem = Elem::kF16;
+  else if (t.dtype.code == 2 && t.dtype.bits == 64) v.elem = Elem::kF64;
+  else if (t.dtype.code == 4 && t.dtype.bits == 16) v.elem = Elem::kBF16;
+  else if (t.dtype.code == 0 && t.dtype.bits == 32) v.elem = Elem::kI32;
+  else if (t.dtype.code == 0 && t.dtype.bits == 64) v.elem = Elem::kI64;
+  else if (t.dtype.code == 1 && t.dtype.bits == 8) v.elem = Elem::kU8;
+  else if (t.dtype.code == 6 || (t.dtype.code == 1 && t.dtype.bits == 1)) v.elem = Elem::kBool;
+  int64_t expect = 1;
+  v.shape.assign(t.shape, t.shape + t.ndim);
+  v.strides.resize(t.ndim);
+  for (int32_t i = t.ndim - 1; i >= 0; --i) {
+    v.strides[i] = t.strides ? t.strides[i] : expect;
+    expect *= t.shape[i];
+  }
+  return v;
+}
+
+// Optional array: None -> a view with no data.
+View optional_view(py::handle obj, const std::string& name) {
+  if (obj.is_none()) {
+    View v;
+    v.name = name;
+    return v;
+  }
+  return view_of(obj, name);
+}
+
+int64_t checked_int(py::handle obj, const char* name, int64_t lo, int64_t hi) {
+  if (!py::isinstance<py::int_>(obj) || py::isinstance<py::bool_>(obj))
+    fail(std::string(name) + " must be an int, got " + std::string(py::str(py::type::of(obj))));
+  int64_t v;
+  try {
+    v = obj.cast<int64_t>();
+  } catch (py::cast_error&) {
+    fail(std::string(name) + " is out of range");
+  }
+  if (v < lo || v > hi)
+    fail(std::string(name) + " must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got " +
+         std::to_string(v));
+  return v;
+}
+
+// ---- build info ----------------------------------------------------------------
+
+py::dict build_info() {
+  py::dict d;
+  d["version"] = ATLAS_VERSION;
+  d["compiler"] = ATLAS_CXX_COMPILER;
+  d["build_type"] = ATLAS_BUILD_TYPE;
+  d["simd_flags"] = ATLAS_SIMD;
+#ifdef ATLAS_WITH_CUDA
+  d["cuda"] = true;
+#else
+  d["cuda"] = false;
+#endif
+  std::vector<std::string> archs;
+  std::string s = ATLAS_CUDA_ARCHS;
+  size_t start = 0;
+  while (start < s.size()) {
+    size_t end = s.find(';', start);
+    if (end == std::string::npos) end = s.size();
+    if (end > start) archs.push_back(s.substr(start, end - start));
+    start = end + 1;
+  }
+  d["cuda_archs"] = archs;
+  return d;
+}
+
+// ---- draft tree ------------------------------------------------------------------
+
+atlas::DraftTree make_tree(int64_t root_token, int64_t max_nodes, int64_t vocab_size) {
+  atlas::DraftTree t;
+  throw_if_error(t.init(static_cast<int32_t>(root_token), static_cast<int32_t>(max_nodes),
+                        static_cast<int32_t>(vocab_size)));
+  return t;
+}
+
+template <typename T, typename F>
+py::array_t<T> node_field(const atlas::DraftTree& t, F f) {
+  py::array_t<T> out(t.size());
+  auto* p = out.mutable_data();
+  for (int32_t i = 0; i < t.size(); ++i) p[i] = f(t.node(i));
+  return out;
+}
+
+// ---- KV cache --------------------------------------------------------------------
+
+// The binding's KV cache: the native metadata plus a reference to the storage's
+// owner so that the storage outlives the cache. The mutex makes each method
+// atomic when Python threads share a cache.
+struct KVCache {
+  atlas::PagedKVCache cache;
+  View storage;
+  mutable std::mutex mu;
+};
+
+std::unique_ptr<KVCache> make_kv_cache(int64_t num_layers, int64_t num_kv_heads, int64_t head_dim,
+                                       int64_t num_blocks, int64_t block_size, int64_t max_seqs,
+                                       py::handle storage) {
+  auto kv = std::make_unique<KVCache>();
+  atlas::KVCacheConfig c;
+  c.num_layers = static_cast<int32_t>(num_layers);
+  c.num_kv_heads = static_cast<int32_t>(num_kv_heads);
+  c.head_dim = static_cast<int32_t>(head_dim);
+  c.num_blocks = static_cast<int32_t>(num_blocks);
+  c.block_size = static_cast<int32_t>(block_size);
+  c.max_seqs = static_cast<int32_t>(max_seqs);
+  kv->storage = view_of(storage, "storage");
+  View& s = kv->storage;
+  s.dtype({Elem::kF32, Elem::kBF16}).dims(6).dense().output();
+  c.dtype = s.elem == Elem::kF32 ? atlas::DType::kFloat32 : atlas::DType::kBFloat16;
+  const int64_t expect[6] = {num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim};
+  const char* names[6] = {"num_layers", "2", "num_blocks", "block_size", "num_kv_heads", "head_dim"};
+  for (int i = 0; i < 6; ++i) s.dim(i, expect[i], names[i]);
+  throw_if_error(kv->cache.init(c, s.data, s.numel() * elem_size(s.elem), !s.on_cuda));
+  return kv;
+}
+
+void check_seq_arg(py::handle seq) { checked_int(seq, "seq", 0, std::numeric_limits<int32_t>::max()); }
+
+// ---- verify ------------------------------------------------------------------------
+
+// Per-sequence parameter: a Python scalar (broadcast) or a 1-D array of length batch.
+template <typename T>
+std::vector<T> per_seq(py::handle obj, const char* name, int64_t batch) {
+  std::vector<T> out(static_cast<size_t>(batch));
+  if (py::isinstance<py::int_>(obj) || py::isinstance<py::float_>(obj)) {
+    T v;
+    try {
+      v = obj.cast<T>();
+    } catch (py::cast_error&) {
+      fail(std::string(name) + " is out of range for its type");
+    }
+    for (auto& x : out) x = v;
+    return out;
+  }
+  py::array_t<T, py::array::forcecast> arr;
+  try {
+    arr = py::array_t<T, py::array::forcecast>::ensure(obj);
+  } catch (py::error_already_set&) {
+    arr = py::array_t<T, py::array::forcecast>();
+  }
+  if (!arr || arr.ndim() != 1 || arr.shape(0) != batch)
+    fail(std::string(name) + " must be a number or a 1-D array of length batch = " + std::to_string(batch));
+  for (int64_t i = 0; i < batch; ++i) out[static_cast<size_t>(i)] = arr.at(i);
+  return out;
+}
+
+void verify(py::handle logits_obj, py::handle tokens_obj, py::handle parents_obj, py::handle offsets_obj,
+            py::handle temperature, py::handle top_k, py::handle top_p, py::handle seed, py::handle offset,
+            py::handle draft_obj, py::handle mult_obj, py::handle accepted_obj, py::handle emitted_obj,
+            py::handle num_obj, py::handle workspace_obj) {
+  View logits = view_of(logits_obj, "logits");
+  logits.dtype({Elem::kF32, Elem::kBF16}).dims(2).cpu().inner_dense();
+  View tokens = view_of(tokens_obj, "tokens");
+  tokens.dtype({Elem::kI32}).dims(1).cpu().dense();
+  View parents = view_of(parents_obj, "parents");
+  parents.dtype({Elem::kI32}).dims(1).cpu().dense();
+  View offsets = view_of(offsets_obj, "tree_offsets");
+  offsets.dtype({Elem::kI64}).dims(1).cpu().dense();
+  const int64_t total = logits.shape[0];
+  const int64_t vocab = logits.shape[1];
+  if (vocab < 1) fail("logits must have at least one column (vocab >= 1), got shape " + logits.shape_str());
+  tokens.dim(0, total, "logits.shape[0] (number of tree nodes)");
+  parents.dim(0, total, "logits.shape[0] (number of tree nodes)");
+  if (offsets.shape[0] < 2) fail("tree_offsets must hold batch + 1 >= 2 entries, got shape " + offsets.shape_str());
+  const int64_t batch = offsets.shape[0] - 1;
+
+  View draft = optional_view(draft_obj, "draft_probs");
+  if (draft.data) draft.dtype({Elem::kF32}).dims(2).cpu().inner_dense().dim(0, total, "logits.shape[0]").dim(1, vocab, "vocab");
+  View mult = optional_view(mult_obj, "multiplicity");
+  if (mult.data) mult.dtype({Elem::kI32}).dims(1).cpu().dense().dim(0, total, "logits.shape[0]");
+
+  View accepted = view_of(accepted_obj, "accepted_out");
+  accepted.dtype({Elem::kI32}).dims(2).cpu().dense().output().dim(0, batch, "batch");
+  const int64_t max_accept = accepted.shape[1];
+  View emitted = view_of(emitted_obj, "emitted_out");
+  emitted.dtype({Elem::kI32}).dims(2).cpu().dense().output().dim(0, batch, "batch").dim(1, max_accept + 1, "max_accept + 1");
+  View num = view_of(num_obj, "num_accepted_out");
+  num.dtype({Elem::kI32}).dims(1).cpu().dense().output().dim(0, batch, "batch");
+  View ws = view_of(workspace_obj, "workspace");
+  ws.dtype({Elem::kU8}).dims(1).cpu().dense().output();
+
+  auto temps = per_seq<float>(temperature, "temperature", batch);
+  auto ks = per_seq<int64_t>(top_k, "top_k", batch);
+  auto ps = per_seq<float>(top_p, "top_p", batch);
+  auto seeds = per_seq<uint64_t>(seed, "seed", batch);
+  auto offs = per_seq<uint64_t>(offset, "offset", batch);
+  std::vector<atlas::SamplingParams> params(static_cast<size_t>(batch));
+  for (int64_t b = 0; b < batch; ++b) {
+    if (ks[b] < 0 || ks[b] > std::numeric_limits<int32_t>::max())
+      fail("top_k must be in [0, 2^31), got " + std::to_string(ks[b]));
+    params[b] = {temps[b], static_cast<int32_t>(ks[b]), ps[b], seeds[b], offs[b]};
+  }
+
+  atlas::VerifyProblem p;
+  p.logits = logits.data;
+  p.logits_dtype = logits.elem == Elem::kF32 ? atlas::DType::kFloat32 : atlas::DType::kBFloat16;
+  p.vocab = vocab;
+  p.logits_row_stride = logits.strides[0];
+  p.draft_probs = draft.ptr<const float>();
+  p.draft_row_stride = draft.data ? draft.strides[0] : 0;
+  p.tokens = tokens.ptr<const int32_t>();
+  p.parents = parents.ptr<const int32_t>();
+  p.multiplicity = mult.ptr<const int32_t>();
+  p.tree_offsets = offsets.ptr<const int64_t>();
+  p.batch = batch;
+  p.params = params.data();
+  p.max_accept = max_accept;
+  p.accepted_out = accepted.ptr<int32_t>();
+  p.emitted_out = emitted.ptr<int32_t>();
+  p.num_accepted_out = num.ptr<int32_t>();
+  p.workspace = ws.data;
+  p.workspace_bytes = ws.numel();
+  atlas::Status st;
+  {
+    py::gil_scoped_release nogil;
+    st = atlas::verify(p);
+  }
+  throw_if_error(st);
+}
+
+// ---- tree attention ------------------------------------------------------------------
+
+void tree_attention(const KVCache& kv, py::handle layer, py::handle q_obj, py::handle out_obj,
+                    py::handle seq_obj, py::handle qoff_obj, py::handle parents_obj, double scale) {
+  const auto& c = kv.cache.config();
+  const int64_t lay = checked_int(layer, "layer", 0, c.num_layers - 1);
+  const Elem want = c.dtype == atlas::DType::kFloat32 ? Elem::kF32 : Elem::kBF16;
+  View q = view_of(q_obj, "q");
+  q.dtype({want}).dims(3).cpu().inner_dense().dim(2, c.head_dim, "head_dim");
+  View out = view_of(out_obj, "out");
+  out.dtype({want}).dims(3).cpu().dense().output().dim(0, q.shape[0], "q.shape[0]").dim(1, q.shape[1], "q.shape[1]").dim(2, c.head_dim, "head_dim");
+  View seqs = view_of(seq_obj, "seq_ids");
+  seqs.dtype({Elem::kI32}).dims(1).cpu().dense();
+  View qoff = view_of(qoff_obj, "q_offsets");
+  qoff.dtype({Elem::kI64}).dims(1).cpu().dense().dim(0, seqs.shape[0] + 1, "len(seq_ids) + 1");
+  View parents = view_of(parents_obj, "parents");
+  parents.dtype({Elem::kI32}).dims(1).cpu().dense().dim(0, q.shape[0], "q.shape[0]");
+  if (kv.storage.on_cuda) fail("tree_attention on the CPU needs a cache whose storage is in CPU memory");
+  if (!(scale > 0.0) || !std::isfinite(scale)) fail("scale must be a positive finite number");
+  if (q.shape[1] < 1 || q.shape[1] % c.num_kv_heads != 0)
+    fail("q.shape[1] (query heads) must be a positive multiple of num_kv_heads = " + std::to_string(c.num_kv_heads));
+
+  atlas::TreeAttentionProblem p;
+  p.cache = &kv.cache;
+  p.layer = static_cast<int32_t>(lay);
+  p.q = q.data;
+  p.q_stride_token = q.strides[0];
+  p.q_stride_head = q.strides[1];
+  p.num_q_heads = static_cast<int32_t>(q.shape[1]);
+  p.out = out.data;
+  p.seq_ids = seqs.ptr<const int32_t>();
+  p.q_offsets = qoff.ptr<const int64_t>();
+  p.parents = parents.ptr<const int32_t>();
+  p.batch = seqs.shape[0];
+  p.scale = static_cast<float>(scale);
+  atlas::Status st;
+  {
+    std::lock_guard<std::mutex> lock(kv.mu);
+    py::gil_scoped_release nogil;
+    st = atlas::tree_attention(p);
+  }
+  throw_if_error(st);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+  m.doc() = "atlas native core: draft tree, lossless verifier, paged KV cache, tree attention";
+  py::register_exception<CacheFullError>(m, "CacheFullError", PyExc_RuntimeError);
+
+  m.def("build_info", &build_info, "What this extension was built with.");
+
+  // -- draft tree
+  py::class_<atlas::DraftTree>(m, "DraftTree")
+      .def(py::init([](py::handle root_token, py::handle max_nodes, py::handle vocab_size) {
+             return make_tree(checked_int(root_token, "root_token", std::numeric_limits<int32_t>::min(),
+                                          std::numeric_limits<int32_t>::max()),
+                              checked_int(max_nodes, "max_nodes", 1, atlas::kMaxTreeNodes),
+                              checked_int(vocab_size, "vocab_size", 0, std::numeric_limits<int32_t>::max()));
+           }),
+           py::arg("root_token"), py::arg("max_nodes") = 64, py::arg("vocab_size") = 0)
+      .def("add_child",
+           [](atlas::DraftTree& t, py::handle parent, py::handle token, double confidence, py::handle proposer) {
+             int32_t node = -1;
+             throw_if_error(t.add_child(
+                 static_cast<int32_t>(checked_int(parent, "parent", 0, std::numeric_limits<int32_t>::max())),
+                 static_cast<int32_t>(checked_int(token, "token", std::numeric_limits<int32_t>::min(),
+                                                  std::numeric_limits<int32_t>::max())),
+                 static_cast<float>(confidence),
+                 static_cast<int32_t>(checked_int(proposer, "proposer", 0, atlas::kMaxProposers - 1)), &node));
+             return node;
+           },
+           py::arg("parent"), py::arg("token"), py::arg("confidence") = 1.0, py::arg("proposer") = 0,
+           "Add (or merge into) a child of `parent`; returns its index, or -1 when the tree is full.")
+      .def("add_path",
+           [](atlas::DraftTree& t, py::handle tokens_obj, py::handle conf_obj, py::handle proposer,
+              py::handle parent) {
+             View tokens = view_of(tokens_obj, "tokens");
+             tokens.dtype({Elem::kI32}).dims(1).cpu().dense();
+             View conf = optional_view(conf_obj, "confidences");
+             if (conf.data) conf.dtype({Elem::kF32}).dims(1).cpu().dense().dim(0, tokens.shape[0], "len(tokens)");
+             if (tokens.shape[0] > atlas::kMaxTreeNodes)
+               fail("tokens is longer than the largest tree (" + std::to_string(atlas::kMaxTreeNodes) + ")");
+             int32_t placed = 0, last = 0;
+             throw_if_error(t.add_path(
+                 static_cast<int32_t>(checked_int(parent, "parent", 0, std::numeric_limits<int32_t>::max())),
+                 tokens.ptr<const int32_t>(), conf.ptr<const float>(), static_cast<int32_t>(tokens.shape[0]),
+                 static_cast<int32_t>(checked_int(proposer, "proposer", 0, atlas::kMaxProposers - 1)), &placed,
+                 &last));
+             return py::make_tuple(placed, last);
+           },
+           py::arg("tokens"), py::arg("confidences") = py::none(), py::arg("proposer") = 0, py::arg("parent") = 0,
+           "Add a chain below `parent`, merging shared prefixes; returns (placed, last_node).")
+      .def("assign",
+           [](atlas::DraftTree& t, py::handle tokens_obj, py::handle parents_obj, py::handle conf_obj,
+              py::handle prop_obj, py::handle max_nodes, py::handle vocab_size) {
+             View tokens = view_of(tokens_obj, "tokens");
+             tokens.dtype({Elem::kI32}).dims(1).cpu().dense();
+             const int64_t n = tokens.shape[0];
+             View parents = view_of(parents_obj, "parents");
+             parents.dtype({Elem::kI32}).dims(1).cpu().dense().dim(0, n, "len(tokens)");
+             View conf = optional_view(conf_obj, "confidences");
+             if (conf.data) conf.dtype({Elem::kF32}).dims(1).cpu().dense().dim(0, n, "len(tokens)");
+             View prop = optional_view(prop_obj, "proposers");
+             if (prop.data) prop.dtype({Elem::kI32}).dims(1).cpu().dense().dim(0, n, "len(tokens)");
+             if (n < 1) fail("tokens must hold at least the root, got an empty tree");
+             const int64_t cap = checked_int(max_nodes, "max_nodes", 1, atlas::kMaxTreeNodes);
+             if (n > cap) fail("the tree has " + std::to_string(n) + " nodes, more than max_nodes = " + std::to_string(cap));
+             throw_if_error(t.assign(tokens.ptr<const int32_t>(), parents.ptr<const int32_t>(), conf.ptr<const float>(),
+                                     prop.ptr<const uint32_t>(), static_cast<int32_t>(n), static_cast<int32_t>(cap),
+                                     static_cast<int32_t>(checked_int(vocab_size, "vocab_size", 0,
+                                                                      std::numeric_limits<int32_t>::max()))));
+           },
+           py::arg("tokens"), py::arg("parents"), py::arg("confidences") = py::none(),
+           py::arg("proposers") = py::none(), py::arg("max_nodes") = atlas::kMaxTreeNodes, py::arg("vocab_size") = 0,
+           "Replace the tree by explicit arrays (parents[0] = -1, parents[i] < i); proposers are bit masks.")
+      .def("flatten_into",
+           [](const atlas::DraftTree& t, py::handle committed_len, py::handle tok_obj, py::handle pos_obj,
+              py::handle par_obj, py::handle mask_obj) {
+             const int64_t n = t.size();
+             const int64_t cl = checked_int(committed_len, "committed_len", 0, std::numeric_limits<int64_t>::max() / 2);
+             View tok = optional_view(tok_obj, "tokens_out");
+             if (tok.data) tok.dtype({Elem::kI32}).dims(1).cpu().dense().output().dim(0, n, "tree size");
+             View pos = optional_view(pos_obj, "positions_out");
+             if (pos.data) pos.dtype({Elem::kI64}).dims(1).cpu().dense().output().dim(0, n, "tree size");
+             View par = optional_view(par_obj, "parents_out");
+             if (par.data) par.dtype({Elem::kI32}).dims(1).cpu().dense().output().dim(0, n, "tree size");
+             View mask = optional_view(mask_obj, "ancestor_mask_out");
+             if (mask.data)
+               mask.dtype({Elem::kU8, Elem::kBool}).dims(2).cpu().dense().output().dim(0, n, "tree size").dim(1, n, "tree size");
+             throw_if_error(t.flatten(cl, tok.ptr<int32_t>(), pos.ptr<int64_t>(), par.ptr<int32_t>(), mask.ptr<uint8_t>()));
+           },
+           py::arg("committed_len"), py::arg("tokens_out") = py::none(), py::arg("positions_out") = py::none(),
+           py::arg("parents_out") = py::none(), py::arg("ancestor_mask_out") = py::none(),
+           "Write the flattened tree into caller-owned arrays (any may be None).")
+      .def_property_readonly("size", &atlas::DraftTree::size)
+      .def("__len__", &atlas::DraftTree::size)
+      .def_property_readonly("max_nodes", &atlas::DraftTree::max_nodes)
+      .def_property_readonly("vocab_size", &atlas::DraftTree::vocab_size)
+      .def_property_readonly("max_depth", &atlas::DraftTree::max_depth)
+      .def_property_readonly("tokens", [](const atlas::DraftTree& t) {
+        return node_field<int32_t>(t, [](const atlas::DraftNode& n) { return n.token; });
+      })
+      .def_property_readonly("parents", [](const atlas::DraftTree& t) {
+        return node_field<int32_t>(t, [](const atlas::DraftNode& n) { return n.parent; });
+      })
+      .def_property_readonly("depths", [](const atlas::DraftTree& t) {
+        return node_field<int32_t>(t, [](const atlas::DraftNode& n) { return n.depth; });
+      })
+      .def_property_readonly("confidences", [](const atlas::DraftTree& t) {
+        return node_field<float>(t, [](const atlas::DraftNode& n) { return n.confidence; });
+      })
+      .def_property_readonly("proposers", [](const atlas::DraftTree& t) {
+        return node_field<uint32_t>(t, [](const atlas::DraftNode& n) { return n.proposers; });
+      })
+      .def_property_readonly("multiplicity", [](const atlas::DraftTree& t) {
+        return node_field<int32_t>(t, [](const atlas::DraftNode& n) { return n.multiplicity; });
+      });
+
+  m.attr("MAX_TREE_NODES") = atlas::kMaxTreeNodes;
+  m.attr("MAX_PROPOSERS") = atlas::kMaxProposers;
+
+  // -- verifier
+  m.def("verify_workspace_bytes", [](py::handle vocab) {
+    return atlas::verify_workspace_bytes(checked_int(vocab, "vocab", 1, std::numeric_limits<int32_t>::max()));
+  }, py::arg("vocab"));
+  m.def("verify", &verify, py::arg("logits"), py::arg("tokens"), py::arg("parents"), py::arg("tree_offsets"),
+        py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("seed"), py::arg("offset"),
+        py::arg("draft_probs"), py::arg("multiplicity"), py::arg("accepted_out"), py::arg("emitted_out"),
+        py::arg("num_accepted_out"), py::arg("workspace"),
+        "Verify a batch of flattened draft trees against target logits; writes the *_out arrays.");
+  m.def("philox_uniform", [](uint64_t seed, uint64_t offset, uint32_t node, uint32_t attempt) {
+    return atlas::philox_uniform(seed, offset, node, attempt);
+  }, py::arg("seed"), py::arg("offset"), py::arg("node"), py::arg("attempt"));
+
+  // -- KV cache
+  py::class_<KVCache>(m, "PagedKVCache")
+      .def(py::init([](py::handle num_layers, py::handle num_kv_heads, py::handle head_dim, py::handle num_blocks,
+                       py::handle block_size, py::handle max_seqs, py::handle storage) {
+             const int64_t big = std::numeric_limits<int32_t>::max();
+             return make_kv_cache(checked_int(num_layers, "num_layers", 1, 4096),
+                                  checked_int(num_kv_heads, "num_kv_heads", 1, 4096),
+                                  checked_int(head_dim, "head_dim", 1, 4096),
+                                  checked_int(num_blocks, "num_blocks", 1, big),
+                                  checked_int(block_size, "block_size", 1, 4096),
+                                  checked_int(max_seqs, "max_seqs", 1, 1 << 20), storage);
+           }),
+           py::arg("num_layers"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("num_blocks"),
+           py::arg("block_size"), py::arg("max_seqs"), py::arg("storage"))
+      .def("create", [](KVCache& kv) {
+        std::lock_guard<std::mutex> lock(kv.mu);
+        int32_t seq = -1;
+        throw_if_error(kv.cache.create(&seq));
+        return seq;
+      })
+      .def("fork", [](KVCache& kv, py::handle seq) {
+        check_seq_arg(seq);
+        std::lock_guard<std::mutex> lock(kv.mu);
+        int32_t child = -1;
+        throw_if_error(kv.cache.fork(seq.cast<int32_t>(), &child));
+        return child;
+      }, py::arg("seq"))
+      .def("release", [](KVCache& kv, py::handle seq) {
+        check_seq_arg(seq);
+        std::lock_guard<std::mutex> lock(kv.mu);
+        throw_if_error(kv.cache.release(seq.cast<int32_t>()));
+      }, py::arg("seq"))
+      .def("reserve", [](KVCache& kv, py::handle seq, py::handle n_obj, py::handle out_obj) {
+        check_seq_arg(seq);
+        const int64_t n = checked_int(n_obj, "n", 1, std::numeric_limits<int32_t>::max());
+        py::object result = py::reinterpret_borrow<py::object>(out_obj);
+        if (out_obj.is_none()) result = py::array_t<int64_t>(n);
+        View out = view_of(result, "slots_out");
+        out.dtype({Elem::kI64}).dims(1).cpu().dense().output().dim(0, n, "n");
+        std::lock_guard<std::mutex> lock(kv.mu);
+        throw_if_error(kv.cache.reserve(seq.cast<int32_t>(), static_cast<int32_t>(n), out.ptr<int64_t>()));
+        return result;
+      }, py::arg("seq"), py::arg("n"), py::arg("slots_out") = py::none(),
+      "Reserve n slots after the committed tokens; returns their slot ids (int64).")
+      .def("commit", [](KVCache& kv, py::handle seq, py::handle keep_obj) {
+        check_seq_arg(seq);
+        View keep = optional_view(keep_obj, "keep");
+        if (keep.data) keep.dtype({Elem::kI32}).dims(1).cpu().dense();
+        std::lock_guard<std::mutex> lock(kv.mu);
+        throw_if_error(kv.cache.commit(seq.cast<int32_t>(), keep.ptr<const int32_t>(),
+                                       keep.data ? static_cast<int32_t>(keep.shape[0]) : 0));
+      }, py::arg("seq"), py::arg("keep") = py::none(),
+      "Commit the reserved slots listed in keep (all when None) as the next positions.")
+      .def("length", [](const KVCache& kv, py::handle seq) {
+        check_seq_arg(seq);
+        std::lock_guard<std::mutex> lock(kv.mu);
+        int64_t len = 0;
+        throw_if_error(kv.cache.length(seq.cast<int32_t>(), &len));
+        return len;
+      }, py::arg("seq"))
+      .def("reserved", [](const KVCache& kv, py::handle seq) {
+        check_seq_arg(seq);
+        std::lock_guard<std::mutex> lock(kv.mu);
+        int32_t n = 0;
+        throw_if_error(kv.cache.reserved(seq.cast<int32_t>(), &n));
+        return n;
+      }, py::arg("seq"))
+      .def("slot_of", [](const KVCache& kv, py::handle seq, py::handle pos) {
+        check_seq_arg(seq);
+        std::lock_guard<std::mutex> lock(kv.mu);
+        int64_t slot = 0;
+        throw_if_error(kv.cache.slot_of(seq.cast<int32_t>(),
+                                        checked_int(pos, "pos", 0, std::numeric_limits<int64_t>::max()), &slot));
+        return slot;
+      }, py::arg("seq"), py::arg("pos"))
+      .def("block_table", [](const KVCache& kv, py::handle seq) {
+        check_seq_arg(seq);
+        std::lock_guard<std::mutex> lock(kv.mu);
+        const int32_t* table = nullptr;
+        int32_t n = 0;
+        throw_if_error(kv.cache.block_table(seq.cast<int32_t>(), &table, &n));
+        py::array_t<int32_t> out(n);
+        if (n) std::memcpy(out.mutable_data(), table, sizeof(int32_t) * static_cast<size_t>(n));
+        return out;
+      }, py::arg("seq"))
+      .def("ref_count", [](const KVCache& kv, py::handle block) {
+        std::lock_guard<std::mutex> lock(kv.mu);
+        int32_t c = 0;
+        throw_if_error(kv.cache.ref_count(
+            static_cast<int32_t>(checked_int(block, "block", 0, std::numeric_limits<int32_t>::max())), &c));
+        return c;
+      }, py::arg("block"))
+      .def_property_readonly("num_free_blocks", [](const KVCache& kv) {
+        std::lock_guard<std::mutex> lock(kv.mu);
+        return kv.cache.num_free_blocks();
+      })
+      .def_property_readonly("num_live_seqs", [](const KVCache& kv) {
+        std::lock_guard<std::mutex> lock(kv.mu);
+        return kv.cache.num_live_seqs();
+      })
+      .def_property_readonly("num_blocks", [](const KVCache& kv) { return kv.cache.config().num_blocks; })
+      .def_property_readonly("block_size", [](const KVCache& kv) { return kv.cache.config().block_size; })
+      .def_property_readonly("on_device", [](const KVCache& kv) { return kv.storage.on_cuda; })
+      .def("pending_copies", [](const KVCache& kv) {
+        std::lock_guard<std::mutex> lock(kv.mu);
+        const auto& pc = kv.cache.pending_copies();
+        py::array_t<int64_t> out({static_cast<py::ssize_t>(pc.size()), static_cast<py::ssize_t>(2)});
+        auto* p = out.mutable_data();
+        for (size_t i = 0; i < pc.size(); ++i) {
+          p[2 * i] = pc[i].src_slot;
+          p[2 * i + 1] = pc[i].dst_slot;
+        }
+        return out;
+      }, "Row copies (src_slot, dst_slot) left for a device kernel when the storage is on a GPU.")
+      .def("clear_pending_copies", [](KVCache& kv) {
+        std::lock_guard<std::mutex> lock(kv.mu);
+        kv.cache.clear_pending_copies();
+      })
+      .def("shuffle_free_blocks", [](KVCache& kv, uint64_t seed) {
+        std::lock_guard<std::mutex> lock(kv.mu);
+        kv.cache.shuffle_free_blocks(seed);
+      }, py::arg("seed"));
+
+  m.def("tree_attention", &tree_attention, py::arg("cache"), py::arg("layer"), py::arg("q"), py::arg("out"),
+        py::arg("seq_ids"), py::arg("q_offsets"), py::arg("parents"), py::arg("scale"),
+        "Attention of tree nodes (queries) over their sequence's committed context and their ancestors.");
+}
