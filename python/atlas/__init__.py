@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from . import _native
 from ._native import CacheFullError
+from .engine import Engine, Output, RequestStats
 from .kv_cache import KVCache
 from .tree import DraftTree, FlatTree
 from .verify import Verifier, VerifyResult, verify
@@ -27,8 +28,11 @@ def build_info() -> dict:
 __all__ = [
     "CacheFullError",
     "DraftTree",
+    "Engine",
     "FlatTree",
     "KVCache",
+    "Output",
+    "RequestStats",
     "Verifier",
     "VerifyResult",
     "build_info",
