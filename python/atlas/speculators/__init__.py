@@ -35,5 +35,6 @@ class Speculator:
 
 
 from .draft_model import DraftModelSpeculator  # noqa: E402
+from .suffix import SuffixSpeculator  # noqa: E402
 
-__all__ = ["Speculator", "DraftModelSpeculator"]
+__all__ = ["Speculator", "DraftModelSpeculator", "SuffixSpeculator"]
