@@ -74,6 +74,26 @@ class Output:
 
 
 @dataclass
+class StepRecord:
+    """What the target computed in one forward, handed to every speculator's
+    ``observe`` (the learned speculator reads its features from it; the
+    learning tap records it). Rows are the forward's nodes, request after
+    request: rows ``q_offsets[b]:q_offsets[b+1]`` belong to ``rids[b]``, in
+    tree order (node 0 = root). For a prefill the nodes are the prompt (a
+    chain) and ``logits`` holds only each prompt's last row."""
+
+    prefill: bool
+    rids: List[int]
+    q_offsets: np.ndarray         # [B + 1] int64
+    tokens: np.ndarray            # [total] int32
+    parents: np.ndarray           # [total] int32, tree-local, -1 at each root
+    hidden: torch.Tensor          # [total, hidden_size] final-norm hidden states (what the LM head reads)
+    logits: torch.Tensor          # [total, vocab] (decode) or [B, vocab] (prefill) float32
+    accepted: List[np.ndarray]    # per request: accepted node ids (tree-local), path order
+    emitted: List[List[int]]      # per request: tokens emitted by this step (after EOS / budget cuts)
+
+
+@dataclass
 class _Request:
     index: int
     prompt: List[int]
@@ -301,7 +321,7 @@ class Engine:
         q_offsets = np.zeros(len(reqs) + 1, np.int64)
         q_offsets[1:] = np.cumsum(lens)
         last_rows = torch.from_numpy(q_offsets[1:] - 1)
-        logits, _hidden = self.target.forward(
+        logits, hidden = self.target.forward(
             self.cache, np.array([r.seq for r in reqs], np.int32), torch.from_numpy(tokens),
             torch.from_numpy(positions), parents, q_offsets, torch.from_numpy(np.concatenate(slots)),
             logit_rows=last_rows)
@@ -315,12 +335,20 @@ class Engine:
         for s in self.speculators:
             for r in reqs:
                 s.start(r.rid, r.prompt)
+        committed = []
         for b, r in enumerate(reqs):
             r.offset += 1
             r.stats.prompt_tokens = len(r.prompt)
             r.stats.steps += 1
             r.stats.time_prefill += dt
-            yield r, self._accept_tokens(r, res.emitted[b].tolist())
+            committed.append((r, self._accept_tokens(r, res.emitted[b].tolist())))
+        self._observe(StepRecord(True, [r.rid for r in reqs], q_offsets, tokens.astype(np.int32), parents,
+                                 hidden, logits, [np.zeros(0, np.int32)] * len(reqs), [c[1] for c in committed]))
+        return committed
+
+    def _observe(self, record: StepRecord) -> None:
+        for s in self.speculators:
+            s.observe(record)
 
     def _decode_step(self, reqs: List[_Request]):
         t_start = time.perf_counter()
@@ -347,7 +375,7 @@ class Engine:
         parents = np.concatenate([f.parents for f in flats])
         positions = np.concatenate([f.positions for f in flats])
         tf = time.perf_counter()
-        logits, _hidden = self.target.forward(
+        logits, hidden = self.target.forward(
             self.cache, np.array([r.seq for r in reqs], np.int32), torch.from_numpy(tokens.astype(np.int64)),
             torch.from_numpy(positions), parents, q_offsets, torch.from_numpy(np.concatenate(slots)))
         t_fwd = time.perf_counter() - tf
@@ -375,6 +403,9 @@ class Engine:
                 st.accepted_per_depth[d] += 1
             out.append((r, res.emitted[b].tolist()))
         committed = [(r, self._accept_tokens(r, new)) for r, new in out]
+        if self.speculators:
+            self._observe(StepRecord(False, [r.rid for r in reqs], q_offsets, tokens, parents, hidden, logits,
+                                     res.accepted, [c[1] for c in committed]))
         t_total = time.perf_counter() - t_start
         for r in reqs:
             r.stats.time_draft += t_draft

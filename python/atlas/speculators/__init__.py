@@ -4,7 +4,8 @@ A speculator sees every request's token sequence and adds candidate nodes to
 that request's :class:`atlas.DraftTree` (whose root is the last emitted token),
 each with a confidence in [0, 1] and the speculator's proposer id. The tree's
 node budget caps what it may add. Its lifecycle per request (``rid`` is the
-engine's request id): ``start`` -> (``propose`` -> ``update``)* -> ``finish``.
+engine's request id): ``start`` -> (``propose`` -> ``update`` -> ``observe``)* -> ``finish``;
+the prefill is followed by ``update`` and ``observe`` too.
 """
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ class Speculator:
 
     def update(self, rid: int, tokens: Sequence[int]) -> None:
         """Tokens just emitted for the request (it may learn from them)."""
+
+    def observe(self, record) -> None:
+        """What the target computed in the last forward (an
+        :class:`atlas.engine.StepRecord`): hidden states, logits, accepted paths."""
 
     def finish(self, rid: int) -> None:
         """The request is over: drop its state."""
