@@ -534,7 +534,8 @@ std::vector<int32_t> token_ids(py::handle obj, const std::string& name) {
   size_t i = 0;
   for (py::handle item : it) {
     if (PyBool_Check(item.ptr()) || !PyIndex_Check(item.ptr()))
-      fail(name + "[" + std::to_string(i) + "] must be an int, got " + std::string(py::str(py::type::of(item))));
+      fail(name + "[" + std::to_string(i) + "] must be an int, got " +
+           std::string(py::str(py::type::of(item))));
     py::object idx = py::reinterpret_steal<py::object>(PyNumber_Index(item.ptr()));
     if (!idx) throw py::error_already_set();
     int overflow = 0;
@@ -832,28 +833,31 @@ PYBIND11_MODULE(_native, m) {
 
   // -- suffix speculator
   py::class_<Suffix>(m, "SuffixSpeculator")
-      .def(py::init([](py::handle max_match, py::handle max_depth, py::handle max_occurrences, py::handle min_support,
-                       py::handle max_corpus_tokens, py::handle index_prompts, py::handle vocab_size,
-                       double min_prob) {
+      .def(py::init([](py::handle max_match, py::handle max_depth, py::handle max_occurrences,
+                       py::handle min_support, py::handle max_corpus_tokens, py::handle index_prompts,
+                       py::handle vocab_size, double min_prob) {
+             const int64_t i32 = std::numeric_limits<int32_t>::max();
              atlas::SuffixConfig c;
              c.max_match = static_cast<int32_t>(checked_int(max_match, "max_match", 1, 1024));
-             c.max_depth = static_cast<int32_t>(checked_int(max_depth, "max_depth", 1, atlas::kMaxTreeNodes - 1));
-             c.max_occurrences = static_cast<int32_t>(checked_int(max_occurrences, "max_occurrences", 1, 4096));
-             c.min_support = static_cast<int32_t>(
-                 checked_int(min_support, "min_support", 1, std::numeric_limits<int32_t>::max()));
-             c.max_corpus_tokens = checked_int(max_corpus_tokens, "max_corpus_tokens", 0, std::numeric_limits<int32_t>::max());
+             c.max_depth =
+                 static_cast<int32_t>(checked_int(max_depth, "max_depth", 1, atlas::kMaxTreeNodes - 1));
+             c.max_occurrences =
+                 static_cast<int32_t>(checked_int(max_occurrences, "max_occurrences", 1, 4096));
+             c.min_support = static_cast<int32_t>(checked_int(min_support, "min_support", 1, i32));
+             c.max_corpus_tokens = checked_int(max_corpus_tokens, "max_corpus_tokens", 0, i32);
              if (!py::isinstance<py::bool_>(index_prompts))
-               throw py::type_error("index_prompts must be a bool, got " + std::string(py::str(py::type::of(index_prompts))));
+               throw py::type_error("index_prompts must be a bool, got " +
+                                    std::string(py::str(py::type::of(index_prompts))));
              c.index_prompts = index_prompts.cast<bool>();
-             c.vocab_size = static_cast<int32_t>(checked_int(vocab_size, "vocab_size", 0, std::numeric_limits<int32_t>::max()));
+             c.vocab_size = static_cast<int32_t>(checked_int(vocab_size, "vocab_size", 0, i32));
              c.min_prob = min_prob;
              auto s = std::make_unique<Suffix>();
              throw_if_error(s->spec.init(c));
              return s;
            }),
            py::arg("max_match") = 32, py::arg("max_depth") = 16, py::arg("max_occurrences") = 64,
-           py::arg("min_support") = 2, py::arg("max_corpus_tokens") = 1 << 17, py::arg("index_prompts") = false,
-           py::arg("vocab_size") = 0, py::arg("min_prob") = 0.0)
+           py::arg("min_support") = 2, py::arg("max_corpus_tokens") = 1 << 17,
+           py::arg("index_prompts") = false, py::arg("vocab_size") = 0, py::arg("min_prob") = 0.0)
       .def("start", [](Suffix& s, py::handle rid_obj, py::handle tokens_obj) {
         const int64_t rid = rid_arg(rid_obj);
         std::vector<int32_t> t = token_ids(tokens_obj, "prompt_tokens");
@@ -882,12 +886,15 @@ PYBIND11_MODULE(_native, m) {
                          py::handle context_len) {
         const int64_t rid = rid_arg(rid_obj);
         if (!py::isinstance<atlas::DraftTree>(tree_obj))
-          throw py::type_error("tree must be an atlas DraftTree, got " + std::string(py::str(py::type::of(tree_obj))));
+          throw py::type_error("tree must be an atlas DraftTree, got " +
+                               std::string(py::str(py::type::of(tree_obj))));
         atlas::DraftTree& tree = tree_obj.cast<atlas::DraftTree&>();
-        const int32_t proposer = static_cast<int32_t>(checked_int(proposer_obj, "proposer", 0, atlas::kMaxProposers - 1));
+        const int32_t proposer =
+            static_cast<int32_t>(checked_int(proposer_obj, "proposer", 0, atlas::kMaxProposers - 1));
         const int64_t expected = context_len.is_none()
                                      ? -1
-                                     : checked_int(context_len, "context_len", 0, std::numeric_limits<int64_t>::max());
+                                     : checked_int(context_len, "context_len", 0,
+                                                   std::numeric_limits<int64_t>::max());
         // Microseconds of work on a tree that Python owns: the GIL stays held.
         std::lock_guard<std::mutex> lock(s.mu);
         int32_t added = 0;

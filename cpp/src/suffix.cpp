@@ -249,11 +249,12 @@ Status SuffixSpeculator::check_tokens(const int32_t* tokens, int64_t n, const ch
   if (n > 0 && tokens == nullptr) return Status::Invalid(std::string(what) + " is null");
   for (int64_t i = 0; i < n; ++i) {
     const int32_t t = tokens[i];
-    if (t < 0 || (config_.vocab_size > 0 && t >= config_.vocab_size))
+    if (t < 0 || (config_.vocab_size > 0 && t >= config_.vocab_size)) {
+      const std::string hi =
+          config_.vocab_size > 0 ? std::to_string(config_.vocab_size) : std::string("2^31");
       return Status::Invalid(std::string(what) + "[" + std::to_string(i) + "] = " + std::to_string(t) +
-                             " is not a token id in [0, " +
-                             (config_.vocab_size > 0 ? std::to_string(config_.vocab_size) : std::string("2^31")) +
-                             ")");
+                             " is not a token id in [0, " + hi + ")");
+    }
   }
   return Status::Ok();
 }
@@ -367,7 +368,8 @@ void SuffixSpeculator::collect(int level, const int32_t* x, uint64_t n, const To
   const int32_t budget = config_.max_occurrences;
   // The request's own chain starts at its last position, which is the query
   // itself: its predecessors are the earlier occurrences.
-  for (uint64_t e = own.prev(level, n - 1); e != TokenIndex::kNone && visited < budget; e = own.prev(level, e)) {
+  for (uint64_t e = own.prev(level, n - 1); e != TokenIndex::kNone && visited < budget;
+       e = own.prev(level, e)) {
     ++visited;
     uint64_t m = 0;
     while (m < max_match && m <= e && x[e - m] == x[n - 1 - m]) ++m;
@@ -401,10 +403,10 @@ int32_t SuffixSpeculator::select_match_length() {
   return longest;
 }
 
-void SuffixSpeculator::build_trie(int32_t min_match, const int32_t* x, uint64_t n) {
+void SuffixSpeculator::build_trie(int32_t min_match, const int32_t* x, uint64_t n, int32_t max_depth) {
   trie_.clear();
   trie_.push_back({-1, 0, -1, -1, -1});
-  const uint64_t depth = static_cast<uint64_t>(config_.max_depth);
+  const uint64_t depth = static_cast<uint64_t>(max_depth);
   for (const Occurrence& o : occ_) {
     if (o.match < min_match) continue;
     int32_t cur = 0;
@@ -482,13 +484,15 @@ Status SuffixSpeculator::propose(int64_t rid, DraftTree* tree, int32_t proposer,
   const uint64_t n = own.end();
   if (expected_len >= 0 && static_cast<uint64_t>(expected_len) != n)
     return Status::Invalid("rid " + std::to_string(rid) + " has " + std::to_string(n) +
-                           " tokens in the suffix speculator but the context has " + std::to_string(expected_len) +
+                           " tokens in the suffix speculator but the context has " +
+                           std::to_string(expected_len) +
                            ": committed tokens were not all passed to extend()");
   if (tree->size() < 1) return Status::Invalid("tree is not initialised");
   const int32_t* x = own.data();
   if (tree->node(0).token != x[n - 1])
     return Status::Invalid("the tree's root token " + std::to_string(tree->node(0).token) +
-                           " is not the last token " + std::to_string(x[n - 1]) + " of rid " + std::to_string(rid));
+                           " is not the last token " + std::to_string(x[n - 1]) + " of rid " +
+                           std::to_string(rid));
   if (tree->size() >= tree->max_nodes()) return Status::Ok();
   ++stats_.proposals;
 
@@ -499,7 +503,9 @@ Status SuffixSpeculator::propose(int64_t rid, DraftTree* tree, int32_t proposer,
   const int32_t ls = select_match_length();
   ++stats_.matched;
   stats_.match_length_sum += ls;
-  build_trie(ls, x, n);
+  // No node of a tree of max_nodes lies deeper than max_nodes - 1, so
+  // continuations are cut there: the same tree, less work for small budgets.
+  build_trie(ls, x, n, std::min(config_.max_depth, tree->max_nodes() - 1));
 
   heap_.clear();
   int32_t seq = 0;
@@ -511,7 +517,8 @@ Status SuffixSpeculator::propose(int64_t rid, DraftTree* tree, int32_t proposer,
     heap_.pop_back();
     if (f.prob < config_.min_prob) break;  // every queued path is at most this likely
     int32_t node = -1;
-    ATLAS_RETURN_IF_ERROR(tree->add_child(f.draft_parent, trie_[f.trie_node].token, f.confidence, proposer, &node));
+    ATLAS_RETURN_IF_ERROR(
+        tree->add_child(f.draft_parent, trie_[f.trie_node].token, f.confidence, proposer, &node));
     if (node < 0) break;  // the budget is reached
     push_children(f.trie_node, f.prob, node, &seq);
   }

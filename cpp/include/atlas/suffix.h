@@ -243,7 +243,7 @@ class SuffixSpeculator {
   Status find_request(int64_t rid, Request** req);
   void collect(int level, const int32_t* x, uint64_t n, const TokenIndex& own);
   int32_t select_match_length();
-  void build_trie(int32_t min_match, const int32_t* x, uint64_t n);
+  void build_trie(int32_t min_match, const int32_t* x, uint64_t n, int32_t max_depth);
   void push_children(int32_t trie_node, double prob, int32_t draft_parent, int32_t* seq);
 
   bool ready_ = false;
