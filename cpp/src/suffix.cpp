@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <new>
 #include <string>
 
 namespace atlas {
@@ -36,17 +37,19 @@ void TokenIndex::init_growable() {
 }
 
 void TokenIndex::init_ring(uint64_t capacity) {
-  *this = TokenIndex();
-  ready_ = true;
-  ring_ = true;
-  cap_ = capacity;
-  tok_.assign(capacity, kSeparator);
+  // Allocate first: if that throws, *this is left as it was.
+  TokenIndex t;
+  t.tok_.assign(capacity, kSeparator);
   // Every live slot holds at most one entry per table, so a table of
   // next_pow2(2 * capacity) entries stays at load <= 1/2 and never grows.
   for (int l = 0; l < kLevels; ++l) {
-    prev_[l].assign(capacity, 0u);
-    table_[l].assign(next_pow2(2 * capacity), 0u);
+    t.prev_[l].assign(capacity, 0u);
+    t.table_[l].assign(next_pow2(2 * capacity), 0u);
   }
+  t.ready_ = true;
+  t.ring_ = true;
+  t.cap_ = capacity;
+  *this = std::move(t);
 }
 
 uint64_t TokenIndex::pos_of_slot(uint64_t s) const {
@@ -314,7 +317,14 @@ Status SuffixSpeculator::add_document(const int32_t* tokens, int64_t n) {
   // A document too long for the ring keeps its newest tokens.
   const int64_t keep = std::min<int64_t>(n, cap - 1);
   tokens += n - keep;
-  if (!corpus_.ready()) corpus_.init_ring(static_cast<uint64_t>(cap));
+  if (!corpus_.ready()) {
+    try {
+      corpus_.init_ring(static_cast<uint64_t>(cap));
+    } catch (const std::bad_alloc&) {
+      return Status::Internal("cannot allocate the corpus of max_corpus_tokens = " + std::to_string(cap) +
+                              " (about " + std::to_string(28 * cap >> 20) + " MiB): lower max_corpus_tokens");
+    }
+  }
   while (static_cast<int64_t>(corpus_.end() - corpus_.begin()) + keep + 1 > cap) {
     const uint64_t len = corpus_.evict_oldest();
     stats_.corpus_docs -= 1;
