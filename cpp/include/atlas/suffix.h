@@ -14,7 +14,8 @@
 //               document evicts the oldest ones until it fits, exactly; a
 //               document longer than max_corpus_tokens - 1 keeps its last
 //               max_corpus_tokens - 1 tokens.
-//   anchor      the last a tokens at a position, for a in {1, 4}.
+//   anchor      the last a tokens at a position (inside its document), for
+//               a in {1, 4}.
 //   occurrence  a position e (in the request, before its last token, or in a
 //               corpus document, before the document's last token) whose
 //               anchor equals the request's. Its match length m is the length
