@@ -1,8 +1,8 @@
 // atlas/attention.cpp: tree attention over the paged KV cache on the CPU.
 //
 // Work is organised so that every key/value row is read once per tile of
-// queries: for one sequence, a tile of up to kTileQueries queries times the G
-// query heads of one kv head (the "rows") walks the sequence's positions in
+// queries: for one sequence, a tile of queries (kTileFloats / (G * head_dim) of
+// them) times the G query heads of one kv head (the "rows") walks its positions in
 // chunks of at most kChunk consecutive positions of one page. Committed
 // positions [0, length) are seen by every row; tree positions length + j are
 // seen by the rows whose query node is j or a descendant of j (an ancestor mask
@@ -34,9 +34,10 @@ namespace {
 // head_dim 64) stay in L1 while every row of the tile reads them.
 constexpr int kChunk = 32;
 
-// Why 8192 floats (32 KiB): a tile's accumulators, and likewise its scaled
-// queries, stay within L2 next to the chunk; more queries per tile would only
-// save re-reads of context that is already cache resident.
+// Why 8192 floats (32 KiB): a tile's accumulators [rows, head_dim], and likewise
+// its queries, stay within L2 next to the chunk; more queries per tile would only
+// save re-reads of context that is already cache resident. Queries are not
+// pre-scaled: scores are (q . k) * scale, in the reference's order.
 constexpr int64_t kTileFloats = 8192;
 
 std::string str(int64_t v) { return std::to_string(v); }
