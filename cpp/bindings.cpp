@@ -699,6 +699,13 @@ PYBIND11_MODULE(_native, m) {
         throw_if_error(kv.cache.commit(seq.cast<int32_t>(), keep_ptr, n_keep));
       }, py::arg("seq"), py::arg("keep") = py::none(),
       "Commit the reserved slots listed in keep (all when None) as the next positions.")
+      .def("truncate", [](KVCache& kv, py::handle seq, py::handle new_length) {
+        check_seq_arg(seq);
+        const int64_t n = checked_int(new_length, "new_length", 0, std::numeric_limits<int64_t>::max());
+        std::lock_guard<std::mutex> lock(kv.mu);
+        throw_if_error(kv.cache.truncate(seq.cast<int32_t>(), n));
+      }, py::arg("seq"), py::arg("new_length"),
+      "Forget committed positions new_length.. of the sequence (no reservation may be pending).")
       .def("length", [](const KVCache& kv, py::handle seq) {
         check_seq_arg(seq);
         std::lock_guard<std::mutex> lock(kv.mu);

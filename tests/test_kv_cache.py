@@ -389,3 +389,40 @@ def test_device_storage_leaves_pending_copies():
             apply_pending(c, flat)
         assert c.pending_copies().shape == (0, 2)
     assert torch.equal(cpu.storage, gpu.storage.cpu())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_truncate_then_continue_equals_chain(dtype):
+    """truncate forgets the tail (e.g. a draft model's rejected drafts); later
+    steps continue from the cut, shared blocks keep their other owners' data."""
+    rng = np.random.default_rng(5)
+    c = atlas.KVCache(num_layers=2, num_kv_heads=1, head_dim=3, num_blocks=64, block_size=4, max_seqs=4,
+                      dtype=dtype)
+    model = Model(c, rng)
+    a = c.create()
+    model.seqs[a] = []
+    for _ in range(30):
+        step(model, rng, a, max_n=7)
+        cut = int(rng.integers(0, len(model.seqs[a]) + 1))
+        if rng.random() < 0.3 and model.seqs[a]:
+            b = c.fork(a)
+            model.seqs[b] = list(model.seqs[a])
+            c.truncate(b, cut)
+            model.seqs[b] = model.seqs[b][:cut]
+            step(model, rng, b, max_n=7)
+            model.check_contents()
+            model.check_ref_counts()
+            c.release(b)
+            del model.seqs[b]
+        c.truncate(a, cut)
+        model.seqs[a] = model.seqs[a][:cut]
+        model.check_contents()
+        model.check_ref_counts()
+    c.reserve(a, 2)
+    with pytest.raises(ValueError, match="reservation"):
+        c.truncate(a, 0)
+    c.commit(a)
+    with pytest.raises(ValueError, match="new_length"):
+        c.truncate(a, c.length(a) + 1)
+    with pytest.raises(ValueError, match="new_length"):
+        c.truncate(a, -1)

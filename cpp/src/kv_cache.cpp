@@ -312,12 +312,32 @@ Status PagedKVCache::commit(int32_t seq, const int32_t* keep, int32_t n_keep) {
   }
   s.length = len + kept;
   s.reserved = 0;
-  const size_t need = static_cast<size_t>(ceil_div(s.length, bs));
+  drop_blocks_past_length(s);
+  return Status::Ok();
+}
+
+void PagedKVCache::drop_blocks_past_length(Sequence& s) {
+  const size_t need = static_cast<size_t>(ceil_div(s.length, config_.block_size));
   while (s.blocks.size() > need) {
     const int32_t b = s.blocks.back();
     s.blocks.pop_back();
     if (--ref_counts_[static_cast<size_t>(b)] == 0) free_.push_back(b);
   }
+}
+
+Status PagedKVCache::truncate(int32_t seq, int64_t new_length) {
+  ATLAS_RETURN_IF_ERROR(check_seq(seq));
+  Sequence& s = seqs_[static_cast<size_t>(seq)];
+  if (s.reserved != 0)
+    return Status::Invalid("seq " + str(seq) + " holds a reservation of " + str(s.reserved) +
+                           " slots; commit it before truncating");
+  if (new_length < 0 || new_length > s.length)
+    return Status::Invalid("new_length must be in [0, length = " + str(s.length) + "], got " + str(new_length));
+  // Rows past new_length are simply forgotten: a later reserve hands them out
+  // again and the forward overwrites them. A shared last block stays shared;
+  // reserve copies it on write.
+  s.length = new_length;
+  drop_blocks_past_length(s);
   return Status::Ok();
 }
 

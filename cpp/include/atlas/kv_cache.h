@@ -87,6 +87,11 @@ class PagedKVCache {
   // are freed. keep == null keeps all reserved slots.
   Status commit(int32_t seq, const int32_t* keep, int32_t n_keep);
 
+  // Drops the committed positions new_length .. length-1 (e.g. rejected drafts
+  // of a draft model); blocks past the new length are freed. No reservation may
+  // be pending.
+  Status truncate(int32_t seq, int64_t new_length);
+
   // Slot of position pos (< length + reserved) of the sequence.
   Status slot_of(int32_t seq, int64_t pos, int64_t* slot) const;
 
@@ -118,6 +123,7 @@ class PagedKVCache {
   };
 
   Status check_seq(int32_t seq) const;
+  void drop_blocks_past_length(Sequence& s);
 
   KVCacheConfig config_;
   void* storage_ = nullptr;
