@@ -127,6 +127,7 @@ struct View {
     return os.str();
   }
   bool contiguous() const {
+    if (numel() == 0) return true;  // numpy gives empty arrays stride 0
     int64_t expect = 1;
     for (int64_t i = ndim() - 1; i >= 0; --i) {
       if (shape[i] != 1 && strides[i] != expect) return false;
@@ -461,6 +462,20 @@ void tree_attention(const KVCache& kv, py::handle layer, py::handle q_obj, py::h
   View parents = view_of(parents_obj, "parents");
   parents.dtype({Elem::kI32}).dims(1).cpu().dense().dim(0, q.shape[0], "q.shape[0]");
   if (kv.storage.on_cuda) fail("tree_attention on the CPU needs a cache whose storage is in CPU memory");
+  // The core cannot see q's length: q_offsets must cover its rows exactly.
+  {
+    const int64_t* off = qoff.ptr<const int64_t>();
+    const int64_t nb = seqs.shape[0];
+    if (off[0] != 0) fail("q_offsets[0] must be 0, got " + std::to_string(off[0]));
+    for (int64_t b = 0; b < nb; ++b)
+      if (off[b + 1] < off[b])
+        fail("q_offsets must be non-decreasing, but q_offsets[" + std::to_string(b + 1) + "] = " +
+             std::to_string(off[b + 1]) + " < q_offsets[" + std::to_string(b) + "] = " +
+             std::to_string(off[b]));
+    if (off[nb] != q.shape[0])
+      fail("q_offsets[-1] must equal q.shape[0] = " + std::to_string(q.shape[0]) + ", got " +
+           std::to_string(off[nb]));
+  }
   if (!(scale > 0.0) || !std::isfinite(scale)) fail("scale must be a positive finite number");
   if (q.shape[1] < 1 || q.shape[1] % c.num_kv_heads != 0)
     fail("q.shape[1] (query heads) must be a positive multiple of num_kv_heads = " + std::to_string(c.num_kv_heads));
@@ -480,8 +495,10 @@ void tree_attention(const KVCache& kv, py::handle layer, py::handle q_obj, py::h
   p.scale = static_cast<float>(scale);
   atlas::Status st;
   {
-    std::lock_guard<std::mutex> lock(kv.mu);
+    // GIL first, then the mutex: a thread that holds the mutex never waits for
+    // the GIL, so a second thread calling into this cache cannot deadlock it.
     py::gil_scoped_release nogil;
+    std::lock_guard<std::mutex> lock(kv.mu);
     st = atlas::tree_attention(p);
   }
   throw_if_error(st);
@@ -739,6 +756,12 @@ PYBIND11_MODULE(_native, m) {
       .def("reserve", [](KVCache& kv, py::handle seq, py::handle n_obj, py::handle out_obj) {
         check_seq_arg(seq);
         const int64_t n = checked_int(n_obj, "n", 1, std::numeric_limits<int32_t>::max());
+        const auto& cfg = kv.cache.config();
+        const int64_t capacity = static_cast<int64_t>(cfg.num_blocks) * cfg.block_size;
+        // Refused before the slots array is allocated: n could be 2^31 - 1.
+        if (n > capacity)
+          throw CacheFullError("n = " + std::to_string(n) + " exceeds the whole cache (" +
+                               std::to_string(capacity) + " slots)");
         py::object result = py::reinterpret_borrow<py::object>(out_obj);
         if (out_obj.is_none()) result = py::array_t<int64_t>(n);
         View out = view_of(result, "slots_out");
@@ -751,12 +774,25 @@ PYBIND11_MODULE(_native, m) {
       .def("commit", [](KVCache& kv, py::handle seq, py::handle keep_obj) {
         check_seq_arg(seq);
         View keep = optional_view(keep_obj, "keep");
-        if (keep.data) keep.dtype({Elem::kI32}).dims(1).cpu().dense();
+        if (!keep_obj.is_none()) keep.dtype({Elem::kI32}).dims(1).cpu().dense();
+        if (keep.shape.size() == 1 && keep.shape[0] > std::numeric_limits<int32_t>::max())
+          fail("keep is longer than any reservation");
+        // None keeps everything; an empty array keeps nothing (and may have no data pointer).
+        static const int32_t kNone = 0;
+        const int32_t* keep_ptr =
+            keep_obj.is_none() ? nullptr : (keep.data ? keep.ptr<const int32_t>() : &kNone);
+        const int32_t n_keep = keep_obj.is_none() ? 0 : static_cast<int32_t>(keep.shape[0]);
         std::lock_guard<std::mutex> lock(kv.mu);
-        throw_if_error(kv.cache.commit(seq.cast<int32_t>(), keep.ptr<const int32_t>(),
-                                       keep.data ? static_cast<int32_t>(keep.shape[0]) : 0));
+        throw_if_error(kv.cache.commit(seq.cast<int32_t>(), keep_ptr, n_keep));
       }, py::arg("seq"), py::arg("keep") = py::none(),
       "Commit the reserved slots listed in keep (all when None) as the next positions.")
+      .def("truncate", [](KVCache& kv, py::handle seq, py::handle new_length) {
+        check_seq_arg(seq);
+        const int64_t n = checked_int(new_length, "new_length", 0, std::numeric_limits<int64_t>::max());
+        std::lock_guard<std::mutex> lock(kv.mu);
+        throw_if_error(kv.cache.truncate(seq.cast<int32_t>(), n));
+      }, py::arg("seq"), py::arg("new_length"),
+      "Forget committed positions new_length.. of the sequence (no reservation may be pending).")
       .def("length", [](const KVCache& kv, py::handle seq) {
         check_seq_arg(seq);
         std::lock_guard<std::mutex> lock(kv.mu);
