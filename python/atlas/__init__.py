@@ -9,6 +9,7 @@ from __future__ import annotations
 from . import _native
 from ._native import CacheFullError
 from .kv_cache import KVCache
+from .models import default_model, load
 from .tree import DraftTree, FlatTree
 from .verify import Verifier, VerifyResult, verify
 
@@ -32,5 +33,7 @@ __all__ = [
     "Verifier",
     "VerifyResult",
     "build_info",
+    "default_model",
+    "load",
     "verify",
 ]
