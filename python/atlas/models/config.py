@@ -120,8 +120,10 @@ def check_rope_scaling(scaling: Optional[dict]) -> Optional[dict]:
     if kind in (None, "default"):
         return None
     if kind not in SUPPORTED_ROPE_TYPES:
+        why = (" ('dynamic' rescales the frequencies as the sequence grows, which keys already in "
+               "the KV cache cannot follow)" if kind == "dynamic" else "")
         raise ValueError(f"unsupported rope scaling type {kind!r}; atlas supports "
-                         f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+                         f"{', '.join(SUPPORTED_ROPE_TYPES)}{why}")
     need = {"linear": ("factor",),
             "llama3": ("factor", "low_freq_factor", "high_freq_factor",
                        "original_max_position_embeddings")}[kind]
