@@ -15,11 +15,10 @@ import json
 import numpy as np
 import pytest
 import torch
+import transformers
 
 import atlas
 from atlas.models import ModelConfig, Target
-
-transformers = pytest.importorskip("transformers")
 
 SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -188,7 +188,8 @@ class LlamaModel:
 
         Writes every node's key and value into its slot (the caller commits after).
         Returns (logits [R or total, vocab] float32, hidden [total, hidden_size]: the
-        final-norm hidden states of every node).
+        final-norm hidden states of every node). Both are inference-mode tensors:
+        clone them outside inference mode before using them in autograd.
         """
         c = self.config
         total = tokens.shape[0]
