@@ -279,7 +279,7 @@ py::dict build_info() {
   std::string s = ATLAS_CUDA_ARCHS;
   size_t start = 0;
   while (start < s.size()) {
-    size_t end = s.find(';', start);
+    size_t end = s.find_first_of(",;", start);
     if (end == std::string::npos) end = s.size();
     if (end > start) archs.push_back(s.substr(start, end - start));
     start = end + 1;
