@@ -87,17 +87,29 @@ class VerifyOutput(NamedTuple):
 
 
 def _per_seq(value, name: str, batch: int, dtype) -> np.ndarray:
-    arr = _host(value)
+    """A number or a per-sequence array as a [batch] array of `dtype`; integer
+    types are range-checked exactly (seeds and offsets span all of uint64)."""
+    arr = np.asarray(_host(value), dtype=object)
     if arr.ndim == 0:
-        arr = np.broadcast_to(arr, (batch,))
+        arr = np.full(batch, arr.item(), dtype=object)
     if arr.ndim != 1 or arr.shape[0] != batch:
         raise ValueError(f"{name} must be a number or a 1-D array of length batch = {batch}")
-    try:
-        if np.dtype(dtype).kind == "u" and arr.dtype.kind in "iu" and (arr < 0).any():
-            raise OverflowError
-        return arr.astype(dtype, casting="unsafe" if arr.dtype.kind in "iub" else "same_kind")
-    except (OverflowError, TypeError) as e:
-        raise ValueError(f"{name} is out of range for {np.dtype(dtype).name}") from e
+    dt = np.dtype(dtype)
+    if dt.kind == "f":
+        try:
+            return np.array([float(v) for v in arr], dt)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{name} must hold numbers") from e
+    info = np.iinfo(dt)
+    out = []
+    for v in arr:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer, float, np.floating)) or (
+                isinstance(v, (float, np.floating)) and not float(v).is_integer()):
+            raise ValueError(f"{name} must hold integers, got {v!r}")
+        if not info.min <= int(v) <= info.max:
+            raise ValueError(f"{name} must be in [{info.min}, {info.max}], got {int(v)}")
+        out.append(int(v))
+    return np.array(out, dt)
 
 
 def sampling_params(batch: int, temperature=0.0, top_k=0, top_p=1.0, seed=0, offset=0,
