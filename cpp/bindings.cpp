@@ -517,7 +517,8 @@ struct DeviceGuard {
   }
   ~DeviceGuard() {
     int now = -1;
-    if (previous >= 0 && atlas::cuda_get_device(&now).ok() && now != previous) (void)atlas::cuda_set_device(previous);
+    if (previous >= 0 && atlas::cuda_get_device(&now).ok() && now != previous)
+      (void)atlas::cuda_set_device(previous);
   }
   DeviceGuard(const DeviceGuard&) = delete;
   DeviceGuard& operator=(const DeviceGuard&) = delete;
@@ -525,7 +526,8 @@ struct DeviceGuard {
 
 // Runs a launcher without the GIL, then (check) reads the status array back.
 template <typename F>
-void launch_and_check(F&& launch, const int32_t* status, int64_t n, const char* op, void* stream, bool check) {
+void launch_and_check(F&& launch, const int32_t* status, int64_t n, const char* op, void* stream,
+                      bool check) {
   atlas::Status st;
   {
     py::gil_scoped_release nogil;
@@ -571,9 +573,11 @@ void verify_cuda(py::handle logits_obj, py::handle tokens_obj, py::handle parent
   View offsets = view_of(offsets_obj, "tree_offsets");
   offsets.dtype({Elem::kI64}).dims(1).dense();
   on_device(offsets, dev);
-  if (offsets.shape[0] < 2) fail("tree_offsets must hold batch + 1 >= 2 entries, got shape " + offsets.shape_str());
+  if (offsets.shape[0] < 2)
+    fail("tree_offsets must hold batch + 1 >= 2 entries, got shape " + offsets.shape_str());
   const int64_t batch = offsets.shape[0] - 1;
-  if (total < batch) fail("logits.shape[0] must be >= batch (one root per tree), got " + std::to_string(total));
+  if (total < batch)
+    fail("logits.shape[0] must be >= batch (one root per tree), got " + std::to_string(total));
   View params = view_of(params_obj, "params");
   params.dtype({Elem::kU8}).dims(2).dense().dim(0, batch, "batch").dim(1, sizeof(atlas::SamplingParams),
                                                                        "sizeof(SamplingParams)");
@@ -651,12 +655,13 @@ void philox_uniform_cuda(uint64_t seed, uint64_t offset, py::handle nodes_obj, p
   DeviceGuard guard(dev);
   // int32 bit patterns are read as the uint32 node and attempt indices.
   launch_and_check([&] {
-    return atlas::philox_uniform_cuda(seed, offset, nodes.ptr<const uint32_t>(), attempts.ptr<const uint32_t>(),
-                                      nodes.shape[0], out.ptr<float>(), s);
+    return atlas::philox_uniform_cuda(seed, offset, nodes.ptr<const uint32_t>(),
+                                      attempts.ptr<const uint32_t>(), nodes.shape[0], out.ptr<float>(), s);
   }, nullptr, 0, "philox_uniform_cuda", s, false);
 }
 
-void kv_copy_slots_cuda(KVCache& kv, py::handle copies_obj, py::handle status_obj, py::handle stream, bool check) {
+void kv_copy_slots_cuda(KVCache& kv, py::handle copies_obj, py::handle status_obj, py::handle stream,
+                        bool check) {
   if (!kv.storage.on_cuda) fail("kv_copy_slots_cuda needs a cache whose storage is a CUDA tensor");
   const int dev = kv.storage.device_id;
   View copies = view_of(copies_obj, "copies");
@@ -680,8 +685,8 @@ void kv_copy_slots_cuda(KVCache& kv, py::handle copies_obj, py::handle status_ob
 
 // The problem of a tree_attention_cuda call from its sizes alone (for the workspace size).
 atlas::TreeAttentionCudaProblem attention_sizes(const KVCache& kv, py::handle layer, int64_t num_q_heads,
-                                                int64_t total_q, int64_t batch, int64_t table_stride, double scale,
-                                                py::handle max_context, py::handle max_q) {
+                                                int64_t total_q, int64_t batch, int64_t table_stride,
+                                                double scale, py::handle max_context, py::handle max_q) {
   atlas::TreeAttentionCudaProblem p;
   p.cache = kv.cache.config();
   p.layer = static_cast<int32_t>(checked_int(layer, "layer", 0, p.cache.num_layers - 1));
@@ -698,10 +703,10 @@ atlas::TreeAttentionCudaProblem attention_sizes(const KVCache& kv, py::handle la
 
 int64_t tree_attention_cuda_workspace_bytes(const KVCache& kv, py::handle num_q_heads, py::handle batch,
                                             py::handle max_context, py::handle max_q) {
+  const int64_t heads = checked_int(num_q_heads, "num_q_heads", 1, 1 << 20);
+  const int64_t b = checked_int(batch, "batch", 1, std::numeric_limits<int32_t>::max());
   atlas::TreeAttentionCudaProblem p =
-      attention_sizes(kv, py::int_(0), checked_int(num_q_heads, "num_q_heads", 1, 1 << 20), 0,
-                      checked_int(batch, "batch", 1, std::numeric_limits<int32_t>::max()), 1, 1.0, max_context,
-                      max_q);
+      attention_sizes(kv, py::int_(0), heads, 0, b, 1, 1.0, max_context, max_q);
   if (!kv.storage.on_cuda) fail("tree_attention_cuda needs a cache whose storage is a CUDA tensor");
   DeviceGuard guard(kv.storage.device_id);
   int64_t bytes = 0;
@@ -710,9 +715,9 @@ int64_t tree_attention_cuda_workspace_bytes(const KVCache& kv, py::handle num_q_
 }
 
 void tree_attention_cuda(const KVCache& kv, py::handle layer, py::handle q_obj, py::handle out_obj,
-                         py::handle tables_obj, py::handle lens_obj, py::handle qoff_obj, py::handle parents_obj,
-                         double scale, py::handle max_context, py::handle max_q, py::handle status_obj,
-                         py::handle workspace_obj, py::handle stream, bool check) {
+                         py::handle tables_obj, py::handle lens_obj, py::handle qoff_obj,
+                         py::handle parents_obj, double scale, py::handle max_context, py::handle max_q,
+                         py::handle status_obj, py::handle workspace_obj, py::handle stream, bool check) {
   if (!kv.storage.on_cuda) fail("tree_attention_cuda needs a cache whose storage is a CUDA tensor");
   const auto& c = kv.cache.config();
   const int dev = kv.storage.device_id;
@@ -728,8 +733,10 @@ void tree_attention_cuda(const KVCache& kv, py::handle layer, py::handle q_obj, 
   tables.dtype({Elem::kI32}).dims(2).dense();
   on_device(tables, dev);
   const int64_t batch = tables.shape[0];
-  if (batch < 1) fail("block_tables must have one row per sequence (batch >= 1), got shape " + tables.shape_str());
-  if (tables.shape[1] < 1) fail("block_tables must have at least one column, got shape " + tables.shape_str());
+  if (batch < 1)
+    fail("block_tables must have one row per sequence (batch >= 1), got shape " + tables.shape_str());
+  if (tables.shape[1] < 1)
+    fail("block_tables must have at least one column, got shape " + tables.shape_str());
   View lens = view_of(lens_obj, "context_lens");
   lens.dtype({Elem::kI32}).dims(1).dense().dim(0, batch, "batch (block_tables.shape[0])");
   on_device(lens, dev);
@@ -746,10 +753,11 @@ void tree_attention_cuda(const KVCache& kv, py::handle layer, py::handle q_obj, 
   ws.dtype({Elem::kU8}).dims(1).dense().output();
   if (ws.numel() > 0) on_device(ws, dev);
   if (q.shape[1] < 1 || q.shape[1] % c.num_kv_heads != 0)
-    fail("q.shape[1] (query heads) must be a positive multiple of num_kv_heads = " + std::to_string(c.num_kv_heads));
+    fail("q.shape[1] (query heads) must be a positive multiple of num_kv_heads = " +
+         std::to_string(c.num_kv_heads));
 
-  atlas::TreeAttentionCudaProblem p = attention_sizes(kv, layer, q.shape[1], q.shape[0], batch, tables.shape[1],
-                                                      scale, max_context, max_q);
+  atlas::TreeAttentionCudaProblem p = attention_sizes(kv, layer, q.shape[1], q.shape[0], batch,
+                                                      tables.shape[1], scale, max_context, max_q);
   p.storage = kv.storage.data;
   p.q = q.data;
   p.q_stride_token = q.strides[0];
@@ -764,8 +772,8 @@ void tree_attention_cuda(const KVCache& kv, py::handle layer, py::handle q_obj, 
   p.workspace_bytes = ws.numel();
   void* s = stream_of(stream);
   DeviceGuard guard(dev);
-  launch_and_check([&] { return atlas::tree_attention_cuda(p, s); }, p.status_out, batch, "tree_attention_cuda", s,
-                   check);
+  launch_and_check([&] { return atlas::tree_attention_cuda(p, s); }, p.status_out, batch,
+                   "tree_attention_cuda", s, check);
 }
 
 }  // namespace
@@ -1054,9 +1062,9 @@ PYBIND11_MODULE(_native, m) {
   m.def("tree_attention_cuda_workspace_bytes", &tree_attention_cuda_workspace_bytes, py::arg("cache"),
         py::arg("num_q_heads"), py::arg("batch"), py::arg("max_context"), py::arg("max_q_per_seq"));
   m.def("tree_attention_cuda", &tree_attention_cuda, py::arg("cache"), py::arg("layer"), py::arg("q"),
-        py::arg("out"), py::arg("block_tables"), py::arg("context_lens"), py::arg("q_offsets"), py::arg("parents"),
-        py::arg("scale"), py::arg("max_context"), py::arg("max_q_per_seq"), py::arg("status_out"),
-        py::arg("workspace"), py::arg("stream"), py::arg("check") = true,
+        py::arg("out"), py::arg("block_tables"), py::arg("context_lens"), py::arg("q_offsets"),
+        py::arg("parents"), py::arg("scale"), py::arg("max_context"), py::arg("max_q_per_seq"),
+        py::arg("status_out"), py::arg("workspace"), py::arg("stream"), py::arg("check") = true,
         "Tree attention over a cache's CUDA storage through device block tables.");
 #endif
 }

@@ -84,7 +84,8 @@ struct SeqGeom {
 __device__ SeqGeom seq_geom(const AttnArgs& a, int64_t b) {
   SeqGeom s{0, 0, 0, 0};
   const int64_t q0 = a.q_offsets[b], q1 = a.q_offsets[b + 1];
-  if (!(q0 >= 0 && q0 <= q1 && q1 <= a.total_q && (b != 0 || q0 == 0) && (b != a.batch - 1 || q1 == a.total_q))) {
+  if (!(q0 >= 0 && q0 <= q1 && q1 <= a.total_q && (b != 0 || q0 == 0) &&
+        (b != a.batch - 1 || q1 == a.total_q))) {
     s.err = static_cast<int32_t>(DeviceError::kBadQueryOffsets);
     return s;
   }
@@ -214,8 +215,10 @@ __global__ void __launch_bounds__(kThreads, 3) tree_attn_kernel(AttnArgs a) {
       }
 #pragma unroll
       for (int e = 0; e < kVec; e += 4) {
-        *reinterpret_cast<float4*>(k_s + t * Dp + c * kVec + e) = make_float4(kv[e], kv[e + 1], kv[e + 2], kv[e + 3]);
-        *reinterpret_cast<float4*>(v_s + t * D + c * kVec + e) = make_float4(vv[e], vv[e + 1], vv[e + 2], vv[e + 3]);
+        *reinterpret_cast<float4*>(k_s + t * Dp + c * kVec + e) =
+            make_float4(kv[e], kv[e + 1], kv[e + 2], kv[e + 3]);
+        *reinterpret_cast<float4*>(v_s + t * D + c * kVec + e) =
+            make_float4(vv[e], vv[e + 1], vv[e + 2], vv[e + 3]);
       }
     }
     __syncthreads();
@@ -308,7 +311,9 @@ __global__ void __launch_bounds__(kThreads, 3) tree_attn_kernel(AttnArgs a) {
 #pragma unroll
       for (int c = 0; c < kChunksPerLane; ++c) {
         const int d4 = lane + 32 * c;
-        if (d4 < D4) reinterpret_cast<float4*>(pa)[d4] = make_float4(acc[r][c][0], acc[r][c][1], acc[r][c][2], acc[r][c][3]);
+        if (d4 < D4)
+          reinterpret_cast<float4*>(pa)[d4] =
+              make_float4(acc[r][c][0], acc[r][c][1], acc[r][c][2], acc[r][c][3]);
       }
       if (lane == 0) {
         a.part_ml[pidx * 2] = m[r];
@@ -380,15 +385,16 @@ Status make_plan(const TreeAttentionCudaProblem& p, Plan* plan) {
     return Status::Invalid("tree_attention_cuda: total_q, max_context and max_q_per_seq must be >= 0");
   if (p.max_context > (int64_t{1} << 40) || p.max_q_per_seq > (int64_t{1} << 30))
     return Status::Invalid("tree_attention_cuda: max_context or max_q_per_seq is implausibly large");
-  if (p.block_table_stride < 1) return Status::Invalid("tree_attention_cuda: block_table_stride must be >= 1");
+  if (p.block_table_stride < 1)
+    return Status::Invalid("tree_attention_cuda: block_table_stride must be >= 1");
   if (!(p.scale > 0.0f) || !std::isfinite(p.scale))
     return Status::Invalid("tree_attention_cuda: scale must be a positive finite number");
   const int64_t group = p.num_q_heads / c.num_kv_heads;
   const int64_t row_tiles = std::max<int64_t>(1, (p.max_q_per_seq * group + kRows - 1) / kRows);
   const int64_t heads = p.batch * c.num_kv_heads;
   if (row_tiles > 65535 || heads > 65535)
-    return Status::Invalid("tree_attention_cuda: too many query rows per sequence or sequences x kv heads for one "
-                           "launch (max 65535 each)");
+    return Status::Invalid("tree_attention_cuda: too many query rows per sequence or sequences x kv heads "
+                           "for one launch (max 65535 each)");
   int dev = 0, sms = 0;
   ATLAS_RETURN_IF_ERROR(cuda_status(cudaGetDevice(&dev), "cudaGetDevice"));
   ATLAS_RETURN_IF_ERROR(cuda_multiprocessor_count(dev, &sms));
@@ -409,8 +415,8 @@ Status make_plan(const TreeAttentionCudaProblem& p, Plan* plan) {
   const int64_t prow = base * kRows * splits;
   plan->workspace_bytes = splits > 1 ? prow * (c.head_dim + 2) * static_cast<int64_t>(sizeof(float)) : 0;
   const int64_t D = c.head_dim;
-  plan->smem_bytes = static_cast<size_t>((kRows * D + kKeys * (D + 4) + kKeys * D + kThreads / 32 * kKeys * 4) *
-                                             static_cast<int64_t>(sizeof(float)) +
+  const int64_t smem_floats = kRows * D + kKeys * (D + 4) + kKeys * D + kThreads / 32 * kKeys * 4;
+  plan->smem_bytes = static_cast<size_t>(smem_floats * static_cast<int64_t>(sizeof(float)) +
                                          kKeys * static_cast<int64_t>(sizeof(int64_t)) +
                                          kRows * kBitWords * static_cast<int64_t>(sizeof(uint32_t)));
   return Status::Ok();
@@ -455,14 +461,16 @@ Status tree_attention_cuda(const TreeAttentionCudaProblem& p, void* stream) {
     return Status::Invalid("tree_attention_cuda: q strides must be >= 0");
   if (!p.block_tables || !p.context_lens || !p.q_offsets || !p.parents || !p.status_out)
     return Status::Invalid(
-        "tree_attention_cuda: block_tables, context_lens, q_offsets, parents and status_out must not be null");
+        "tree_attention_cuda: block_tables, context_lens, q_offsets, parents and status_out must not be "
+        "null");
   if (plan.workspace_bytes > 0 &&
       (!p.workspace || p.workspace_bytes < plan.workspace_bytes || !cuda::aligned16(p.workspace)))
     return Status::Invalid("tree_attention_cuda: workspace must be " + std::to_string(plan.workspace_bytes) +
                            " bytes (tree_attention_cuda_workspace_bytes), 16-byte aligned");
   cudaStream_t s = cuda::as_stream(stream);
-  ATLAS_RETURN_IF_ERROR(cuda::cuda_status(
-      cudaMemsetAsync(p.status_out, 0, static_cast<size_t>(p.batch) * sizeof(int32_t), s), "cudaMemsetAsync"));
+  const size_t status_bytes = static_cast<size_t>(p.batch) * sizeof(int32_t);
+  ATLAS_RETURN_IF_ERROR(
+      cuda::cuda_status(cudaMemsetAsync(p.status_out, 0, status_bytes, s), "cudaMemsetAsync"));
 
   cuda::AttnArgs a;
   a.storage = p.storage;
@@ -490,9 +498,8 @@ Status tree_attention_cuda(const TreeAttentionCudaProblem& p, void* stream) {
   a.max_q = p.max_q_per_seq;
   a.status = p.status_out;
   a.part_acc = static_cast<float*>(p.workspace);
-  a.part_ml = plan.workspace_bytes > 0 ? a.part_acc + static_cast<int64_t>(p.batch) * c.num_kv_heads *
-                                                          plan.row_tiles * cuda::kRows * plan.splits * c.head_dim
-                                       : nullptr;
+  const int64_t partial_rows = static_cast<int64_t>(p.batch) * c.num_kv_heads * plan.row_tiles * cuda::kRows;
+  a.part_ml = plan.workspace_bytes > 0 ? a.part_acc + partial_rows * plan.splits * c.head_dim : nullptr;
   a.splits = plan.splits;
   a.chunk = plan.chunk;
   a.row_tiles = plan.row_tiles;

@@ -14,7 +14,9 @@ namespace cuda {
 
 // bfloat16 travels as its raw 16 bits; widening is exact.
 __device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(uint16_t h) { return __uint_as_float(static_cast<uint32_t>(h) << 16); }
+__device__ __forceinline__ float to_float(uint16_t h) {
+  return __uint_as_float(static_cast<uint32_t>(h) << 16);
+}
 
 // Round to nearest even, NaN kept: the same rule as float_to_bf16 in common.h.
 __device__ __forceinline__ uint16_t float_to_bf16_rn(float f) {
@@ -183,7 +185,8 @@ inline cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
 
 inline Status cuda_status(cudaError_t e, const char* what) {
   if (e == cudaSuccess) return Status::Ok();
-  return Status::Internal(std::string(what) + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")");
+  return Status::Internal(std::string(what) + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) +
+                          ")");
 }
 
 // Launch errors (bad configuration) are reported at once; errors of the

@@ -74,16 +74,16 @@ Status launch(const KVCacheConfig& c, void* storage, const SlotCopy* copies, int
   const int64_t columns = static_cast<int64_t>(c.num_layers) * 2 * row_vecs;
   const int64_t blocks = (columns + kThreads - 1) / kThreads;
   if (blocks > INT32_MAX) return Status::Invalid("kv_copy_slots_cuda: the cache is too large for one launch");
-  kv_copy_kernel<V><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(static_cast<V*>(storage), copies, n, slots,
-                                                                       row_vecs, columns, status);
+  kv_copy_kernel<V><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(static_cast<V*>(storage), copies, n,
+                                                                       slots, row_vecs, columns, status);
   return launch_status("kv_copy_kernel");
 }
 
 }  // namespace
 }  // namespace cuda
 
-Status kv_copy_slots_cuda(const KVCacheConfig& c, void* storage, const SlotCopy* copies, int64_t n, void* stream,
-                          int32_t* status_out) {
+Status kv_copy_slots_cuda(const KVCacheConfig& c, void* storage, const SlotCopy* copies, int64_t n,
+                          void* stream, int32_t* status_out) {
   if (c.num_layers < 1 || c.num_kv_heads < 1 || c.head_dim < 1 || c.num_blocks < 1 || c.block_size < 1)
     return Status::Invalid("kv_copy_slots_cuda: config sizes must be positive");
   if (c.dtype != DType::kFloat32 && c.dtype != DType::kBFloat16)
@@ -93,7 +93,8 @@ Status kv_copy_slots_cuda(const KVCacheConfig& c, void* storage, const SlotCopy*
   if (n > 0 && copies == nullptr) return Status::Invalid("kv_copy_slots_cuda: copies must not be null");
   cudaStream_t s = cuda::as_stream(stream);
   if (status_out != nullptr)
-    ATLAS_RETURN_IF_ERROR(cuda::cuda_status(cudaMemsetAsync(status_out, 0, sizeof(int32_t), s), "cudaMemsetAsync"));
+    ATLAS_RETURN_IF_ERROR(
+        cuda::cuda_status(cudaMemsetAsync(status_out, 0, sizeof(int32_t), s), "cudaMemsetAsync"));
   if (n == 0) return Status::Ok();
   const int64_t row_bytes = static_cast<int64_t>(c.num_kv_heads) * c.head_dim * dtype_size(c.dtype);
   // The widest access that divides the row and the storage's alignment.

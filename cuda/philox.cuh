@@ -47,8 +47,9 @@ __host__ __device__ __forceinline__ uint32_t philox4x32_10_first(uint32_t c0, ui
 // attempt}; the top 24 bits of the first word, scaled to [0, 1) exactly.
 __host__ __device__ __forceinline__ float philox_uniform01(uint64_t seed, uint64_t offset, uint32_t node,
                                                            uint32_t attempt) {
-  const uint32_t w = philox4x32_10_first(static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32), node,
-                                         attempt, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  const uint32_t w = philox4x32_10_first(static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32),
+                                         node, attempt, static_cast<uint32_t>(seed),
+                                         static_cast<uint32_t>(seed >> 32));
   return static_cast<float>(w >> 8) * (1.0f / 16777216.0f);
 }
 

@@ -364,7 +364,8 @@ __device__ int32_t sample_transform(const T* row, const VerifyArgs& a, const Sam
   if (sp.top_k > 0 && sp.top_k < V) {
     RadixResult r = radix_select(
         [&](auto&& cb) {
-          for_each_elem<true>(row, 0, V, a.vec_rows, [&](int64_t, float l) { cb(order_key(l / temp), 1ull); });
+          for_each_elem<true>(row, 0, V, a.vec_rows,
+                              [&](int64_t, float l) { cb(order_key(l / temp), 1ull); });
         },
         static_cast<unsigned long long>(sp.top_k), sh);
     tr.topk = true;  // always found: V elements of weight 1 reach any k < V
@@ -423,7 +424,8 @@ __device__ int32_t sample_transform(const T* row, const VerifyArgs& a, const Sam
 
 // p <- normalise(max(p - q, 0)) with p = prow / z; returns the new mass. q is
 // the draft row, or one-hot on x when qrow is null. If nothing is left, p = q.
-__device__ float residual(float* prow, int64_t V, float z, const float* qrow, int32_t x, bool* badq, Shared& sh) {
+__device__ float residual(float* prow, int64_t V, float z, const float* qrow, int32_t x, bool* badq,
+                          Shared& sh) {
   float zs = 0.0f;
   bool bad = false;
   for (int64_t t = threadIdx.x; t < V; t += blockDim.x) {
@@ -449,7 +451,8 @@ __device__ float residual(float* prow, int64_t V, float z, const float* qrow, in
 
 __device__ void write_failure(const VerifyArgs& a, int64_t b, int32_t err) {
   for (int64_t k = threadIdx.x; k < a.max_accept; k += blockDim.x) a.accepted[b * a.max_accept + k] = -1;
-  for (int64_t k = threadIdx.x; k <= a.max_accept; k += blockDim.x) a.emitted[b * (a.max_accept + 1) + k] = -1;
+  for (int64_t k = threadIdx.x; k <= a.max_accept; k += blockDim.x)
+    a.emitted[b * (a.max_accept + 1) + k] = -1;
   if (threadIdx.x == 0) {
     a.num_accepted[b] = 0;
     a.status[b] = err;
@@ -490,7 +493,8 @@ __global__ void __launch_bounds__(kThreads) verify_kernel(VerifyArgs a) {
   }
   if (__syncthreads_or(bad_parent)) return write_failure(a, b, static_cast<int32_t>(DeviceError::kBadParent));
   if (__syncthreads_or(bad_token)) return write_failure(a, b, static_cast<int32_t>(DeviceError::kBadToken));
-  if (__syncthreads_or(bad_mult)) return write_failure(a, b, static_cast<int32_t>(DeviceError::kBadMultiplicity));
+  if (__syncthreads_or(bad_mult))
+    return write_failure(a, b, static_cast<int32_t>(DeviceError::kBadMultiplicity));
 
   // Depths by pointer jumping: after r rounds anc[c] is the 2^r-th ancestor
   // and dep[c] the distance to it (or to the root).
@@ -587,7 +591,8 @@ __global__ void __launch_bounds__(kThreads) verify_kernel(VerifyArgs a) {
       const int32_t c = sh.anc[j];
       const int32_t x = sh.token[c];
       if (tid == 0) {
-        const float u = philox_uniform01(sp.seed, sp.offset, static_cast<uint32_t>(node), static_cast<uint32_t>(j));
+        const float u =
+            philox_uniform01(sp.seed, sp.offset, static_cast<uint32_t>(node), static_cast<uint32_t>(j));
         const float px = prow[x] / z;
         const float qx = qrow ? qrow[x] : 1.0f;
         sh.bc_badq = !(qx >= 0.0f && qx < INFINITY);
@@ -702,7 +707,8 @@ Status verify_cuda(const VerifyProblem& p, const VerifyCudaOptions& o, void* str
                            std::to_string(o.total_nodes));
   if (p.max_accept < 0) return Status::Invalid("verify_cuda: max_accept must be >= 0");
   if ((p.max_accept > 0 && !p.accepted_out) || !p.emitted_out || !p.num_accepted_out || !o.status_out)
-    return Status::Invalid("verify_cuda: accepted_out, emitted_out, num_accepted_out and status_out must not be null");
+    return Status::Invalid(
+        "verify_cuda: accepted_out, emitted_out, num_accepted_out and status_out must not be null");
   const int64_t need = verify_cuda_workspace_bytes(p.vocab, p.batch, o.total_nodes);
   if (!p.workspace || p.workspace_bytes < need || (reinterpret_cast<uintptr_t>(p.workspace) & 255u) != 0)
     return Status::Invalid("verify_cuda: workspace must be " + std::to_string(need) +
@@ -739,11 +745,12 @@ Status verify_cuda(const VerifyProblem& p, const VerifyCudaOptions& o, void* str
     int dev = 0, sms = 0;
     ATLAS_RETURN_IF_ERROR(cuda::cuda_status(cudaGetDevice(&dev), "cudaGetDevice"));
     ATLAS_RETURN_IF_ERROR(cuda_multiprocessor_count(dev, &sms));
-    if (o.total_nodes > INT32_MAX) return Status::Invalid("verify_cuda: total_nodes must be < 2^31 with the prepass");
+    if (o.total_nodes > INT32_MAX)
+      return Status::Invalid("verify_cuda: total_nodes must be < 2^31 with the prepass");
     // Enough blocks for ~4 waves of the GPU, each chunk long enough to stream.
     int64_t splits = (4LL * sms + o.total_nodes - 1) / o.total_nodes;
-    splits = std::max<int64_t>(1, std::min<int64_t>({splits, cuda::kMaxSplits,
-                                                     (p.vocab + cuda::kMinSplitLen - 1) / cuda::kMinSplitLen}));
+    const int64_t most = (p.vocab + cuda::kMinSplitLen - 1) / cuda::kMinSplitLen;
+    splits = std::max<int64_t>(1, std::min<int64_t>({splits, cuda::kMaxSplits, most}));
     int64_t split_len = (p.vocab + splits - 1) / splits;
     split_len = (split_len + 7) / 8 * 8;  // whole 16-byte vectors for either dtype
     splits = (p.vocab + split_len - 1) / split_len;
