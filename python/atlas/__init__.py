@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from . import _native
 from ._native import CacheFullError
+from .engine import Engine, Output, RequestStats
 from .kv_cache import KVCache
 from .models import default_model, load
 from .tree import DraftTree, FlatTree
@@ -28,8 +29,11 @@ def build_info() -> dict:
 __all__ = [
     "CacheFullError",
     "DraftTree",
+    "Engine",
     "FlatTree",
     "KVCache",
+    "Output",
+    "RequestStats",
     "Verifier",
     "VerifyResult",
     "build_info",

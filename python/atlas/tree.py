@@ -26,6 +26,8 @@ class FlatTree:
 
 def _ids(x, name: str) -> np.ndarray:
     arr = np.asarray(x)
+    if arr.size == 0:
+        return np.zeros(arr.shape, np.int32)
     if arr.dtype.kind not in "iu":
         raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
     if arr.size and (arr.max() > np.iinfo(np.int32).max or arr.min() < np.iinfo(np.int32).min):

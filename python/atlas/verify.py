@@ -27,6 +27,8 @@ class VerifyResult:
 
 def _ids(x, name: str) -> np.ndarray:
     arr = np.asarray(x)
+    if arr.size == 0:
+        return np.zeros(arr.shape, np.int32)
     if arr.dtype.kind not in "iu":
         raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
     return np.ascontiguousarray(arr, dtype=np.int32)

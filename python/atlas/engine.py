@@ -1,0 +1,440 @@
+"""The speculative decoding engine: the step loop of DESIGN.md.
+
+One *step* is one target forward. For every active request the speculators
+propose a draft tree whose root is the request's last emitted token; all
+trees go through the target in one forward; the verifier keeps the accepted
+path and a bonus token per request; the KV cache commits the accepted path.
+With no speculator every tree is the root alone: plain decoding through the
+same executor, the baseline every benchmark compares with.
+
+Vocabulary: *accepted* tokens are draft tokens the target kept; the *bonus*
+token is the one the target adds after them; *emitted* tokens are both; *tau*
+is emitted tokens per target forward (the prefill forward counts: it emits the
+first token).
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ._native import CacheFullError
+from .tree import DraftTree
+from .verify import Verifier
+
+Prompt = Union[str, Sequence[int]]
+
+
+@dataclass
+class RequestStats:
+    """Per-request statistics. Times are wall seconds of the steps the request
+    took part in (a batched step counts fully for every request in it)."""
+
+    prompt_tokens: int = 0
+    steps: int = 0                    # target forwards, the prefill included
+    drafted: int = 0                  # draft nodes verified (roots excluded)
+    accepted: int = 0                 # draft tokens kept
+    emitted: int = 0                  # tokens generated
+    drafted_per_depth: List[int] = field(default_factory=list)   # steps that drafted depth d+1
+    accepted_per_depth: List[int] = field(default_factory=list)  # steps that accepted depth d+1
+    time_prefill: float = 0.0
+    time_draft: float = 0.0           # speculators proposing
+    time_verify: float = 0.0          # the target forward of decode steps
+    time_other: float = 0.0           # everything else in decode steps: the engine's overhead
+
+    @property
+    def tau(self) -> float:
+        """Tokens emitted per target forward."""
+        return self.emitted / self.steps if self.steps else 0.0
+
+    @property
+    def acceptance_per_depth(self) -> List[float]:
+        """Fraction of the steps that drafted depth d+1 in which it was accepted."""
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_per_depth, self.drafted_per_depth)]
+
+    def as_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["tau"] = self.tau
+        d["acceptance_per_depth"] = self.acceptance_per_depth
+        return d
+
+
+@dataclass
+class Output:
+    """One generated completion."""
+
+    token_ids: List[int]
+    text: Optional[str]
+    finish_reason: str               # "stop" (EOS or a stop string) or "length"
+    stats: RequestStats
+
+
+@dataclass
+class StepRecord:
+    """What the target computed in one forward, handed to every speculator's
+    ``observe`` (the learned speculator reads its features from it; the
+    learning tap records it). Rows are the forward's nodes, request after
+    request: rows ``q_offsets[b]:q_offsets[b+1]`` belong to ``rids[b]``, in
+    tree order (node 0 = root). For a prefill the nodes are the prompt (a
+    chain) and ``logits`` holds only each prompt's last row."""
+
+    prefill: bool
+    rids: List[int]
+    q_offsets: np.ndarray         # [B + 1] int64
+    tokens: np.ndarray            # [total] int32
+    parents: np.ndarray           # [total] int32, tree-local, -1 at each root
+    hidden: torch.Tensor          # [total, hidden_size] final-norm hidden states (what the LM head reads)
+    logits: torch.Tensor          # [total, vocab] (decode) or [B, vocab] (prefill) float32
+    accepted: List[np.ndarray]    # per request: accepted node ids (tree-local), path order
+    emitted: List[List[int]]      # per request: tokens emitted by this step (after EOS / budget cuts)
+
+
+@dataclass
+class _Request:
+    index: int
+    prompt: List[int]
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    stop: List[str]
+    rid: int = 0                      # engine-wide request id, what speculators key their state on
+    seq: int = -1
+    generated: List[int] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    offset: int = 0                   # Philox offset: one per verification
+    blocks_needed: int = 0
+    stats: RequestStats = field(default_factory=RequestStats)
+
+    @property
+    def tokens(self) -> List[int]:
+        return self.prompt + self.generated
+
+
+class Engine:
+    """Serves generation requests for one target with optional speculators.
+
+    ``target`` is what :func:`atlas.load` returns. ``speculators`` is a list of
+    speculators (see :mod:`atlas.speculators`), or None for plain decoding.
+    ``max_tree_nodes`` caps each request's draft tree (root included);
+    ``max_batch`` caps how many requests share a step; ``kv_cache_tokens`` sizes
+    the paged KV cache (tokens of all requests together). Requests that do not
+    fit wait for earlier ones to finish; one that cannot fit even alone raises
+    :class:`atlas.CacheFullError`.
+    """
+
+    def __init__(self, target, speculators=None, *, max_tree_nodes: int = 8, max_batch: int = 8,
+                 kv_cache_tokens: Optional[int] = None, block_size: int = 16):
+        if speculators is not None and not isinstance(speculators, (list, tuple)):
+            speculators = [speculators]
+        self.target = target
+        self.config = target.config
+        self.speculators = list(speculators or [])
+        if not isinstance(max_tree_nodes, int) or not 1 <= max_tree_nodes <= 1024:
+            raise ValueError(f"max_tree_nodes must be an int in [1, 1024], got {max_tree_nodes!r}")
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
+        self.max_tree_nodes = max_tree_nodes if self.speculators else 1
+        self.max_batch = max_batch
+        self.block_size = block_size
+        if kv_cache_tokens is None:
+            kv_cache_tokens = max_batch * min(self.config.max_position_embeddings, 4096)
+        if not isinstance(kv_cache_tokens, int) or kv_cache_tokens < block_size:
+            raise ValueError(f"kv_cache_tokens must be an int >= block_size, got {kv_cache_tokens!r}")
+        self.num_blocks = -(-kv_cache_tokens // block_size)
+        self.cache = target.new_cache(self.num_blocks, block_size=block_size, max_seqs=max_batch)
+        self.verifier = Verifier(self.config.vocab_size, max_batch=max_batch, max_accept=self.max_tree_nodes)
+        self._next_seed = 0
+        self._next_rid = 0
+
+    # ---- public API ---------------------------------------------------------------
+
+    def generate(self, prompts: Union[Prompt, Sequence[Prompt]], max_new_tokens: int = 128, *,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: Optional[int] = None, stop: Optional[Sequence[str]] = None,
+                 chat: bool = False) -> List[Output]:
+        """Generates a completion for every prompt (strings, or lists of token ids).
+
+        ``temperature=0`` is greedy; otherwise tokens are sampled with
+        ``top_k`` (0 = off) and ``top_p`` (1 = off), reproducibly for a given
+        ``seed`` (request i uses ``seed + i``). ``stop`` strings end a
+        completion (the text is cut before them). ``chat=True`` applies the
+        model's chat template to string prompts.
+        """
+        requests = self._make_requests(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, chat)
+        for _ in self._run(requests):
+            pass
+        return [self._output(r) for r in requests]
+
+    def stream(self, prompt: Prompt, max_new_tokens: int = 128, **kwargs) -> Iterator[List[int]]:
+        """Generates one completion, yielding the token ids of each step as
+        they are committed. Takes the keyword arguments of :meth:`generate`."""
+        requests = self._make_requests([prompt], max_new_tokens, **self._stream_kwargs(kwargs))
+        for _, new in self._run(requests):
+            if new:
+                yield new
+
+    # ---- requests ------------------------------------------------------------------
+
+    @staticmethod
+    def _stream_kwargs(kwargs):
+        allowed = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": None, "stop": None, "chat": False}
+        unknown = set(kwargs) - set(allowed)
+        if unknown:
+            raise TypeError(f"stream() got unexpected keyword arguments {sorted(unknown)}")
+        return {k: kwargs.get(k, v) for k, v in allowed.items()}
+
+    def _make_requests(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, chat):
+        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and
+                                        isinstance(prompts[0], (int, np.integer))):
+            prompts = [prompts]
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+            raise ValueError("prompts must be a non-empty list of strings or of token-id lists")
+        if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) \
+                or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        temperature = float(temperature)
+        if not np.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+        if not isinstance(top_k, (int, np.integer)) or top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+        top_p = float(top_p)
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop)):
+            raise ValueError("stop must be a list of non-empty strings")
+        if seed is None:
+            seed = self._next_seed
+            self._next_seed += len(prompts)
+        vocab = self.config.vocab_size
+        max_ctx = self.config.max_position_embeddings
+        requests = []
+        for i, p in enumerate(prompts):
+            ids = self._encode(p, chat, i)
+            if len(ids) + 1 > max_ctx:
+                raise ValueError(f"prompt {i} has {len(ids)} tokens; the model's context is {max_ctx} tokens")
+            requests.append(_Request(i, ids, int(max_new_tokens), temperature, int(top_k), top_p,
+                                     int(seed) + i, list(stop or [])))
+            r = requests[-1]
+            worst = min(len(ids) + int(max_new_tokens), max_ctx) + self.max_tree_nodes
+            r.blocks_needed = -(-worst // self.block_size) + 1  # +1: copy on write of a shared tail
+            if r.blocks_needed > self.num_blocks:
+                raise CacheFullError(
+                    f"prompt {i} needs up to {r.blocks_needed * self.block_size} KV cache tokens "
+                    f"(prompt {len(ids)} + max_new_tokens {max_new_tokens} + draft tree {self.max_tree_nodes}), "
+                    f"the cache holds {self.num_blocks * self.block_size}: raise kv_cache_tokens")
+        del vocab
+        return requests
+
+    def _encode(self, prompt, chat: bool, i: int) -> List[int]:
+        vocab = self.config.vocab_size
+        if isinstance(prompt, str):
+            tok = self.target.tokenizer
+            if tok is None:
+                raise ValueError("this target has no tokenizer: pass token ids instead of strings")
+            if not prompt:
+                raise ValueError(f"prompt {i} is empty")
+            ids = tok.apply_chat_template(prompt) if chat else tok.encode(prompt)
+        else:
+            try:
+                ids = [int(t) for t in prompt]
+            except (TypeError, ValueError):
+                raise ValueError(f"prompt {i} must be a string or a sequence of token ids") from None
+        if not ids:
+            raise ValueError(f"prompt {i} is empty")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        return ids
+
+    def _output(self, r: _Request) -> Output:
+        tok = self.target.tokenizer
+        text = tok.decode(r.generated) if tok is not None else None
+        if text is not None and r.stop:
+            cut = min((text.find(s) for s in r.stop if s in text), default=-1)
+            if cut >= 0:
+                text = text[:cut]
+        return Output(list(r.generated), text, r.finish_reason or "length", r.stats)
+
+    # ---- the step loop ---------------------------------------------------------------
+
+    def _run(self, requests: List[_Request]) -> Iterator[tuple]:
+        """Runs requests to completion with continuous batching; yields
+        (request, newly committed token ids) after every step."""
+        waiting = deque(requests)
+        active: List[_Request] = []
+        blocks_in_use = 0
+        try:
+            while waiting or active:
+                admitted = []
+                while waiting and len(active) + len(admitted) < self.max_batch and \
+                        blocks_in_use + waiting[0].blocks_needed <= self.num_blocks:
+                    r = waiting.popleft()
+                    r.rid = self._next_rid
+                    self._next_rid += 1
+                    r.seq = self.cache.create()
+                    blocks_in_use += r.blocks_needed
+                    admitted.append(r)
+                if admitted:
+                    for r, new in self._prefill(admitted):
+                        yield r, new
+                    active.extend(admitted)
+                elif active:
+                    for r, new in self._decode_step(active):
+                        yield r, new
+                done = [r for r in active if r.finish_reason is not None]
+                for r in done:
+                    self._finish(r)
+                    blocks_in_use -= r.blocks_needed
+                active = [r for r in active if r.finish_reason is None]
+        finally:
+            for r in requests:
+                if r.seq >= 0:
+                    self._finish(r)
+
+    def _finish(self, r: _Request) -> None:
+        if r.seq >= 0:
+            self.cache.release(r.seq)
+            r.seq = -1
+            for s in self.speculators:
+                s.finish(r.rid)
+
+    def _params(self, reqs: List[_Request]) -> dict:
+        return dict(temperature=np.array([r.temperature for r in reqs], np.float32),
+                    top_k=np.array([r.top_k for r in reqs], np.int64),
+                    top_p=np.array([r.top_p for r in reqs], np.float32),
+                    seed=np.array([r.seed for r in reqs], np.uint64),
+                    offset=np.array([r.offset for r in reqs], np.uint64))
+
+    def _prefill(self, reqs: List[_Request]):
+        t0 = time.perf_counter()
+        lens = [len(r.prompt) for r in reqs]
+        slots = [self.cache.reserve(r.seq, n) for r, n in zip(reqs, lens)]
+        tokens = np.concatenate([np.asarray(r.prompt, np.int64) for r in reqs])
+        positions = np.concatenate([np.arange(n, dtype=np.int64) for n in lens])
+        parents = np.concatenate([np.arange(-1, n - 1, dtype=np.int32) for n in lens])
+        q_offsets = np.zeros(len(reqs) + 1, np.int64)
+        q_offsets[1:] = np.cumsum(lens)
+        last_rows = torch.from_numpy(q_offsets[1:] - 1)
+        logits, hidden = self.target.forward(
+            self.cache, np.array([r.seq for r in reqs], np.int32), torch.from_numpy(tokens),
+            torch.from_numpy(positions), parents, q_offsets, torch.from_numpy(np.concatenate(slots)),
+            logit_rows=last_rows)
+        for r in reqs:
+            self.cache.commit(r.seq)
+        # The first token: a one-node tree per request (the verifier's bonus).
+        root = np.zeros(len(reqs), np.int32)
+        res = self.verifier(logits, root, np.full(len(reqs), -1, np.int32),
+                            np.arange(len(reqs) + 1, dtype=np.int64), **self._params(reqs))
+        dt = time.perf_counter() - t0
+        for s in self.speculators:
+            for r in reqs:
+                s.start(r.rid, r.prompt)
+        committed = []
+        for b, r in enumerate(reqs):
+            r.offset += 1
+            r.stats.prompt_tokens = len(r.prompt)
+            r.stats.steps += 1
+            r.stats.time_prefill += dt
+            committed.append((r, self._accept_tokens(r, res.emitted[b].tolist())))
+        self._observe(StepRecord(True, [r.rid for r in reqs], q_offsets, tokens.astype(np.int32), parents,
+                                 hidden, logits, [np.zeros(0, np.int32)] * len(reqs), [c[1] for c in committed]))
+        return committed
+
+    def _observe(self, record: StepRecord) -> None:
+        for s in self.speculators:
+            s.observe(record)
+
+    def _decode_step(self, reqs: List[_Request]):
+        t_start = time.perf_counter()
+        trees = []
+        for r in reqs:
+            budget = min(self.max_tree_nodes,
+                         self.config.max_position_embeddings - (len(r.tokens) - 1))
+            trees.append(DraftTree(r.generated[-1], max(budget, 1), self.config.vocab_size))
+        t_draft = 0.0
+        if self.speculators and self.max_tree_nodes > 1:
+            td = time.perf_counter()
+            contexts = [r.tokens for r in reqs]
+            ids = [r.rid for r in reqs]
+            for pid, s in enumerate(self.speculators):
+                s.propose(ids, contexts, trees, pid)
+            t_draft = time.perf_counter() - td
+
+        flats = [t.flatten(len(r.tokens) - 1) for r, t in zip(reqs, trees)]
+        sizes = [len(t) for t in trees]
+        slots = [self.cache.reserve(r.seq, n) for r, n in zip(reqs, sizes)]
+        q_offsets = np.zeros(len(reqs) + 1, np.int64)
+        q_offsets[1:] = np.cumsum(sizes)
+        tokens = np.concatenate([f.tokens for f in flats])
+        parents = np.concatenate([f.parents for f in flats])
+        positions = np.concatenate([f.positions for f in flats])
+        tf = time.perf_counter()
+        logits, hidden = self.target.forward(
+            self.cache, np.array([r.seq for r in reqs], np.int32), torch.from_numpy(tokens.astype(np.int64)),
+            torch.from_numpy(positions), parents, q_offsets, torch.from_numpy(np.concatenate(slots)))
+        t_fwd = time.perf_counter() - tf
+        res = self.verifier(logits, tokens, parents, q_offsets, **self._params(reqs))
+        out = []
+        for b, r in enumerate(reqs):
+            acc = res.accepted[b]
+            keep = np.empty(len(acc) + 1, np.int32)
+            keep[0] = 0
+            keep[1:] = acc
+            self.cache.commit(r.seq, keep)
+            r.offset += 1
+            st = r.stats
+            st.steps += 1
+            st.drafted += sizes[b] - 1
+            st.accepted += len(acc)
+            depths = trees[b].depths
+            max_depth = int(depths.max()) if len(depths) else 0
+            while len(st.drafted_per_depth) < max_depth:
+                st.drafted_per_depth.append(0)
+                st.accepted_per_depth.append(0)
+            for d in range(max_depth):
+                st.drafted_per_depth[d] += 1
+            for d in range(len(acc)):
+                st.accepted_per_depth[d] += 1
+            out.append((r, res.emitted[b].tolist()))
+        committed = [(r, self._accept_tokens(r, new)) for r, new in out]
+        if self.speculators:
+            self._observe(StepRecord(False, [r.rid for r in reqs], q_offsets, tokens, parents, hidden, logits,
+                                     res.accepted, [c[1] for c in committed]))
+        t_total = time.perf_counter() - t_start
+        for r in reqs:
+            r.stats.time_draft += t_draft
+            r.stats.time_verify += t_fwd
+            r.stats.time_other += t_total - t_draft - t_fwd
+        return committed
+
+    def _accept_tokens(self, r: _Request, new: List[int]) -> List[int]:
+        """Appends newly emitted tokens, applying EOS, stop strings, the token
+        budget and the context limit; returns what was appended."""
+        eos = self.config.eos_token_ids
+        take = []
+        for t in new:
+            if len(r.generated) + len(take) >= r.max_new_tokens:
+                break
+            take.append(t)
+            if t in eos:
+                r.finish_reason = "stop"
+                break
+        r.generated.extend(take)
+        r.stats.emitted = len(r.generated)
+        for s in self.speculators:
+            s.update(r.rid, take)
+        if r.finish_reason is None:
+            if len(r.generated) >= r.max_new_tokens or \
+                    len(r.prompt) + len(r.generated) >= self.config.max_position_embeddings:
+                r.finish_reason = "length"
+            elif r.stop and self.target.tokenizer is not None:
+                tail = self.target.tokenizer.decode(r.generated[-(len(take) + 32):])
+                if any(s in tail for s in r.stop):
+                    r.finish_reason = "stop"
+        return take

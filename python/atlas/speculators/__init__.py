@@ -1,0 +1,44 @@
+"""Speculators: what proposes draft tokens.
+
+A speculator sees every request's token sequence and adds candidate nodes to
+that request's :class:`atlas.DraftTree` (whose root is the last emitted token),
+each with a confidence in [0, 1] and the speculator's proposer id. The tree's
+node budget caps what it may add. Its lifecycle per request (``rid`` is the
+engine's request id): ``start`` -> (``propose`` -> ``update`` -> ``observe``)* -> ``finish``;
+the prefill is followed by ``update`` and ``observe`` too.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+from ..tree import DraftTree
+
+
+class Speculator:
+    """Base class; a speculator overrides ``propose`` and whatever it needs."""
+
+    name = "speculator"
+
+    def start(self, rid: int, prompt: Sequence[int]) -> None:
+        """A request begins with this prompt."""
+
+    def propose(self, rids: List[int], contexts: List[List[int]], trees: List[DraftTree],
+                proposer: int) -> None:
+        """Adds draft nodes to trees[i] for the request rids[i] whose tokens
+        so far (prompt + generated, the root last) are contexts[i]."""
+        raise NotImplementedError
+
+    def update(self, rid: int, tokens: Sequence[int]) -> None:
+        """Tokens just emitted for the request (it may learn from them)."""
+
+    def observe(self, record) -> None:
+        """What the target computed in the last forward (an
+        :class:`atlas.engine.StepRecord`): hidden states, logits, accepted paths."""
+
+    def finish(self, rid: int) -> None:
+        """The request is over: drop its state."""
+
+
+from .draft_model import DraftModelSpeculator  # noqa: E402
+
+__all__ = ["Speculator", "DraftModelSpeculator"]
