@@ -1,10 +1,10 @@
 """Targets: loading (transformers object, safetensors directory, GGUF) and the
 forward over the paged KV cache, against transformers as the oracle.
 
-Tolerances are derived, not guessed: transformers is run in float32 and in
-float64 on the same weights; atlas (float32) must be within twice the float32
-reference's own error of the float64 logits (plus a floor of a few float32
-ulps of the logit scale, for the case where both errors are tiny).
+Tolerances are derived, not guessed: transformers is run in the precision
+under test (float32, or bfloat16) and in float64 on the same weights; atlas
+must be within twice that reference's own error of the float64 logits (plus a
+floor of a few float32 ulps of the logit scale, for when both errors are tiny).
 """
 from __future__ import annotations
 
@@ -98,7 +98,8 @@ def assert_close_to_oracle(got: torch.Tensor, ref32: torch.Tensor, ref64: torch.
     ref_err = (r32 - ref64).abs().max().item()
     err = (got64 - ref64).abs().max().item()
     floor = floor_ulps * torch.finfo(torch.float32).eps * ref64.abs().max().item()
-    assert err <= 2 * ref_err + floor, f"{what}: max |atlas - fp64| = {err:.3g}, reference fp32 error {ref_err:.3g}"
+    assert err <= 2 * ref_err + floor, \
+        f"{what}: max |atlas - fp64| = {err:.3g}, reference low-precision error {ref_err:.3g}"
     a, b = got.argmax(-1), ref64.argmax(-1)
     if check_argmax and not torch.equal(a, b):
         top2 = ref64.topk(2, dim=-1).values
@@ -251,7 +252,8 @@ def _write_tokenizer(folder, vocab_size, chat_template):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<|u|>", "<|a|>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size,
+                                  special_tokens=["<unk>", "<s>", "</s>", "<|u|>", "<|a|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     text = ["def square(x):\n    return x * x\n", "The quick brown fox jumps over the lazy dog.",
             "speculative decoding verifies a draft tree in one forward pass", "héllo wörld 123 456"] * 20
@@ -392,7 +394,8 @@ def _write_gguf(path, model, arch, tokenizer_json):
     def permute(t, heads):  # llama.cpp's converter: rotate-half pairs -> interleaved pairs
         return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
 
-    names = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    names = {"input_layernorm.weight": "attn_norm.weight",
+             "post_attention_layernorm.weight": "ffn_norm.weight",
              "self_attn.o_proj.weight": "attn_output.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
              "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
     for x in "qkv":
@@ -434,7 +437,8 @@ def test_gguf_written_from_tiny_model_matches_transformers(name, tmp_path):
     target = atlas.load(tmp_path / "tiny.gguf")
     c = target.config
     assert (c.architecture, c.num_layers, c.num_kv_heads, c.tie_word_embeddings) == (
-        name, model.config.num_hidden_layers, model.config.num_key_value_heads, model.config.tie_word_embeddings)
+        name, model.config.num_hidden_layers, model.config.num_key_value_heads,
+        model.config.tie_word_embeddings)
     check_prefill_decode_tree(target, Oracle(model), seed=30, decodes=1, tree_size=6)
 
     from tokenizers import Tokenizer as Backend
@@ -479,10 +483,12 @@ def test_missing_tensor_is_named(tmp_path):
 
 
 def test_unsupported_architecture(tmp_path):
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match="unsupported architecture.*gpt2"):
         atlas.load(gpt2)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     (tmp_path / "model.safetensors").write_bytes(b"")
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(ValueError, match="unsupported architecture.*GPT2LMHeadModel"):
@@ -542,7 +548,8 @@ def smol():
     from pathlib import Path
     path = Path(atlas.default_model())
     target = atlas.load(path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                           dtype=torch.float32)
     hf_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return target, hf.eval(), hf_tok
 
@@ -584,7 +591,8 @@ def test_smollm2_tokenizer_matches_transformers(smol):
     target, _, hf_tok = smol
     tok = target.tokenizer
     texts = ["def reverse(s: str) -> str:\n    return s[::-1]\n\n\tpass  # done\n",
-             "héllo wörld — 日本語のテキスト 🤖🚀 ∑∫√", "   leading, trailing and\n\n\n  blank lines   ",
+             "héllo wörld — 日本語のテキスト 🤖🚀 ∑∫√",
+             "   leading, trailing and\n\n\n  blank lines   ",
              "<|im_start|>user\nhi<|im_end|>", "don't I'll we've 12345 3.14159", "\u00a0nbsp\r\nCRLF"]
     for text in texts:
         ids = tok.encode(text)

@@ -74,7 +74,8 @@ def _load_module(model, dtype, tokenizer) -> Target:
     cfg = model.config.to_dict()
     config = ModelConfig.from_hf(cfg)
     state = dict(model.state_dict())
-    return Target(config, LlamaModel.from_state_dict(config, state, dtype), _wrap_tokenizer(tokenizer, config))
+    model = LlamaModel.from_state_dict(config, state, dtype)
+    return Target(config, model, _wrap_tokenizer(tokenizer, config))
 
 
 def _wrap_tokenizer(tok, config: ModelConfig) -> Optional[Tokenizer]:
@@ -260,7 +261,8 @@ def _gguf_config(meta: dict, reader, path: Path) -> ModelConfig:
         embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
         vocab = len(tokens) if tokens is not None else (int(embd.shape[1]) if embd is not None else None)
     if vocab is None:
-        raise ValueError(f"{path}: cannot tell the vocabulary size (no {arch}.vocab_size, tokens or token_embd)")
+        raise ValueError(f"{path}: cannot tell the vocabulary size "
+                         f"(no {arch}.vocab_size, tokens or token_embd)")
     scaling = None
     kind = get("rope.scaling.type")
     if kind not in (None, "none"):
