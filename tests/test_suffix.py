@@ -69,7 +69,10 @@ class RefSuffix:
                 if visited == self.k:
                     return occ
                 visited += 1
-                occ.append((match(x, e), x[e + 1:e + 1 + depth]))
+                m, tail = match(x, e), x[e + 1:]
+                if m >= len(tail):                      # periodic: the tail repeats
+                    tail = tail * (depth // len(tail) + 1)
+                occ.append((m, tail[:depth]))
         for d in reversed(self.docs):                   # then the corpus, newest first
             for e in range(len(d) - 1, a - 2, -1):
                 if d[e - a + 1:e + 1] == anchor:
@@ -169,6 +172,23 @@ def test_short_repeat_in_the_prompt_uses_the_one_token_anchor():
     # no length has min_support = 2 occurrences, so the longest (3) is used.
     s.start(1, [5, 6, 7, 8, 9, 1, 2, 5, 6, 7])
     assert_tree(native_tree(s, 1, 7, 10), [(8, 0, 1.0), (9, 1, 1.0), (1, 2, 1.0), (2, 3, 1.0), (5, 4, 1.0)])
+
+
+def test_a_loop_is_drafted_to_full_depth():
+    s = SuffixSpeculator(max_depth=7)
+    # [3 1 2 3] occurs at 3..6 with m = 6 >= its distance p = 3 to the end:
+    # the request repeats with period 3, so the continuation [1 2 3] repeats.
+    s.start(1, [5, 1, 2, 3, 1, 2, 3, 1, 2, 3])
+    assert_tree(native_tree(s, 1, 3, 16), [(t, i, 1.0) for i, t in enumerate([1, 2, 3, 1, 2, 3, 1])])
+    # A run: anchor [7] at e = 2 (m = 2, p = 1: periodic) and e = 1 (m = 1,
+    # p = 2: not, so its continuation stops at the end: [7 7]). m >= 2 has one
+    # occurrence, m >= 1 two (min_support): both, and only the periodic one
+    # goes on past depth 2.
+    s.start(2, [9, 7, 7, 7])
+    assert_tree(native_tree(s, 2, 7, 16), [(7, i, 1.0) for i in range(7)])
+    # Without periodicity the continuation ends at the request's last token.
+    s.start(3, [4, 5, 6, 9, 4, 5])
+    assert_tree(native_tree(s, 3, 5, 16), [(6, 0, 1.0), (9, 1, 1.0), (4, 2, 1.0), (5, 3, 1.0)])
 
 
 def test_continuation_seen_in_an_earlier_finished_request():
@@ -544,3 +564,4 @@ def test_nasty_input_does_not_kill_the_interpreter():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["alive", "13", "13", "2"]
+

@@ -424,8 +424,16 @@ void SuffixSpeculator::build_trie(int32_t min_match, const int32_t* x, uint64_t 
     for (uint64_t d = 1; d <= depth; ++d) {
       int32_t t;
       if (o.own) {
-        if (o.pos + d >= n) break;
-        t = x[o.pos + d];
+        // A match at least as long as its distance p to the request's end
+        // shows the text repeating with period p: the continuation repeats
+        // x[e+1 .. n-1]. Otherwise it stops at the request's last token.
+        const uint64_t period = n - 1 - o.pos;
+        if (static_cast<uint64_t>(o.match) >= period) {
+          t = x[o.pos + 1 + (d - 1) % period];
+        } else {
+          if (o.pos + d >= n) break;
+          t = x[o.pos + d];
+        }
       } else {
         t = corpus_.at(o.pos + d);  // a separator ends every document before end()
         if (t == TokenIndex::kSeparator) break;

@@ -21,7 +21,11 @@
 //               anchor equals the request's. Its match length m is the length
 //               of the common suffix of the text up to e and the request, at
 //               most max_match; its continuation is the up to max_depth tokens
-//               that follow e (in the request: up to its last token).
+//               that follow e. In the request the text after e ends at its
+//               last token, n - 1; when m >= p = n - 1 - e the request is
+//               periodic with period p over its last m + p tokens, and the
+//               continuation repeats x[e+1 .. n-1] to max_depth tokens (a
+//               greedy decoder's loop is drafted to full depth, not p tokens).
 //
 // The rule that a proposal follows (tests/test_suffix.py restates it in
 // plain Python and compares trees exactly):
