@@ -509,7 +509,7 @@ struct PyHeadSnapshot {
 };
 
 std::shared_ptr<PyDraftHead> make_draft_head(py::handle embed_obj, py::handle hidden, py::handle intermediate,
-                                             py::handle draft_vocab, double eps) {
+                                             py::handle draft_vocab, double eps, const std::string& simd) {
   auto h = std::make_shared<PyDraftHead>();
   atlas::HeadConfig c;
   c.hidden = static_cast<int32_t>(checked_int(hidden, "hidden", 1, 32768));
@@ -524,6 +524,8 @@ std::shared_ptr<PyDraftHead> make_draft_head(py::handle embed_obj, py::handle hi
   if (!(eps > 0.0) || !std::isfinite(eps) || eps > 1.0)
     fail("eps must be in (0, 1], got " + std::to_string(eps));
   c.eps = static_cast<float>(eps);
+  if (simd != "auto" && simd != "baseline") fail("simd must be 'auto' or 'baseline', got '" + simd + "'");
+  c.simd = simd == "auto" ? atlas::HeadSimd::kAuto : atlas::HeadSimd::kBaseline;
   throw_if_error(h->head.init(c, e.ptr<const float>()));
   h->workspace.assign(static_cast<size_t>(h->head.workspace_floats()), 0.0f);
   return h;
@@ -914,8 +916,9 @@ PYBIND11_MODULE(_native, m) {
   py::class_<PyDraftHead, std::shared_ptr<PyDraftHead>>(m, "DraftHead",
       "Native forward of the learned speculator's draft head with versioned weights (see atlas/head.h).")
       .def(py::init(&make_draft_head), py::arg("embed"), py::arg("hidden"), py::arg("intermediate"),
-           py::arg("draft_vocab"), py::arg("eps") = 1e-5,
-           "embed: float32 [vocab, hidden], contiguous, frozen (kept alive and read in place).")
+           py::arg("draft_vocab"), py::arg("eps") = 1e-5, py::arg("simd") = "auto",
+           "embed: float32 [vocab, hidden], contiguous, frozen (kept alive and read in place). simd: 'auto' "
+           "(AVX2 + FMA where the CPU has it) or 'baseline' (SSE).")
       .def("push", &head_push, py::arg("weights"), py::arg("metric") = py::none(),
            "Copy, validate and atomically swap in a new weight version (dict of name -> array); returns its "
            "number. A refused push raises and leaves the live version serving.")
@@ -945,7 +948,9 @@ PYBIND11_MODULE(_native, m) {
                              [](const PyDraftHead& h) { return h.head.config().intermediate; })
       .def_property_readonly("draft_vocab", [](const PyDraftHead& h) { return h.head.config().draft_vocab; })
       .def_property_readonly("vocab", [](const PyDraftHead& h) { return h.head.config().vocab; })
-      .def_property_readonly("eps", [](const PyDraftHead& h) { return h.head.config().eps; });
+      .def_property_readonly("eps", [](const PyDraftHead& h) { return h.head.config().eps; })
+      .def_property_readonly("simd_path", [](const PyDraftHead& h) { return h.head.simd_path(); },
+                             "The GEMM code the forward runs: 'avx2+fma' or 'sse'.");
   py::list head_tensors;
   for (int32_t t = 0; t < atlas::kNumHeadTensors; ++t) head_tensors.append(atlas::head_tensor_name(t));
   head_tensors.append(atlas::kHeadDraftIdsName);

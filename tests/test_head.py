@@ -35,9 +35,9 @@ def random_head(vocab=131, hidden=24, draft_vocab=97, intermediate=37, seed=0, s
     return head
 
 
-def native_of(head):
-    nat = _native.DraftHead(head.embed.numpy(), head.hidden, head.intermediate, head.draft_vocab, head.eps)
-    return nat
+def native_of(head, simd="auto"):
+    return _native.DraftHead(head.embed.numpy(), head.hidden, head.intermediate, head.draft_vocab, head.eps,
+                             simd=simd)
 
 
 def run_native(nat, feats, toks):
@@ -58,16 +58,22 @@ def inputs(head, n, seed):
 
 @pytest.mark.parametrize("hidden", [24, 64])
 @pytest.mark.parametrize("draft_vocab", [1, 97])
-def test_native_forward_matches_the_torch_twin(hidden, draft_vocab):
+@pytest.mark.parametrize("simd", ["auto", "baseline"])
+def test_native_forward_matches_the_torch_twin(hidden, draft_vocab, simd):
+    """Both GEMM paths: the SSE baseline and, where the CPU has AVX2 + FMA
+    ("auto" then says so in simd_path), the wide one."""
     head = random_head(hidden=hidden, draft_vocab=draft_vocab, intermediate=hidden + 13,
                        seed=hidden + draft_vocab)
-    nat = native_of(head)
+    nat = native_of(head, simd)
+    assert nat.simd_path in (("sse", "avx2+fma") if simd == "auto" else ("sse",))
     assert nat.push(head.export()) == 1
     twin64 = random_head(hidden=hidden, draft_vocab=draft_vocab, intermediate=hidden + 13).double()
     twin64.load_state_dict(head.state_dict())
     twin64.embed = head.embed.double()
-    # 130 rows cross the native row tile (64); 17 and 3 leave remainders of the 4-row kernel.
-    for n in (1, 3, 17, 130):
+    # 130 rows cross the native row tile (64); 3, 7, 12, 17 and 130 leave
+    # leftovers of 1 to 4 rows after the groups of 8 (or 4) rows, so every
+    # panels-at-once variant runs, a partial last panel among them.
+    for n in (1, 3, 7, 12, 17, 130):
         feats, toks = inputs(head, n, seed=n)
         f_hat, logits, version = run_native(nat, feats, toks)
         assert version == 1

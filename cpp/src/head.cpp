@@ -6,9 +6,21 @@
 // kHeadPanel values W[p * kHeadPanel + l][k] next to each other, zero-padded
 // past N. A GEMM then streams each panel once per row tile, front to back, and
 // its inner loop is a fixed-size axpy over the panel's columns that the
-// compiler turns into SSE multiplies and adds with the accumulators in
-// registers; the sum over k runs in order, as a plain dot product would.
+// compiler turns into vector multiply-adds with the accumulators in registers;
+// the sum over k runs in order, as a plain dot product would, and a row's
+// result does not depend on the other rows of the batch.
+//
+// Two compilations of the same GEMM: the baseline (the build's SSE4.2) and a
+// wide one (AVX2 + FMA) that init() picks when the CPU has it; see
+// HeadSimd. The code needs GCC or Clang (generic vectors, function targets).
 #include "atlas/head.h"
+
+// The wide (AVX2 + FMA) path needs GCC or Clang function targets on x86-64.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define ATLAS_HEAD_WIDE 1
+#else
+#define ATLAS_HEAD_WIDE 0
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -22,11 +34,6 @@ namespace {
 
 constexpr const char* kNames[kNumHeadTensors] = {"w_in", "b_in", "norm1", "w_gate", "w_up",
                                                  "w_down", "norm2", "w_out"};
-
-// Rows of input per micro-kernel call: 4 rows x 8 columns = 8 SSE accumulators,
-// which with the two panel vectors and a broadcast fit the 16 SSE registers
-// (6 rows measured no faster).
-constexpr int kKernelRows = 4;
 
 struct Shape {
   int32_t ndim;
@@ -86,67 +93,169 @@ Status copy_vector(const char* name, const float* w, int64_t n, std::vector<floa
   return Status::Ok();
 }
 
-// Four floats, one SSE register. Written with GCC/Clang generic vectors rather
-// than plain loops because GCC's loop vectoriser otherwise picks the k loop
-// below (an in-order float reduction: transposes and scalar adds, 4x slower)
-// instead of the columns of the panel.
+// Generic vectors (GCC/Clang) of 4 floats (one SSE register) and 8 floats
+// (one AVX register). Written with them rather than plain loops because GCC's
+// loop vectoriser otherwise picks the k loop below (an in-order float
+// reduction: transposes and scalar adds, 4x slower) instead of the panel's
+// columns. The SSE path keeps to Vec4: without AVX, GCC lowers 8-float
+// vectors through memory (3x slower, measured).
 typedef float Vec4 __attribute__((vector_size(16)));
-static_assert(kHeadPanel == 8, "the micro-kernel handles a panel as two Vec4");
+typedef float Vec8 __attribute__((vector_size(32)));
 
-inline Vec4 load4(const float* p) {
-  Vec4 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
+// An unaligned, aliasing view of V in memory: a load through it is one
+// unaligned vector load (a memcpy into a local vector was compiled as pieces
+// that stall store forwarding, 7x slower on one row, measured).
+template <typename V>
+struct Unaligned {
+  typedef V type __attribute__((aligned(4), may_alias));
+};
 
-// y[r, l] = bias[l] (0 when null) + sum_k x[r * ldx + k] * panel[k * 8 + l] for
-// r < R, l < cols; the sum over k runs in order.
-template <int R>
-inline void panel_kernel(const float* __restrict x, int64_t ldx, int64_t k_len, const float* __restrict panel,
-                         const float* bias, float* __restrict y, int64_t ldy, int64_t cols) {
-  Vec4 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = Vec4{0.0f, 0.0f, 0.0f, 0.0f};
+// Prefetch distance of the weight stream: 2 KiB, about the bytes that arrive
+// from memory while one 8-row group computes on 2 KiB of a panel.
+constexpr int64_t kPrefetchFloats = 512;
+
+// For NP consecutive panels starting at `panel` (panel stride k_len * 8) and
+// R rows of x: y[r, c] = sum_k x[r * ldx + k] * W[c, k] (+ bias[c] when bias is
+// not null) for c < cols, the columns of those panels, the sum in k order.
+// Each (row, panel) pair has its own accumulators, so NP > 1 gives a single
+// row several independent chains of multiply-adds: with one chain the loop
+// waits on the add latency instead of on memory. V is Vec4 or Vec8; a panel
+// row is kHeadPanel / lanes vectors.
+template <typename V, int R, int NP>
+__attribute__((always_inline)) inline void panel_kernel(const float* __restrict x, int64_t ldx, int64_t k_len,
+                                                        const float* __restrict panel, const float* bias,
+                                                        float* __restrict y, int64_t ldy, int64_t cols) {
+  typedef typename Unaligned<V>::type VU;
+  constexpr int kLanes = static_cast<int>(sizeof(V) / sizeof(float));
+  constexpr int kVecs = kHeadPanel / kLanes;
+  static_assert(kVecs * kLanes == kHeadPanel, "a panel is a whole number of vectors");
+  const int64_t stride = k_len * kHeadPanel;
+  V acc[R][NP][kVecs];
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < NP; ++q)
+      for (int v = 0; v < kVecs; ++v) acc[r][q][v] = V{};
   for (int64_t k = 0; k < k_len; ++k) {
-    const Vec4 w0 = load4(panel + k * kHeadPanel), w1 = load4(panel + k * kHeadPanel + 4);
+    // The weights stream from memory (they do not fit the caches, and each
+    // forward reads them once): ask for them kPrefetchFloats ahead, which runs
+    // past a panel's end into the next one.
+    if ((k & 1) == 0)
+      for (int q = 0; q < NP; ++q) __builtin_prefetch(panel + q * stride + k * kHeadPanel + kPrefetchFloats);
+    V w[NP][kVecs];
+    for (int q = 0; q < NP; ++q)
+      for (int v = 0; v < kVecs; ++v)
+        w[q][v] = *reinterpret_cast<const VU*>(panel + q * stride + k * kHeadPanel + v * kLanes);
     for (int r = 0; r < R; ++r) {
       const float xs = x[r * ldx + k];
-      const Vec4 xv = {xs, xs, xs, xs};
-      acc[r][0] += xv * w0;
-      acc[r][1] += xv * w1;
+      for (int q = 0; q < NP; ++q)
+        for (int v = 0; v < kVecs; ++v) acc[r][q][v] += xs * w[q][v];
     }
   }
   for (int r = 0; r < R; ++r) {
-    float out[kHeadPanel];
-    std::memcpy(out, &acc[r][0], sizeof(Vec4));
-    std::memcpy(out + 4, &acc[r][1], sizeof(Vec4));
+    float out[NP * kHeadPanel];
+    for (int q = 0; q < NP; ++q) std::memcpy(out + q * kHeadPanel, acc[r][q], kHeadPanel * sizeof(float));
     float* yr = y + r * ldy;
-    for (int64_t l = 0; l < cols; ++l) yr[l] = out[l] + (bias ? bias[l] : 0.0f);
+    if (bias != nullptr) {
+      for (int64_t c = 0; c < cols; ++c) yr[c] = out[c] + bias[c];
+    } else {
+      for (int64_t c = 0; c < cols; ++c) yr[c] = out[c];
+    }
   }
 }
 
 // y[r, j] = bias[j] (0 when bias is null) + sum_k x[r, k] * W[j, k] for r < rows,
 // j < n, with W packed in panels. x and y are row-major with strides ldx, ldy.
-// Each panel (k_len * 32 bytes) stays in the L1 cache while every row tile of
-// x passes over it, so the weights are read from memory once per call.
-void gemm_panels(const float* __restrict x, int64_t ldx, int64_t rows, int64_t k_len, const float* panels,
-                 int64_t n, const float* bias, float* __restrict y, int64_t ldy) {
+// Rows go in groups of kRows (kRows rows of accumulators fill about half the
+// vector registers), one panel at a time: the panel stays in the L1/L2 cache
+// while every group passes over it, so the weights are read from memory once
+// per call. The L < kRows rows left over go in one more group that covers
+// kRows / L panels at once, so that it has as many accumulators as a full
+// group (see panel_kernel), while those panels are still in the cache.
+template <typename V, int kRows, int L>
+__attribute__((always_inline)) inline void gemm_panels_rows(const float* __restrict x, int64_t ldx,
+                                                            int64_t rows, int64_t k_len, const float* panels,
+                                                            int64_t n, const float* bias, float* __restrict y,
+                                                            int64_t ldy) {
+  constexpr int NP = L == 0 ? 1 : (kRows / L > 1 ? kRows / L : 1);
   const int64_t num_panels = (n + kHeadPanel - 1) / kHeadPanel;
-  for (int64_t p = 0; p < num_panels; ++p) {
-    const float* panel = panels + p * k_len * kHeadPanel;
-    const int64_t col0 = p * kHeadPanel;
-    const int64_t cols = std::min<int64_t>(kHeadPanel, n - col0);
-    const float* b = bias ? bias + col0 : nullptr;
-    int64_t r0 = 0;
-    for (; r0 + kKernelRows <= rows; r0 += kKernelRows)
-      panel_kernel<kKernelRows>(x + r0 * ldx, ldx, k_len, panel, b, y + r0 * ldy + col0, ldy, cols);
-    switch (rows - r0) {
-      case 3: panel_kernel<3>(x + r0 * ldx, ldx, k_len, panel, b, y + r0 * ldy + col0, ldy, cols); break;
-      case 2: panel_kernel<2>(x + r0 * ldx, ldx, k_len, panel, b, y + r0 * ldy + col0, ldy, cols); break;
-      case 1: panel_kernel<1>(x + r0 * ldx, ldx, k_len, panel, b, y + r0 * ldy + col0, ldy, cols); break;
-      default: break;
+  const int64_t full = rows - L;
+  const float* xl = x + full * ldx;
+  for (int64_t p0 = 0; p0 < num_panels; p0 += NP) {
+    const int64_t np = std::min<int64_t>(NP, num_panels - p0);
+    for (int64_t p = p0; p < p0 + np; ++p) {
+      const float* panel = panels + p * k_len * kHeadPanel;
+      const int64_t col0 = p * kHeadPanel;
+      const int64_t cols = std::min<int64_t>(kHeadPanel, n - col0);
+      const float* b = bias ? bias + col0 : nullptr;
+      for (int64_t r0 = 0; r0 < full; r0 += kRows)
+        panel_kernel<V, kRows, 1>(x + r0 * ldx, ldx, k_len, panel, b, y + r0 * ldy + col0, ldy, cols);
+      if (L > 0 && np < NP)  // the last few panels: one at a time
+        panel_kernel<V, (L > 0 ? L : 1), 1>(xl, ldx, k_len, panel, b, y + full * ldy + col0, ldy, cols);
+    }
+    if (L > 0 && np == NP) {
+      const int64_t col0 = p0 * kHeadPanel;
+      panel_kernel<V, (L > 0 ? L : 1), NP>(xl, ldx, k_len, panels + p0 * k_len * kHeadPanel,
+                                           bias ? bias + col0 : nullptr, y + full * ldy + col0, ldy,
+                                           std::min<int64_t>(NP * kHeadPanel, n - col0));
     }
   }
 }
+
+template <typename V, int kRows>
+__attribute__((always_inline)) inline void gemm_panels_impl(const float* x, int64_t ldx, int64_t rows,
+                                                            int64_t k_len, const float* panels, int64_t n,
+                                                            const float* bias, float* y, int64_t ldy) {
+  static_assert(kRows == 4 || kRows == 8, "row groups of 4 or 8");
+  switch (rows % kRows) {
+    case 0: gemm_panels_rows<V, kRows, 0>(x, ldx, rows, k_len, panels, n, bias, y, ldy); break;
+    case 1: gemm_panels_rows<V, kRows, 1>(x, ldx, rows, k_len, panels, n, bias, y, ldy); break;
+    case 2: gemm_panels_rows<V, kRows, 2>(x, ldx, rows, k_len, panels, n, bias, y, ldy); break;
+    case 3: gemm_panels_rows<V, kRows, 3>(x, ldx, rows, k_len, panels, n, bias, y, ldy); break;
+    case 4:
+      gemm_panels_rows<V, kRows, (kRows > 4 ? 4 : 1)>(x, ldx, rows, k_len, panels, n, bias, y, ldy);
+      break;
+    case 5:
+      gemm_panels_rows<V, kRows, (kRows > 5 ? 5 : 1)>(x, ldx, rows, k_len, panels, n, bias, y, ldy);
+      break;
+    case 6:
+      gemm_panels_rows<V, kRows, (kRows > 6 ? 6 : 1)>(x, ldx, rows, k_len, panels, n, bias, y, ldy);
+      break;
+    default:
+      gemm_panels_rows<V, kRows, (kRows > 7 ? 7 : 1)>(x, ldx, rows, k_len, panels, n, bias, y, ldy);
+      break;
+  }
+}
+
+// Baseline path: SSE (the build's -msse4.2), 4 rows x 2 Vec4 = 8 accumulators of
+// the 16 SSE registers.
+void gemm_panels_baseline(const float* x, int64_t ldx, int64_t rows, int64_t k_len, const float* panels,
+                          int64_t n, const float* bias, float* y, int64_t ldy) {
+  gemm_panels_impl<Vec4, 4>(x, ldx, rows, k_len, panels, n, bias, y, ldy);
+}
+
+#if ATLAS_HEAD_WIDE
+// Wide path, chosen at run time on CPUs with AVX2 and FMA (every x86-64 CPU
+// since 2013-2015): 8 rows x 1 Vec8 = 8 of the 16 AVX registers, and the
+// multiply-adds fuse. Twice the baseline's speed when the forward is
+// compute-bound (8 or more rows), measured. The wheel stays portable: only
+// this function is compiled for AVX2, and only a CPU that has it runs it.
+__attribute__((target("avx2,fma"))) void gemm_panels_wide(const float* x, int64_t ldx, int64_t rows,
+                                                          int64_t k_len, const float* panels, int64_t n,
+                                                          const float* bias, float* y, int64_t ldy) {
+  gemm_panels_impl<Vec8, 8>(x, ldx, rows, k_len, panels, n, bias, y, ldy);
+}
+#endif
+
+bool cpu_has_wide_path() {
+#if ATLAS_HEAD_WIDE
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+using GemmFn = void (*)(const float*, int64_t, int64_t, int64_t, const float*, int64_t, const float*, float*,
+                        int64_t);
 
 // out[i] = v[i] / sqrt(mean(v^2) + eps) * g[i]; the mean is summed in double
 // so that its rounding does not depend on H.
@@ -179,8 +288,12 @@ Status DraftHead::init(const HeadConfig& c, const float* embed) {
   if (!(c.eps > 0.0f) || !std::isfinite(c.eps))
     return Status::Invalid("eps must be a positive finite number, got " + std::to_string(c.eps));
   if (embed == nullptr) return Status::Invalid("embed is null");
+  if (c.simd != HeadSimd::kAuto && c.simd != HeadSimd::kBaseline)
+    return Status::Invalid("simd must be kAuto or kBaseline, got " +
+                           std::to_string(static_cast<int>(c.simd)));
   config_ = c;
   embed_ = embed;
+  wide_ = c.simd == HeadSimd::kAuto && cpu_has_wide_path();
   ready_ = true;
   return Status::Ok();
 }
@@ -305,6 +418,11 @@ Status DraftHead::forward(const HeadWeights* w, const float* features, int64_t f
   float* gate = nrm + T * H;     // [T, I]   W_gate n, then silu(.) * up
   float* up = gate + T * I;      // [T, I]
   const float eps = c.eps;
+#if ATLAS_HEAD_WIDE
+  const GemmFn gemm_panels = wide_ ? gemm_panels_wide : gemm_panels_baseline;
+#else
+  const GemmFn gemm_panels = gemm_panels_baseline;
+#endif
   for (int64_t r0 = 0; r0 < n; r0 += T) {
     const int64_t rows = std::min(T, n - r0);
     for (int64_t r = 0; r < rows; ++r) {

@@ -80,12 +80,21 @@ constexpr int32_t kHeadRowTile = 64;
 // keeps days of history in a few kilobytes.
 constexpr int32_t kMaxHeadHistory = 1024;
 
+// Which GEMM code forward() runs. kAuto: an AVX2 + FMA path on CPUs that have
+// it (chosen at run time, so the build stays portable), else the SSE baseline;
+// kBaseline: always the baseline (so that tests cover both on any machine).
+enum class HeadSimd : int32_t {
+  kAuto = 0,
+  kBaseline = 1,
+};
+
 struct HeadConfig {
   int32_t hidden = 0;        // H, the target's hidden size
   int32_t intermediate = 0;  // I
   int32_t draft_vocab = 0;   // Vd, in [1, vocab]
   int32_t vocab = 0;         // rows of the embedding table
   float eps = 1e-5f;         // rmsnorm epsilon, > 0
+  HeadSimd simd = HeadSimd::kAuto;
 };
 
 // A borrowed float32 tensor as push() reads it: row-major, dense.
@@ -144,6 +153,9 @@ class DraftHead {
 
   const HeadConfig& config() const { return config_; }
 
+  // The GEMM path init() chose: "avx2+fma" or "sse".
+  const char* simd_path() const { return wide_ ? "avx2+fma" : "sse"; }
+
   // Floats of workspace forward() needs, whatever the batch size: rows are
   // processed in tiles of kHeadRowTile.
   int64_t workspace_floats() const;
@@ -161,6 +173,7 @@ class DraftHead {
   HeadConfig config_;
   const float* embed_ = nullptr;
   bool ready_ = false;
+  bool wide_ = false;
 
   mutable std::mutex mu_;  // guards live_, next_version_, history_
   std::shared_ptr<const HeadWeights> live_;
