@@ -128,6 +128,7 @@ struct View {
     return os.str();
   }
   bool contiguous() const {
+    if (numel() == 0) return true;  // numpy gives empty arrays stride 0
     int64_t expect = 1;
     for (int64_t i = ndim() - 1; i >= 0; --i) {
       if (shape[i] != 1 && strides[i] != expect) return false;
@@ -281,7 +282,7 @@ py::dict build_info() {
   std::string s = ATLAS_CUDA_ARCHS;
   size_t start = 0;
   while (start < s.size()) {
-    size_t end = s.find(';', start);
+    size_t end = s.find_first_of(",;", start);
     if (end == std::string::npos) end = s.size();
     if (end > start) archs.push_back(s.substr(start, end - start));
     start = end + 1;
@@ -462,6 +463,20 @@ void tree_attention(const KVCache& kv, py::handle layer, py::handle q_obj, py::h
   View parents = view_of(parents_obj, "parents");
   parents.dtype({Elem::kI32}).dims(1).cpu().dense().dim(0, q.shape[0], "q.shape[0]");
   if (kv.storage.on_cuda) fail("tree_attention on the CPU needs a cache whose storage is in CPU memory");
+  // The core cannot see q's length: q_offsets must cover its rows exactly.
+  {
+    const int64_t* off = qoff.ptr<const int64_t>();
+    const int64_t nb = seqs.shape[0];
+    if (off[0] != 0) fail("q_offsets[0] must be 0, got " + std::to_string(off[0]));
+    for (int64_t b = 0; b < nb; ++b)
+      if (off[b + 1] < off[b])
+        fail("q_offsets must be non-decreasing, but q_offsets[" + std::to_string(b + 1) + "] = " +
+             std::to_string(off[b + 1]) + " < q_offsets[" + std::to_string(b) + "] = " +
+             std::to_string(off[b]));
+    if (off[nb] != q.shape[0])
+      fail("q_offsets[-1] must equal q.shape[0] = " + std::to_string(q.shape[0]) + ", got " +
+           std::to_string(off[nb]));
+  }
   if (!(scale > 0.0) || !std::isfinite(scale)) fail("scale must be a positive finite number");
   if (q.shape[1] < 1 || q.shape[1] % c.num_kv_heads != 0)
     fail("q.shape[1] (query heads) must be a positive multiple of num_kv_heads = " + std::to_string(c.num_kv_heads));
@@ -481,8 +496,10 @@ void tree_attention(const KVCache& kv, py::handle layer, py::handle q_obj, py::h
   p.scale = static_cast<float>(scale);
   atlas::Status st;
   {
-    std::lock_guard<std::mutex> lock(kv.mu);
+    // GIL first, then the mutex: a thread that holds the mutex never waits for
+    // the GIL, so a second thread calling into this cache cannot deadlock it.
     py::gil_scoped_release nogil;
+    std::lock_guard<std::mutex> lock(kv.mu);
     st = atlas::tree_attention(p);
   }
   throw_if_error(st);
@@ -641,6 +658,297 @@ py::list head_history(const PyDraftHead& h) {
 }
 
 }  // namespace
+
+#ifdef ATLAS_WITH_CUDA
+// ---- CUDA kernels (tensors on a CUDA device; the launchers are in cuda/) --------------------
+#include <cstddef>
+
+#include "atlas/cuda_ops.h"
+
+namespace {
+
+// Every tensor of one call must live on the device of the first.
+void on_device(View& v, int device) {
+  if (!v.on_cuda) fail(v.name + " must be a CUDA tensor, got one in CPU memory");
+  if (v.device_id != device)
+    fail(v.name + " must be on cuda:" + std::to_string(device) + ", got cuda:" + std::to_string(v.device_id));
+}
+
+void* stream_of(py::handle stream) {
+  return reinterpret_cast<void*>(
+      static_cast<uintptr_t>(checked_int(stream, "stream", 0, std::numeric_limits<int64_t>::max())));
+}
+
+// Makes `device` current for the call and restores the caller's device after.
+struct DeviceGuard {
+  int previous = -1;
+  explicit DeviceGuard(int device) {
+    throw_if_error(atlas::cuda_get_device(&previous));
+    if (previous != device) throw_if_error(atlas::cuda_set_device(device));
+  }
+  ~DeviceGuard() {
+    int now = -1;
+    if (previous >= 0 && atlas::cuda_get_device(&now).ok() && now != previous)
+      (void)atlas::cuda_set_device(previous);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+};
+
+// Runs a launcher without the GIL, then (check) reads the status array back.
+template <typename F>
+void launch_and_check(F&& launch, const int32_t* status, int64_t n, const char* op, void* stream,
+                      bool check) {
+  atlas::Status st;
+  {
+    py::gil_scoped_release nogil;
+    st = launch();
+    if (st.ok() && check && status != nullptr) st = atlas::device_status_check(status, n, op, stream);
+  }
+  throw_if_error(st);
+}
+
+static_assert(sizeof(atlas::SamplingParams) == 32, "the Python packing of SamplingParams assumes 32 bytes");
+static_assert(sizeof(atlas::SlotCopy) == 16, "copies cross as int64 [n, 2]");
+
+// Byte offsets of the SamplingParams fields, so that Python packs them without guessing.
+py::dict sampling_params_layout() {
+  py::dict d;
+  d["itemsize"] = sizeof(atlas::SamplingParams);
+  d["temperature"] = offsetof(atlas::SamplingParams, temperature);
+  d["top_k"] = offsetof(atlas::SamplingParams, top_k);
+  d["top_p"] = offsetof(atlas::SamplingParams, top_p);
+  d["seed"] = offsetof(atlas::SamplingParams, seed);
+  d["offset"] = offsetof(atlas::SamplingParams, offset);
+  return d;
+}
+
+void verify_cuda(py::handle logits_obj, py::handle tokens_obj, py::handle parents_obj, py::handle offsets_obj,
+                 py::handle params_obj, py::handle draft_obj, py::handle mult_obj, py::handle accepted_obj,
+                 py::handle emitted_obj, py::handle num_obj, py::handle status_obj, py::handle workspace_obj,
+                 py::handle stream, bool greedy_prepass, bool check) {
+  View logits = view_of(logits_obj, "logits");
+  logits.dtype({Elem::kF32, Elem::kBF16}).dims(2).inner_dense();
+  if (!logits.on_cuda) fail("logits must be a CUDA tensor, got one in CPU memory");
+  const int dev = logits.device_id;
+  const int64_t total = logits.shape[0];
+  const int64_t vocab = logits.shape[1];
+  if (vocab < 1) fail("logits must have at least one column (vocab >= 1), got shape " + logits.shape_str());
+  if (logits.strides[0] < vocab) fail("logits rows must not overlap (row stride >= vocab)");
+  View tokens = view_of(tokens_obj, "tokens");
+  tokens.dtype({Elem::kI32}).dims(1).dense().dim(0, total, "logits.shape[0] (number of tree nodes)");
+  on_device(tokens, dev);
+  View parents = view_of(parents_obj, "parents");
+  parents.dtype({Elem::kI32}).dims(1).dense().dim(0, total, "logits.shape[0] (number of tree nodes)");
+  on_device(parents, dev);
+  View offsets = view_of(offsets_obj, "tree_offsets");
+  offsets.dtype({Elem::kI64}).dims(1).dense();
+  on_device(offsets, dev);
+  if (offsets.shape[0] < 2)
+    fail("tree_offsets must hold batch + 1 >= 2 entries, got shape " + offsets.shape_str());
+  const int64_t batch = offsets.shape[0] - 1;
+  if (total < batch)
+    fail("logits.shape[0] must be >= batch (one root per tree), got " + std::to_string(total));
+  View params = view_of(params_obj, "params");
+  params.dtype({Elem::kU8}).dims(2).dense().dim(0, batch, "batch").dim(1, sizeof(atlas::SamplingParams),
+                                                                       "sizeof(SamplingParams)");
+  on_device(params, dev);
+  View draft = optional_view(draft_obj, "draft_probs");
+  if (draft.data) {
+    draft.dtype({Elem::kF32}).dims(2).inner_dense().dim(0, total, "logits.shape[0]").dim(1, vocab, "vocab");
+    on_device(draft, dev);
+    if (draft.strides[0] < vocab) fail("draft_probs rows must not overlap (row stride >= vocab)");
+  }
+  View mult = optional_view(mult_obj, "multiplicity");
+  if (mult.data) {
+    mult.dtype({Elem::kI32}).dims(1).dense().dim(0, total, "logits.shape[0]");
+    on_device(mult, dev);
+  }
+  View accepted = view_of(accepted_obj, "accepted_out");
+  accepted.dtype({Elem::kI32}).dims(2).dense().output().dim(0, batch, "batch");
+  on_device(accepted, dev);
+  const int64_t max_accept = accepted.shape[1];
+  View emitted = view_of(emitted_obj, "emitted_out");
+  emitted.dtype({Elem::kI32}).dims(2).dense().output().dim(0, batch, "batch").dim(1, max_accept + 1,
+                                                                                   "max_accept + 1");
+  on_device(emitted, dev);
+  View num = view_of(num_obj, "num_accepted_out");
+  num.dtype({Elem::kI32}).dims(1).dense().output().dim(0, batch, "batch");
+  on_device(num, dev);
+  View status = view_of(status_obj, "status_out");
+  status.dtype({Elem::kI32}).dims(1).dense().output().dim(0, batch, "batch");
+  on_device(status, dev);
+  View ws = view_of(workspace_obj, "workspace");
+  ws.dtype({Elem::kU8}).dims(1).dense().output();
+  on_device(ws, dev);
+
+  atlas::VerifyProblem p;
+  p.logits = logits.data;
+  p.logits_dtype = logits.elem == Elem::kF32 ? atlas::DType::kFloat32 : atlas::DType::kBFloat16;
+  p.vocab = vocab;
+  p.logits_row_stride = logits.strides[0];
+  p.draft_probs = draft.ptr<const float>();
+  p.draft_row_stride = draft.data ? draft.strides[0] : 0;
+  p.tokens = tokens.ptr<const int32_t>();
+  p.parents = parents.ptr<const int32_t>();
+  p.multiplicity = mult.ptr<const int32_t>();
+  p.tree_offsets = offsets.ptr<const int64_t>();
+  p.batch = batch;
+  p.params = params.ptr<const atlas::SamplingParams>();
+  p.max_accept = max_accept;
+  p.accepted_out = accepted.ptr<int32_t>();
+  p.emitted_out = emitted.ptr<int32_t>();
+  p.num_accepted_out = num.ptr<int32_t>();
+  p.workspace = ws.data;
+  p.workspace_bytes = ws.numel();
+  atlas::VerifyCudaOptions o;
+  o.total_nodes = total;
+  o.status_out = status.ptr<int32_t>();
+  o.greedy_prepass = greedy_prepass;
+  void* s = stream_of(stream);
+  DeviceGuard guard(dev);
+  launch_and_check([&] { return atlas::verify_cuda(p, o, s); }, o.status_out, batch, "verify_cuda", s, check);
+}
+
+void philox_uniform_cuda(uint64_t seed, uint64_t offset, py::handle nodes_obj, py::handle attempts_obj,
+                         py::handle out_obj, py::handle stream) {
+  View nodes = view_of(nodes_obj, "nodes");
+  nodes.dtype({Elem::kI32}).dims(1).dense();
+  if (!nodes.on_cuda) fail("nodes must be a CUDA tensor, got one in CPU memory");
+  const int dev = nodes.device_id;
+  View attempts = view_of(attempts_obj, "attempts");
+  attempts.dtype({Elem::kI32}).dims(1).dense().dim(0, nodes.shape[0], "len(nodes)");
+  on_device(attempts, dev);
+  View out = view_of(out_obj, "out");
+  out.dtype({Elem::kF32}).dims(1).dense().output().dim(0, nodes.shape[0], "len(nodes)");
+  on_device(out, dev);
+  void* s = stream_of(stream);
+  DeviceGuard guard(dev);
+  // int32 bit patterns are read as the uint32 node and attempt indices.
+  launch_and_check([&] {
+    return atlas::philox_uniform_cuda(seed, offset, nodes.ptr<const uint32_t>(),
+                                      attempts.ptr<const uint32_t>(), nodes.shape[0], out.ptr<float>(), s);
+  }, nullptr, 0, "philox_uniform_cuda", s, false);
+}
+
+void kv_copy_slots_cuda(KVCache& kv, py::handle copies_obj, py::handle status_obj, py::handle stream,
+                        bool check) {
+  if (!kv.storage.on_cuda) fail("kv_copy_slots_cuda needs a cache whose storage is a CUDA tensor");
+  const int dev = kv.storage.device_id;
+  View copies = view_of(copies_obj, "copies");
+  copies.dtype({Elem::kI64}).dims(2).dense().dim(1, 2, "2 (src_slot, dst_slot)");
+  on_device(copies, dev);
+  View status = optional_view(status_obj, "status_out");
+  if (status.data) {
+    status.dtype({Elem::kI32}).dims(1).dense().output().dim(0, 1, "1");
+    on_device(status, dev);
+  } else if (check) {
+    fail("status_out is needed to check the copies (pass check=False to skip the check)");
+  }
+  void* s = stream_of(stream);
+  DeviceGuard guard(dev);
+  std::lock_guard<std::mutex> lock(kv.mu);
+  launch_and_check([&] {
+    return atlas::kv_copy_slots_cuda(kv.cache.config(), kv.storage.data, copies.ptr<const atlas::SlotCopy>(),
+                                     copies.shape[0], s, status.ptr<int32_t>());
+  }, status.ptr<int32_t>(), 1, "kv_copy_slots_cuda", s, check);
+}
+
+// The problem of a tree_attention_cuda call from its sizes alone (for the workspace size).
+atlas::TreeAttentionCudaProblem attention_sizes(const KVCache& kv, py::handle layer, int64_t num_q_heads,
+                                                int64_t total_q, int64_t batch, int64_t table_stride,
+                                                double scale, py::handle max_context, py::handle max_q) {
+  atlas::TreeAttentionCudaProblem p;
+  p.cache = kv.cache.config();
+  p.layer = static_cast<int32_t>(checked_int(layer, "layer", 0, p.cache.num_layers - 1));
+  p.num_q_heads = static_cast<int32_t>(num_q_heads);
+  p.total_q = total_q;
+  p.batch = batch;
+  p.block_table_stride = table_stride;
+  if (!(scale > 0.0) || !std::isfinite(scale)) fail("scale must be a positive finite number");
+  p.scale = static_cast<float>(scale);
+  p.max_context = checked_int(max_context, "max_context", 0, int64_t{1} << 40);
+  p.max_q_per_seq = checked_int(max_q, "max_q_per_seq", 0, int64_t{1} << 30);
+  return p;
+}
+
+int64_t tree_attention_cuda_workspace_bytes(const KVCache& kv, py::handle num_q_heads, py::handle batch,
+                                            py::handle max_context, py::handle max_q) {
+  const int64_t heads = checked_int(num_q_heads, "num_q_heads", 1, 1 << 20);
+  const int64_t b = checked_int(batch, "batch", 1, std::numeric_limits<int32_t>::max());
+  atlas::TreeAttentionCudaProblem p =
+      attention_sizes(kv, py::int_(0), heads, 0, b, 1, 1.0, max_context, max_q);
+  if (!kv.storage.on_cuda) fail("tree_attention_cuda needs a cache whose storage is a CUDA tensor");
+  DeviceGuard guard(kv.storage.device_id);
+  int64_t bytes = 0;
+  throw_if_error(atlas::tree_attention_cuda_workspace_bytes(p, &bytes));
+  return bytes;
+}
+
+void tree_attention_cuda(const KVCache& kv, py::handle layer, py::handle q_obj, py::handle out_obj,
+                         py::handle tables_obj, py::handle lens_obj, py::handle qoff_obj,
+                         py::handle parents_obj, double scale, py::handle max_context, py::handle max_q,
+                         py::handle status_obj, py::handle workspace_obj, py::handle stream, bool check) {
+  if (!kv.storage.on_cuda) fail("tree_attention_cuda needs a cache whose storage is a CUDA tensor");
+  const auto& c = kv.cache.config();
+  const int dev = kv.storage.device_id;
+  const Elem want = c.dtype == atlas::DType::kFloat32 ? Elem::kF32 : Elem::kBF16;
+  View q = view_of(q_obj, "q");
+  q.dtype({want}).dims(3).inner_dense().dim(2, c.head_dim, "head_dim");
+  on_device(q, dev);
+  View out = view_of(out_obj, "out");
+  out.dtype({want}).dims(3).dense().output().dim(0, q.shape[0], "q.shape[0]").dim(1, q.shape[1], "q.shape[1]")
+      .dim(2, c.head_dim, "head_dim");
+  on_device(out, dev);
+  View tables = view_of(tables_obj, "block_tables");
+  tables.dtype({Elem::kI32}).dims(2).dense();
+  on_device(tables, dev);
+  const int64_t batch = tables.shape[0];
+  if (batch < 1)
+    fail("block_tables must have one row per sequence (batch >= 1), got shape " + tables.shape_str());
+  if (tables.shape[1] < 1)
+    fail("block_tables must have at least one column, got shape " + tables.shape_str());
+  View lens = view_of(lens_obj, "context_lens");
+  lens.dtype({Elem::kI32}).dims(1).dense().dim(0, batch, "batch (block_tables.shape[0])");
+  on_device(lens, dev);
+  View qoff = view_of(qoff_obj, "q_offsets");
+  qoff.dtype({Elem::kI64}).dims(1).dense().dim(0, batch + 1, "batch + 1");
+  on_device(qoff, dev);
+  View parents = view_of(parents_obj, "parents");
+  parents.dtype({Elem::kI32}).dims(1).dense().dim(0, q.shape[0], "q.shape[0]");
+  on_device(parents, dev);
+  View status = view_of(status_obj, "status_out");
+  status.dtype({Elem::kI32}).dims(1).dense().output().dim(0, batch, "batch");
+  on_device(status, dev);
+  View ws = view_of(workspace_obj, "workspace");
+  ws.dtype({Elem::kU8}).dims(1).dense().output();
+  if (ws.numel() > 0) on_device(ws, dev);
+  if (q.shape[1] < 1 || q.shape[1] % c.num_kv_heads != 0)
+    fail("q.shape[1] (query heads) must be a positive multiple of num_kv_heads = " +
+         std::to_string(c.num_kv_heads));
+
+  atlas::TreeAttentionCudaProblem p = attention_sizes(kv, layer, q.shape[1], q.shape[0], batch,
+                                                      tables.shape[1], scale, max_context, max_q);
+  p.storage = kv.storage.data;
+  p.q = q.data;
+  p.q_stride_token = q.strides[0];
+  p.q_stride_head = q.strides[1];
+  p.out = out.data;
+  p.block_tables = tables.ptr<const int32_t>();
+  p.context_lens = lens.ptr<const int32_t>();
+  p.q_offsets = qoff.ptr<const int64_t>();
+  p.parents = parents.ptr<const int32_t>();
+  p.status_out = status.ptr<int32_t>();
+  p.workspace = ws.numel() > 0 ? ws.data : nullptr;
+  p.workspace_bytes = ws.numel();
+  void* s = stream_of(stream);
+  DeviceGuard guard(dev);
+  launch_and_check([&] { return atlas::tree_attention_cuda(p, s); }, p.status_out, batch,
+                   "tree_attention_cuda", s, check);
+}
+
+}  // namespace
+#endif  // ATLAS_WITH_CUDA
 
 PYBIND11_MODULE(_native, m) {
   m.doc() = "atlas native core: draft tree, lossless verifier, paged KV cache, tree attention";
@@ -806,6 +1114,12 @@ PYBIND11_MODULE(_native, m) {
       .def("reserve", [](KVCache& kv, py::handle seq, py::handle n_obj, py::handle out_obj) {
         check_seq_arg(seq);
         const int64_t n = checked_int(n_obj, "n", 1, std::numeric_limits<int32_t>::max());
+        const auto& cfg = kv.cache.config();
+        const int64_t capacity = static_cast<int64_t>(cfg.num_blocks) * cfg.block_size;
+        // Refused before the slots array is allocated: n could be 2^31 - 1.
+        if (n > capacity)
+          throw CacheFullError("n = " + std::to_string(n) + " exceeds the whole cache (" +
+                               std::to_string(capacity) + " slots)");
         py::object result = py::reinterpret_borrow<py::object>(out_obj);
         if (out_obj.is_none()) result = py::array_t<int64_t>(n);
         View out = view_of(result, "slots_out");
@@ -818,12 +1132,25 @@ PYBIND11_MODULE(_native, m) {
       .def("commit", [](KVCache& kv, py::handle seq, py::handle keep_obj) {
         check_seq_arg(seq);
         View keep = optional_view(keep_obj, "keep");
-        if (keep.data) keep.dtype({Elem::kI32}).dims(1).cpu().dense();
+        if (!keep_obj.is_none()) keep.dtype({Elem::kI32}).dims(1).cpu().dense();
+        if (keep.shape.size() == 1 && keep.shape[0] > std::numeric_limits<int32_t>::max())
+          fail("keep is longer than any reservation");
+        // None keeps everything; an empty array keeps nothing (and may have no data pointer).
+        static const int32_t kNone = 0;
+        const int32_t* keep_ptr =
+            keep_obj.is_none() ? nullptr : (keep.data ? keep.ptr<const int32_t>() : &kNone);
+        const int32_t n_keep = keep_obj.is_none() ? 0 : static_cast<int32_t>(keep.shape[0]);
         std::lock_guard<std::mutex> lock(kv.mu);
-        throw_if_error(kv.cache.commit(seq.cast<int32_t>(), keep.ptr<const int32_t>(),
-                                       keep.data ? static_cast<int32_t>(keep.shape[0]) : 0));
+        throw_if_error(kv.cache.commit(seq.cast<int32_t>(), keep_ptr, n_keep));
       }, py::arg("seq"), py::arg("keep") = py::none(),
       "Commit the reserved slots listed in keep (all when None) as the next positions.")
+      .def("truncate", [](KVCache& kv, py::handle seq, py::handle new_length) {
+        check_seq_arg(seq);
+        const int64_t n = checked_int(new_length, "new_length", 0, std::numeric_limits<int64_t>::max());
+        std::lock_guard<std::mutex> lock(kv.mu);
+        throw_if_error(kv.cache.truncate(seq.cast<int32_t>(), n));
+      }, py::arg("seq"), py::arg("new_length"),
+      "Forget committed positions new_length.. of the sequence (no reservation may be pending).")
       .def("length", [](const KVCache& kv, py::handle seq) {
         check_seq_arg(seq);
         std::lock_guard<std::mutex> lock(kv.mu);
@@ -897,6 +1224,39 @@ PYBIND11_MODULE(_native, m) {
   m.def("tree_attention", &tree_attention, py::arg("cache"), py::arg("layer"), py::arg("q"), py::arg("out"),
         py::arg("seq_ids"), py::arg("q_offsets"), py::arg("parents"), py::arg("scale"),
         "Attention of tree nodes (queries) over their sequence's committed context and their ancestors.");
+
+#ifdef ATLAS_WITH_CUDA
+  // -- CUDA kernels: tensors on one CUDA device, `stream` = torch.cuda.current_stream().cuda_stream
+  m.def("cuda_device_count", &atlas::cuda_device_count, "CUDA devices visible (0 without a driver).");
+  m.def("device_error_message", [](int32_t code) { return std::string(atlas::device_error_message(code)); },
+        py::arg("code"), "The message of a status code written by a CUDA kernel.");
+  m.def("sampling_params_layout", &sampling_params_layout,
+        "Byte layout of the SamplingParams rows that verify_cuda reads.");
+  m.def("verify_cuda_workspace_bytes", [](py::handle vocab, py::handle batch, py::handle total_nodes) {
+    return atlas::verify_cuda_workspace_bytes(
+        checked_int(vocab, "vocab", 1, std::numeric_limits<int32_t>::max()),
+        checked_int(batch, "batch", 1, std::numeric_limits<int32_t>::max()),
+        checked_int(total_nodes, "total_nodes", 1, std::numeric_limits<int32_t>::max()));
+  }, py::arg("vocab"), py::arg("batch"), py::arg("total_nodes"));
+  m.def("verify_cuda", &verify_cuda, py::arg("logits"), py::arg("tokens"), py::arg("parents"),
+        py::arg("tree_offsets"), py::arg("params"), py::arg("draft_probs"), py::arg("multiplicity"),
+        py::arg("accepted_out"), py::arg("emitted_out"), py::arg("num_accepted_out"), py::arg("status_out"),
+        py::arg("workspace"), py::arg("stream"), py::arg("greedy_prepass") = false, py::arg("check") = true,
+        "verify() on a CUDA device; writes the *_out tensors (check: wait and raise on a device error).");
+  m.def("philox_uniform_cuda", &philox_uniform_cuda, py::arg("seed"), py::arg("offset"), py::arg("nodes"),
+        py::arg("attempts"), py::arg("out"), py::arg("stream"),
+        "The verifier's Philox uniforms computed on the device (tests).");
+  m.def("kv_copy_slots_cuda", &kv_copy_slots_cuda, py::arg("cache"), py::arg("copies"), py::arg("status_out"),
+        py::arg("stream"), py::arg("check") = true,
+        "Apply (src_slot, dst_slot) row copies, in order, to a cache's CUDA storage.");
+  m.def("tree_attention_cuda_workspace_bytes", &tree_attention_cuda_workspace_bytes, py::arg("cache"),
+        py::arg("num_q_heads"), py::arg("batch"), py::arg("max_context"), py::arg("max_q_per_seq"));
+  m.def("tree_attention_cuda", &tree_attention_cuda, py::arg("cache"), py::arg("layer"), py::arg("q"),
+        py::arg("out"), py::arg("block_tables"), py::arg("context_lens"), py::arg("q_offsets"),
+        py::arg("parents"), py::arg("scale"), py::arg("max_context"), py::arg("max_q_per_seq"),
+        py::arg("status_out"), py::arg("workspace"), py::arg("stream"), py::arg("check") = true,
+        "Tree attention over a cache's CUDA storage through device block tables.");
+#endif
 
   // -- draft head (learned speculator)
   py::class_<PyHeadSnapshot>(

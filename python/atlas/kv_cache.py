@@ -61,5 +61,13 @@ class KVCache(_native.PagedKVCache):
     def commit(self, seq: int, keep: Optional[Sequence[int]] = None) -> None:
         """Keeps the reserved slots listed in ``keep`` (indices into the
         reservation, increasing; all when None) as the next positions."""
-        k = None if keep is None else np.ascontiguousarray(keep, dtype=np.int32)
+        k = None
+        if keep is not None:
+            k = np.asarray(keep)
+            # Checked before the cast: astype would wrap an out-of-range index silently.
+            if k.size and k.dtype.kind not in "iu":
+                raise ValueError(f"keep must hold integer indices, got dtype {k.dtype}")
+            if k.size and (k.min() < 0 or k.max() > np.iinfo(np.int32).max):
+                raise ValueError("keep must hold indices into the reservation, in [0, reserved)")
+            k = np.ascontiguousarray(k, dtype=np.int32)
         super().commit(seq, k)

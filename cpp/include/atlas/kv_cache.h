@@ -45,7 +45,8 @@ struct KVCacheConfig {
   DType dtype = DType::kFloat32;
 };
 
-// Bytes of storage a config needs.
+// Bytes of storage a config needs; -1 when a size is not positive, the dtype is
+// unknown or the product overflows int64.
 int64_t kv_storage_bytes(const KVCacheConfig& config);
 
 // One token-row copy: every layer's key and value at src_slot is copied to
@@ -86,6 +87,11 @@ class PagedKVCache {
   // are freed. keep == null keeps all reserved slots.
   Status commit(int32_t seq, const int32_t* keep, int32_t n_keep);
 
+  // Drops the committed positions new_length .. length-1 (e.g. rejected drafts
+  // of a draft model); blocks past the new length are freed. No reservation may
+  // be pending.
+  Status truncate(int32_t seq, int64_t new_length);
+
   // Slot of position pos (< length + reserved) of the sequence.
   Status slot_of(int32_t seq, int64_t pos, int64_t* slot) const;
 
@@ -98,6 +104,7 @@ class PagedKVCache {
   int32_t num_live_seqs() const;
   const KVCacheConfig& config() const { return config_; }
   void* storage() const { return storage_; }
+  bool host_storage() const { return host_storage_; }
 
   // Row copies left for a device kernel (host_storage = false); the caller
   // applies them in order and then calls clear_pending_copies().
@@ -116,7 +123,7 @@ class PagedKVCache {
   };
 
   Status check_seq(int32_t seq) const;
-  void copy_slot(int64_t src, int64_t dst);  // host: copy now; device: record
+  void drop_blocks_past_length(Sequence& s);
 
   KVCacheConfig config_;
   void* storage_ = nullptr;
