@@ -138,9 +138,9 @@ class DraftHead(nn.Module):
         copies: float32, torch layout ``[out, in]``, and int32 ``draft_ids``.
         The dict that ``atlas._native.DraftHead.push`` takes."""
         with torch.no_grad():
-            out = {name: getattr(self, name).detach().to(torch.float32).contiguous().numpy().copy()
+            out = {name: getattr(self, name).detach().to("cpu", torch.float32).contiguous().numpy().copy()
                    for name in PUSHED if name != "draft_ids"}
-        out["draft_ids"] = self.draft_ids.numpy().astype(np.int32)
+        out["draft_ids"] = self.draft_ids.cpu().numpy().astype(np.int32)
         return out
 
     def load_export(self, weights: Dict[str, np.ndarray]) -> None:

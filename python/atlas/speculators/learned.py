@@ -55,8 +55,9 @@ class LearnedSpeculator(Speculator):
         self.max_depth, self.topk, self.width = max_depth, topk, width
         self.min_path_prob = float(min_path_prob)
         self.hidden = int(head.hidden)
-        # The native head reads this float32 table in place and keeps it alive.
-        embed = head.embed.detach().to(torch.float32).contiguous().numpy()
+        # The native head reads this float32 table in place and keeps it alive
+        # (no copy when the head's table is already float32 in CPU memory).
+        embed = head.embed.detach().to("cpu", torch.float32).contiguous().numpy()
         self.native = _native.DraftHead(embed, head.hidden, head.intermediate, head.draft_vocab, head.eps)
         self.native.push(head.export())
         self._feature: Dict[int, Optional[np.ndarray]] = {}  # rid -> [H] float32, None until observed
