@@ -227,13 +227,16 @@ def test_forwards_racing_pushes_see_exactly_one_version():
     def forwarder():
         f_hat = np.empty((70, a.hidden), np.float32)
         logits = np.empty((70, a.draft_vocab), np.float32)
-        while not done.is_set():
-            v = nat.forward(feats, toks, f_hat, logits)
-            ref = refs[id(wa)] if v % 2 == 1 else refs[id(wb)]  # odd versions are a's
-            if not (np.array_equal(f_hat, ref[0]) and np.array_equal(logits, ref[1])):
-                errors.append(v)
-            seen[v % 2] += 1
-            forwards_done[0] += 1
+        try:
+            while not done.is_set():
+                v = nat.forward(feats, toks, f_hat, logits)
+                ref = refs[id(wa)] if v % 2 == 1 else refs[id(wb)]  # odd versions are a's
+                if not (np.array_equal(f_hat, ref[0]) and np.array_equal(logits, ref[1])):
+                    errors.append(v)
+                seen[v % 2] += 1
+                forwards_done[0] += 1
+        except Exception as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(repr(e))
 
     t = threading.Thread(target=forwarder)
     t.start()
