@@ -10,6 +10,7 @@ from . import _native
 from ._native import CacheFullError
 from .engine import Engine, Output, RequestStats
 from .kv_cache import KVCache
+from .models import default_model, load
 from .tree import DraftTree, FlatTree
 from .verify import Verifier, VerifyResult, verify
 
@@ -36,5 +37,7 @@ __all__ = [
     "Verifier",
     "VerifyResult",
     "build_info",
+    "default_model",
+    "load",
     "verify",
 ]

@@ -1,0 +1,237 @@
+"""The Llama-family forward (Llama, Mistral, Qwen2, SmolLM2) over atlas's
+paged KV cache, with tree attention.
+
+Weights are kept in the layout the CPU wants for one-token decode: q, k and v
+projections fused into one matrix (one matmul per layer instead of three), gate
+and up fused likewise, every matrix contiguous ``[out, in]``. RoPE uses the
+rotate-half convention of transformers (GGUF files are converted to it when
+loaded) with cos/sin tables computed once.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import _native
+from ..kv_cache import KVCache
+from .config import ModelConfig
+
+# Rows of the cos/sin tables built up front; they grow (doubling) when a forward
+# reaches a later position, so a model with a 128k context does not pay for
+# tables it never reads.
+_INITIAL_ROPE_ROWS = 4096
+
+
+def rope_inv_freq(config: ModelConfig, freq_factors: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[head_dim / 2]`` float32 inverse frequencies, with the config's scaling.
+
+    ``freq_factors`` (``[head_dim / 2]``) divides the frequencies, as llama.cpp
+    stores Llama 3 scaling in GGUF files (the ``rope_freqs`` tensor).
+    """
+    d = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = config.rope_scaling
+    if s is not None and s["rope_type"] == "linear":
+        inv = inv / s["factor"]
+    elif s is not None and s["rope_type"] == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, and the
+        # band between blended linearly in 1/wavelength.
+        old = s["original_max_position_embeddings"]
+        lo, hi = s["low_freq_factor"], s["high_freq_factor"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * inv / s["factor"] + smooth * inv
+        inv = torch.where(wavelen > old / lo, inv / s["factor"], inv)
+        inv = torch.where((wavelen <= old / lo) & (wavelen >= old / hi), blended, inv)
+    if freq_factors is not None:
+        inv = inv / freq_factors.float()
+    return inv
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32 whatever the model dtype (as transformers does)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class _Layer:
+    __slots__ = ("attn_norm", "qkv", "qkv_bias", "o", "o_bias", "mlp_norm", "gate_up", "gate_up_bias",
+                 "down", "down_bias")
+
+
+class LlamaModel:
+    """Weights and forward of one Llama-family decoder.
+
+    Build with :meth:`from_state_dict` from transformers-named tensors
+    (``model.layers.{i}.self_attn.q_proj.weight`` ...; the ``model.`` prefix is
+    optional).
+    """
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype):
+        self.config = config
+        self.dtype = dtype
+        self.embed: torch.Tensor = torch.empty(0)    # [vocab, hidden]
+        self.norm: torch.Tensor = torch.empty(0)     # [hidden]
+        self.lm_head: torch.Tensor = torch.empty(0)  # [vocab, hidden], the embedding when tied
+        self.layers: list[_Layer] = []
+        self.inv_freq: torch.Tensor = torch.empty(0)  # [head_dim / 2] float32
+        self.cos = self.sin = torch.empty(0)          # [rows, head_dim]; sin has the rotate-half sign
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+
+    # ---- weights -------------------------------------------------------------------
+
+    @classmethod
+    def from_state_dict(cls, config: ModelConfig, state: Mapping[str, torch.Tensor],
+                        dtype: torch.dtype = torch.float32,
+                        rope_freq_factors: Optional[torch.Tensor] = None) -> "LlamaModel":
+        """``state`` is consumed: tensors are popped as they are fused, so a large
+        checkpoint is not held twice."""
+        c = config
+        sd = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in state.items()
+              if not k.endswith("rotary_emb.inv_freq")}
+        m = cls(c, dtype)
+        q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+
+        def take(name, shape):
+            if name not in sd:
+                raise ValueError(f"weights: missing tensor {name!r}")
+            t = sd.pop(name)
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"weights: {name!r} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+            return t.detach().to(device="cpu", dtype=dtype).contiguous()
+
+        def maybe(name, shape):
+            return take(name, shape) if name in sd else None
+
+        m.embed = take("embed_tokens.weight", (c.vocab_size, c.hidden_size))
+        m.norm = take("norm.weight", (c.hidden_size,))
+        head = sd.pop("lm_head.weight", None)
+        if c.tie_word_embeddings or head is None:
+            if not c.tie_word_embeddings:
+                raise ValueError("weights: missing tensor 'lm_head.weight' (and the config does not "
+                                 "tie the output layer to the embedding)")
+            m.lm_head = m.embed
+        else:
+            sd["lm_head.weight"] = head
+            m.lm_head = take("lm_head.weight", (c.vocab_size, c.hidden_size))
+
+        for i in range(c.num_layers):
+            p = f"layers.{i}."
+            L = _Layer()
+            L.attn_norm = take(p + "input_layernorm.weight", (c.hidden_size,))
+            L.mlp_norm = take(p + "post_attention_layernorm.weight", (c.hidden_size,))
+            shapes = {"q": q_out, "k": kv_out, "v": kv_out}
+            L.qkv = torch.cat([take(f"{p}self_attn.{x}_proj.weight", (n, c.hidden_size))
+                               for x, n in shapes.items()]).contiguous()
+            biases = [maybe(f"{p}self_attn.{x}_proj.bias", (n,)) for x, n in shapes.items()]
+            if any(b is not None for b in biases) and any(b is None for b in biases):
+                raise ValueError(f"weights: layer {i} has biases on some of q/k/v projections only")
+            L.qkv_bias = torch.cat(biases).contiguous() if biases[0] is not None else None
+            L.o = take(p + "self_attn.o_proj.weight", (c.hidden_size, q_out))
+            L.o_bias = maybe(p + "self_attn.o_proj.bias", (c.hidden_size,))
+            I = c.intermediate_size
+            L.gate_up = torch.cat([take(p + "mlp.gate_proj.weight", (I, c.hidden_size)),
+                                   take(p + "mlp.up_proj.weight", (I, c.hidden_size))]).contiguous()
+            gb, ub = maybe(p + "mlp.gate_proj.bias", (I,)), maybe(p + "mlp.up_proj.bias", (I,))
+            L.gate_up_bias = torch.cat([gb, ub]).contiguous() if gb is not None else None
+            L.down = take(p + "mlp.down_proj.weight", (c.hidden_size, I))
+            L.down_bias = maybe(p + "mlp.down_proj.bias", (c.hidden_size,))
+            m.layers.append(L)
+        if sd:
+            extra = sorted(sd)
+            raise ValueError(f"weights: unexpected tensors for a {c.architecture} model: "
+                             f"{', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}")
+        if rope_freq_factors is not None and tuple(rope_freq_factors.shape) != (c.head_dim // 2,):
+            raise ValueError(f"rope frequency factors must have shape ({c.head_dim // 2},), "
+                             f"got {tuple(rope_freq_factors.shape)}")
+        m.inv_freq = rope_inv_freq(c, rope_freq_factors)
+        m._grow_rope(min(c.max_position_embeddings, _INITIAL_ROPE_ROWS))
+        return m
+
+    def _grow_rope(self, rows: int) -> None:
+        # float32 angles, cos and sin as transformers computes them, then cast to the
+        # model dtype. Rotate-half: out = x * cos + cat(-x2, x1) * sin; the sign of
+        # the first half is folded into the sin table so the forward needs no negation.
+        pos = torch.arange(rows, dtype=torch.int64).float()
+        freqs = pos[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        half = self.config.head_dim // 2
+        sign = torch.cat((-torch.ones(half), torch.ones(half)))
+        self.cos = emb.cos().to(self.dtype).contiguous()
+        self.sin = (emb.sin() * sign).to(self.dtype).contiguous()
+
+    # ---- forward ---------------------------------------------------------------------
+
+    def new_cache(self, num_blocks: int, block_size: int = 16, max_seqs: int = 256) -> KVCache:
+        c = self.config
+        return KVCache(c.num_layers, c.num_kv_heads, c.head_dim, num_blocks, block_size, max_seqs,
+                       dtype=self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, cache: KVCache, seq_ids: np.ndarray, tokens: torch.Tensor, positions: torch.Tensor,
+                parents: np.ndarray, q_offsets: np.ndarray, slots: torch.Tensor,
+                logit_rows: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward over the new tokens of a batch of sequences.
+
+        seq_ids:   [batch] int32, the cache's sequence of each batch entry
+        tokens:    [total] int64, sequence b's nodes are q_offsets[b] .. q_offsets[b+1]
+        positions: [total] int64, length(b) + depth of the node
+        parents:   [total] int32, tree-local parent, -1 at each root (a prompt is a chain)
+        q_offsets: [batch + 1] int64, q_offsets[0] = 0 and q_offsets[-1] = total
+        slots:     [total] int64, the slots cache.reserve returned for these nodes
+        logit_rows: [R] int64 rows to compute logits for; None = all
+
+        Writes every node's key and value into its slot (the caller commits after).
+        Returns (logits [R or total, vocab] float32, hidden [total, hidden_size]: the
+        final-norm hidden states of every node). Both are inference-mode tensors:
+        clone them outside inference mode before using them in autograd.
+        """
+        c = self.config
+        total = tokens.shape[0]
+        if tokens.dim() != 1 or positions.shape != tokens.shape or slots.shape != tokens.shape:
+            raise ValueError(f"tokens, positions and slots must be 1-D of one length, got shapes "
+                             f"{tuple(tokens.shape)}, {tuple(positions.shape)}, {tuple(slots.shape)}")
+        if len(q_offsets) < 2 or int(q_offsets[0]) != 0 or int(q_offsets[-1]) != total:
+            raise ValueError(f"q_offsets must run from 0 to len(tokens) = {total}")
+        if cache.num_layers != c.num_layers or cache.num_kv_heads != c.num_kv_heads or \
+                cache.head_dim != c.head_dim or cache.dtype != self.dtype:
+            raise ValueError("cache was not shaped for this model (use Target.new_cache)")
+        if total == 0:
+            raise ValueError("tokens must not be empty")
+        top = int(positions.max())
+        if int(positions.min()) < 0:
+            raise ValueError("positions must be >= 0")
+        if c.sliding_window is not None and top >= c.sliding_window:
+            raise ValueError(f"position {top} reaches the sliding window ({c.sliding_window}); "
+                             "atlas attends to the whole context and does not implement windows")
+        if top >= self.cos.shape[0]:
+            self._grow_rope(max(top + 1, 2 * self.cos.shape[0]))
+
+        H, KH, D = c.num_heads, c.num_kv_heads, c.head_dim
+        cos = self.cos[positions].unsqueeze(1)  # [total, 1, D]
+        sin = self.sin[positions].unsqueeze(1)
+        x = self.embed[tokens]                   # [total, hidden]
+        attn = torch.empty((total, H, D), dtype=self.dtype)
+        for i, L in enumerate(self.layers):
+            h = rms_norm(x, L.attn_norm, c.rms_norm_eps)
+            qkv = F.linear(h, L.qkv, L.qkv_bias).view(total, H + 2 * KH, D)
+            # RoPE on q and k at once: they are the first H + KH heads of qkv.
+            qk = qkv[:, : H + KH]
+            qk = qk * cos + qk.view(total, H + KH, 2, D // 2).flip(2).view(total, H + KH, D) * sin
+            cache.keys(i).index_copy_(0, slots, qk[:, H:])
+            cache.values(i).index_copy_(0, slots, qkv[:, H + KH:])
+            _native.tree_attention(cache, i, qk[:, :H], attn, seq_ids, q_offsets, parents, self.scale)
+            x = x + F.linear(attn.view(total, H * D), L.o, L.o_bias)
+            h = rms_norm(x, L.mlp_norm, c.rms_norm_eps)
+            gu = F.linear(h, L.gate_up, L.gate_up_bias)
+            x = x + F.linear(F.silu(gu[:, : c.intermediate_size]) * gu[:, c.intermediate_size:],
+                             L.down, L.down_bias)
+        hidden = rms_norm(x, self.norm, c.rms_norm_eps)
+        rows = hidden if logit_rows is None else hidden[logit_rows]
+        logits = F.linear(rows, self.lm_head).float()
+        return logits, hidden
