@@ -40,5 +40,6 @@ class Speculator:
 
 
 from .draft_model import DraftModelSpeculator  # noqa: E402
+from .learned import LearnedSpeculator  # noqa: E402
 
-__all__ = ["Speculator", "DraftModelSpeculator"]
+__all__ = ["Speculator", "DraftModelSpeculator", "LearnedSpeculator"]
