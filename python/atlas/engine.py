@@ -126,6 +126,7 @@ class Engine:
     it the :class:`~atlas.controller.Controller` picks each step's trees from
     the speculators' candidates (``fallback`` = (adaptive, static) speculator
     indices makes it fall back to the static one when the adaptive one drifts);
+    ``observers`` see every forward's :class:`StepRecord` (the learning tap);
     ``max_batch`` caps how many requests share a step; ``kv_cache_tokens`` sizes
     the paged KV cache (tokens of all requests together). Requests that do not
     fit wait for earlier ones to finish; one that cannot fit even alone raises
@@ -134,7 +135,8 @@ class Engine:
 
     def __init__(self, target, speculators=None, *, max_tree_nodes: int = 32, max_batch: int = 8,
                  kv_cache_tokens: Optional[int] = None, block_size: int = 16,
-                 controller: Optional[Controller] = None, fallback: Optional[tuple] = None):
+                 controller: Optional[Controller] = None, fallback: Optional[tuple] = None,
+                 observers: Sequence = ()):
         if speculators is not None and not isinstance(speculators, (list, tuple)):
             speculators = [speculators]
         self.target = target
@@ -159,6 +161,8 @@ class Engine:
             self.controller = controller or Controller(len(self.speculators), max_nodes=self.max_tree_nodes,
                                                        fallback=fallback)
         self._cost_measured = False
+        # Objects with observe(StepRecord) that see every forward (the learning loop's tap).
+        self.observers = list(observers)
         self._next_seed = 0
         self._next_rid = 0
 
@@ -359,6 +363,8 @@ class Engine:
     def _observe(self, record: StepRecord) -> None:
         for s in self.speculators:
             s.observe(record)
+        for o in self.observers:
+            o.observe(record)
 
     def measure_forward_cost(self, sizes=(1, 2, 4, 8, 16, 32, 64), context: int = 128) -> None:
         """Times the target forward at several tree sizes on this machine and
@@ -471,6 +477,7 @@ class Engine:
             self.controller.record_forward(int(q_offsets[-1]), t_fwd)
             if self.max_tree_nodes > 1:
                 self.controller.observe(trees, origins, res.accepted)
+        if self.speculators or self.observers:
             self._observe(StepRecord(False, [r.rid for r in reqs], q_offsets, tokens, parents, hidden, logits,
                                      res.accepted, [c[1] for c in committed]))
         t_total = time.perf_counter() - t_start
