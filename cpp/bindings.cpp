@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <sstream>
 #include <string>
@@ -17,6 +18,7 @@
 
 #include "atlas/attention.h"
 #include "atlas/common.h"
+#include "atlas/head.h"
 #include "atlas/kv_cache.h"
 #include "atlas/suffix.h"
 #include "atlas/tree.h"
@@ -502,6 +504,158 @@ void tree_attention(const KVCache& kv, py::handle layer, py::handle q_obj, py::h
     st = atlas::tree_attention(p);
   }
   throw_if_error(st);
+}
+
+// ---- draft head (learned speculator) ---------------------------------------------------
+
+// The binding's draft head: the native head, the embedding table's owner (the
+// head borrows it, so the view keeps it alive as long as the head), and one
+// workspace that forward calls share under a mutex. Held by shared_ptr so that
+// a snapshot keeps its head alive.
+struct PyDraftHead {
+  atlas::DraftHead head;
+  View embed;
+  std::vector<float> workspace;
+  std::mutex workspace_mu;
+};
+
+// One weight version, pinned: forwards through a snapshot all use it, however
+// many pushes happen meanwhile (a decoding step takes one snapshot).
+struct PyHeadSnapshot {
+  std::shared_ptr<PyDraftHead> owner;
+  std::shared_ptr<const atlas::HeadWeights> weights;
+};
+
+std::shared_ptr<PyDraftHead> make_draft_head(py::handle embed_obj, py::handle hidden, py::handle intermediate,
+                                             py::handle draft_vocab, double eps, const std::string& simd) {
+  auto h = std::make_shared<PyDraftHead>();
+  atlas::HeadConfig c;
+  c.hidden = static_cast<int32_t>(checked_int(hidden, "hidden", 1, 32768));
+  c.intermediate = static_cast<int32_t>(checked_int(intermediate, "intermediate", 1, 131072));
+  h->embed = view_of(embed_obj, "embed");
+  View& e = h->embed;
+  e.dtype({Elem::kF32}).dims(2).cpu().dense().dim(1, c.hidden, "hidden");
+  if (e.shape[0] < 1 || e.shape[0] > std::numeric_limits<int32_t>::max())
+    fail("embed must have between 1 and 2^31 - 1 rows (the vocabulary), got shape " + e.shape_str());
+  c.vocab = static_cast<int32_t>(e.shape[0]);
+  c.draft_vocab = static_cast<int32_t>(checked_int(draft_vocab, "draft_vocab", 1, c.vocab));
+  if (!(eps > 0.0) || !std::isfinite(eps) || eps > 1.0)
+    fail("eps must be in (0, 1], got " + std::to_string(eps));
+  c.eps = static_cast<float>(eps);
+  if (simd != "auto" && simd != "baseline") fail("simd must be 'auto' or 'baseline', got '" + simd + "'");
+  c.simd = simd == "auto" ? atlas::HeadSimd::kAuto : atlas::HeadSimd::kBaseline;
+  throw_if_error(h->head.init(c, e.ptr<const float>()));
+  h->workspace.assign(static_cast<size_t>(h->head.workspace_floats()), 0.0f);
+  return h;
+}
+
+std::string head_names_list() {
+  std::string s;
+  for (int32_t t = 0; t < atlas::kNumHeadTensors; ++t)
+    s += std::string(s.empty() ? "" : ", ") + atlas::head_tensor_name(t);
+  return s + ", " + atlas::kHeadDraftIdsName;
+}
+
+int64_t head_push(PyDraftHead& h, py::handle weights_obj, py::handle metric_obj) {
+  if (!py::isinstance<py::dict>(weights_obj))
+    fail("weights must be a dict of name -> array, got " + std::string(py::str(py::type::of(weights_obj))));
+  py::dict d = py::reinterpret_borrow<py::dict>(weights_obj);
+  for (auto item : d) {
+    if (!py::isinstance<py::str>(item.first))
+      fail("weights keys must be strings (" + head_names_list() + ")");
+    const std::string key = item.first.cast<std::string>();
+    bool known = key == atlas::kHeadDraftIdsName;
+    for (int32_t t = 0; t < atlas::kNumHeadTensors && !known; ++t) known = key == atlas::head_tensor_name(t);
+    if (!known)
+      fail("weights has an unknown tensor '" + key + "' (expected exactly: " + head_names_list() + ")");
+  }
+  double metric = std::numeric_limits<double>::quiet_NaN();
+  if (!metric_obj.is_none()) {
+    if (!py::isinstance<py::float_>(metric_obj) && !py::isinstance<py::int_>(metric_obj))
+      fail("metric must be a number or None, got " + std::string(py::str(py::type::of(metric_obj))));
+    metric = metric_obj.cast<double>();
+    if (!std::isfinite(metric)) fail("metric must be finite, got " + std::to_string(metric));
+  }
+  std::vector<View> views;  // keep every array alive while the GIL is released
+  atlas::HeadWeightsRef ref;
+  for (int32_t t = 0; t < atlas::kNumHeadTensors; ++t) {
+    const std::string name = atlas::head_tensor_name(t);
+    if (!d.contains(name))
+      fail("weights is missing tensor '" + name + "' (expected exactly: " + head_names_list() + ")");
+    View v = view_of(d[name.c_str()], "weights['" + name + "']");
+    v.dtype({Elem::kF32}).cpu().dense();
+    if (v.ndim() != 1 && v.ndim() != 2) fail(v.name + " must be 1-D or 2-D, got shape " + v.shape_str());
+    ref.tensors[t].data = v.ptr<const float>();
+    ref.tensors[t].ndim = static_cast<int32_t>(v.ndim());
+    for (int64_t i = 0; i < v.ndim(); ++i) ref.tensors[t].shape[i] = v.shape[i];
+    views.push_back(std::move(v));
+  }
+  const std::string ids_name = atlas::kHeadDraftIdsName;
+  if (!d.contains(ids_name))
+    fail("weights is missing tensor '" + ids_name + "' (expected exactly: " + head_names_list() + ")");
+  View ids = view_of(d[ids_name.c_str()], "weights['" + ids_name + "']");
+  ids.dtype({Elem::kI32}).dims(1).cpu().dense();
+  ref.draft_ids = ids.ptr<const int32_t>();
+  ref.num_draft_ids = ids.shape[0];
+  int64_t version = 0;
+  atlas::Status st;
+  {
+    py::gil_scoped_release nogil;
+    st = h.head.push(ref, metric, &version);
+  }
+  throw_if_error(st);
+  return version;
+}
+
+bool ranges_overlap(const View& a, int64_t a_bytes, const View& b, int64_t b_bytes) {
+  const char* pa = static_cast<const char*>(a.data);
+  const char* pb = static_cast<const char*>(b.data);
+  return a_bytes > 0 && b_bytes > 0 && pa < pb + b_bytes && pb < pa + a_bytes;
+}
+
+// Runs the head with one pinned version; returns that version's number.
+int64_t head_forward(PyDraftHead& h, const std::shared_ptr<const atlas::HeadWeights>& w,
+                     py::handle features_obj, py::handle tokens_obj, py::handle f_hat_obj,
+                     py::handle logits_obj) {
+  const auto& c = h.head.config();
+  View f = view_of(features_obj, "features");
+  f.dtype({Elem::kF32}).dims(2).cpu().inner_dense().dim(1, c.hidden, "hidden");
+  const int64_t n = f.shape[0];
+  View tok = view_of(tokens_obj, "tokens");
+  tok.dtype({Elem::kI32}).dims(1).cpu().dense().dim(0, n, "features.shape[0]");
+  View fo = view_of(f_hat_obj, "f_hat_out");
+  fo.dtype({Elem::kF32}).dims(2).cpu().dense().output();
+  fo.dim(0, n, "features.shape[0]").dim(1, c.hidden, "hidden");
+  View lo = view_of(logits_obj, "logits_out");
+  lo.dtype({Elem::kF32}).dims(2).cpu().dense().output();
+  lo.dim(0, n, "features.shape[0]").dim(1, c.draft_vocab, "draft_vocab");
+  if (!w) fail("the draft head has no weights yet: push a version first");
+  if (n > 0 && f.strides[0] < c.hidden) fail("features rows must not overlap (row stride >= hidden)");
+  const int64_t f_bytes = n > 0 ? ((n - 1) * f.strides[0] + c.hidden) * 4 : 0;
+  const int64_t fo_bytes = n * c.hidden * 4, lo_bytes = n * static_cast<int64_t>(c.draft_vocab) * 4;
+  if (ranges_overlap(fo, fo_bytes, f, f_bytes)) fail("f_hat_out must not overlap features");
+  if (ranges_overlap(lo, lo_bytes, f, f_bytes)) fail("logits_out must not overlap features");
+  if (ranges_overlap(lo, lo_bytes, fo, fo_bytes)) fail("logits_out must not overlap f_hat_out");
+  if (ranges_overlap(fo, fo_bytes, tok, n * 4)) fail("f_hat_out must not overlap tokens");
+  if (ranges_overlap(lo, lo_bytes, tok, n * 4)) fail("logits_out must not overlap tokens");
+  atlas::Status st;
+  {
+    py::gil_scoped_release nogil;
+    std::lock_guard<std::mutex> lock(h.workspace_mu);
+    st = h.head.forward(w.get(), f.ptr<const float>(), n > 0 ? f.strides[0] : c.hidden,
+                        tok.ptr<const int32_t>(), n, fo.ptr<float>(), lo.ptr<float>(), h.workspace.data(),
+                        static_cast<int64_t>(h.workspace.size()));
+  }
+  throw_if_error(st);
+  return w->version();
+}
+
+py::list head_history(const PyDraftHead& h) {
+  py::list out;
+  for (const auto& r : h.head.history())
+    out.append(py::make_tuple(r.version, std::isnan(r.metric) ? py::object(py::none())
+                                                               : py::object(py::float_(r.metric))));
+  return out;
 }
 
 // ---- suffix speculator ------------------------------------------------------------------
@@ -1190,6 +1344,64 @@ PYBIND11_MODULE(_native, m) {
         py::arg("status_out"), py::arg("workspace"), py::arg("stream"), py::arg("check") = true,
         "Tree attention over a cache's CUDA storage through device block tables.");
 #endif
+
+  // -- draft head (learned speculator)
+  py::class_<PyHeadSnapshot>(
+      m, "DraftHeadSnapshot", "One pinned weight version of a DraftHead: every forward through it uses it.")
+      .def_property_readonly("version", [](const PyHeadSnapshot& s) { return s.weights->version(); })
+      .def_property_readonly("draft_ids", [](const PyHeadSnapshot& s) {
+        const auto& ids = s.weights->draft_ids();
+        py::array_t<int32_t> out(static_cast<py::ssize_t>(ids.size()));
+        if (!ids.empty()) std::memcpy(out.mutable_data(), ids.data(), sizeof(int32_t) * ids.size());
+        return out;
+      }, "Full-vocabulary token id of each logits column (int32 [draft_vocab], a copy).")
+      .def("forward", [](PyHeadSnapshot& s, py::handle features, py::handle tokens, py::handle f_hat_out,
+                         py::handle logits_out) {
+        return head_forward(*s.owner, s.weights, features, tokens, f_hat_out, logits_out);
+      }, py::arg("features"), py::arg("tokens"), py::arg("f_hat_out"), py::arg("logits_out"),
+      "Like DraftHead.forward, with this snapshot's version; returns the version.");
+  py::class_<PyDraftHead, std::shared_ptr<PyDraftHead>>(m, "DraftHead",
+      "Native forward of the learned speculator's draft head with versioned weights (see atlas/head.h).")
+      .def(py::init(&make_draft_head), py::arg("embed"), py::arg("hidden"), py::arg("intermediate"),
+           py::arg("draft_vocab"), py::arg("eps") = 1e-5, py::arg("simd") = "auto",
+           "embed: float32 [vocab, hidden], contiguous, frozen (kept alive and read in place). simd: 'auto' "
+           "(AVX2 + FMA where the CPU has it) or 'baseline' (SSE).")
+      .def("push", &head_push, py::arg("weights"), py::arg("metric") = py::none(),
+           "Copy, validate and atomically swap in a new weight version (dict of name -> array); returns its "
+           "number. A refused push raises and leaves the live version serving.")
+      .def("forward", [](PyDraftHead& h, py::handle features, py::handle tokens, py::handle f_hat_out,
+                         py::handle logits_out) {
+        return head_forward(h, h.head.snapshot(), features, tokens, f_hat_out, logits_out);
+      }, py::arg("features"), py::arg("tokens"), py::arg("f_hat_out"), py::arg("logits_out"),
+      "features float32 [n, hidden], tokens int32 [n] -> f_hat_out float32 [n, hidden], logits_out float32 "
+      "[n, draft_vocab] (caller-owned, written). Uses the live version; returns its number.")
+      .def("snapshot", [](const std::shared_ptr<PyDraftHead>& h) -> py::object {
+        auto w = h->head.snapshot();
+        if (!w) return py::none();
+        return py::cast(PyHeadSnapshot{h, std::move(w)});
+      }, "The live version, pinned (None before the first push).")
+      .def("set_metric", [](PyDraftHead& h, py::handle version, double metric) {
+        if (!std::isfinite(metric)) fail("metric must be finite, got " + std::to_string(metric));
+        const int64_t v = checked_int(version, "version", 1, std::numeric_limits<int64_t>::max());
+        throw_if_error(h.head.set_metric(v, metric));
+      }, py::arg("version"), py::arg("metric"),
+      "Record a metric (e.g. measured acceptance) for a pushed version.")
+      .def_property_readonly("version", [](const PyDraftHead& h) { return h.head.version(); },
+                             "Live version number (0 before the first push).")
+      .def_property_readonly("history", &head_history,
+                             "[(version, metric or None)] of the most recent pushes, oldest first.")
+      .def_property_readonly("hidden", [](const PyDraftHead& h) { return h.head.config().hidden; })
+      .def_property_readonly("intermediate",
+                             [](const PyDraftHead& h) { return h.head.config().intermediate; })
+      .def_property_readonly("draft_vocab", [](const PyDraftHead& h) { return h.head.config().draft_vocab; })
+      .def_property_readonly("vocab", [](const PyDraftHead& h) { return h.head.config().vocab; })
+      .def_property_readonly("eps", [](const PyDraftHead& h) { return h.head.config().eps; })
+      .def_property_readonly("simd_path", [](const PyDraftHead& h) { return h.head.simd_path(); },
+                             "The GEMM code the forward runs: 'avx2+fma' or 'sse'.");
+  py::list head_tensors;
+  for (int32_t t = 0; t < atlas::kNumHeadTensors; ++t) head_tensors.append(atlas::head_tensor_name(t));
+  head_tensors.append(atlas::kHeadDraftIdsName);
+  m.attr("DRAFT_HEAD_TENSORS") = py::tuple(head_tensors);
 
   // -- suffix speculator
   py::class_<Suffix>(m, "SuffixSpeculator")

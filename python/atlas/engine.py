@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ._native import CacheFullError
+from .controller import Controller
 from .tree import DraftTree
 from .verify import Verifier
 
@@ -121,15 +122,21 @@ class Engine:
 
     ``target`` is what :func:`atlas.load` returns. ``speculators`` is a list of
     speculators (see :mod:`atlas.speculators`), or None for plain decoding.
-    ``max_tree_nodes`` caps each request's draft tree (root included);
+    ``max_tree_nodes`` bounds each request's draft tree (root included); within
+    it the :class:`~atlas.controller.Controller` picks each step's trees from
+    the speculators' candidates (``fallback`` = (adaptive, static) speculator
+    indices makes it fall back to the static one when the adaptive one drifts);
+    ``observers`` see every forward's :class:`StepRecord` (the learning tap);
     ``max_batch`` caps how many requests share a step; ``kv_cache_tokens`` sizes
     the paged KV cache (tokens of all requests together). Requests that do not
     fit wait for earlier ones to finish; one that cannot fit even alone raises
     :class:`atlas.CacheFullError`.
     """
 
-    def __init__(self, target, speculators=None, *, max_tree_nodes: int = 8, max_batch: int = 8,
-                 kv_cache_tokens: Optional[int] = None, block_size: int = 16):
+    def __init__(self, target, speculators=None, *, max_tree_nodes: int = 32, max_batch: int = 8,
+                 kv_cache_tokens: Optional[int] = None, block_size: int = 16,
+                 controller: Optional[Controller] = None, fallback: Optional[tuple] = None,
+                 observers: Sequence = ()):
         if speculators is not None and not isinstance(speculators, (list, tuple)):
             speculators = [speculators]
         self.target = target
@@ -147,8 +154,16 @@ class Engine:
         if not isinstance(kv_cache_tokens, int) or kv_cache_tokens < block_size:
             raise ValueError(f"kv_cache_tokens must be an int >= block_size, got {kv_cache_tokens!r}")
         self.num_blocks = -(-kv_cache_tokens // block_size)
-        self.cache = target.new_cache(self.num_blocks, block_size=block_size, max_seqs=max_batch)
+        # One sequence more than the batch: measure_forward_cost's scratch sequence.
+        self.cache = target.new_cache(self.num_blocks, block_size=block_size, max_seqs=max_batch + 1)
         self.verifier = Verifier(self.config.vocab_size, max_batch=max_batch, max_accept=self.max_tree_nodes)
+        self.controller = None
+        if self.speculators:
+            self.controller = controller or Controller(len(self.speculators), max_nodes=self.max_tree_nodes,
+                                                       fallback=fallback)
+        self._cost_measured = False
+        # Objects with observe(StepRecord) that see every forward (the learning loop's tap).
+        self.observers = list(observers)
         self._next_seed = 0
         self._next_rid = 0
 
@@ -266,6 +281,8 @@ class Engine:
     def _run(self, requests: List[_Request]) -> Iterator[tuple]:
         """Runs requests to completion with continuous batching; yields
         (request, newly committed token ids) after every step."""
+        if self.controller is not None and not self._cost_measured and self.max_tree_nodes > 1:
+            self.measure_forward_cost()
         waiting = deque(requests)
         active: List[_Request] = []
         blocks_in_use = 0
@@ -349,22 +366,80 @@ class Engine:
     def _observe(self, record: StepRecord) -> None:
         for s in self.speculators:
             s.observe(record)
+        for o in self.observers:
+            o.observe(record)
+
+    def measure_forward_cost(self, sizes=(1, 2, 4, 8, 16, 32, 64), context: int = 128) -> None:
+        """Times the target forward at several tree sizes on this machine and
+        hands the figures to the controller (it refines them every step)."""
+        seq = self.cache.create()
+        try:
+            rng = np.random.default_rng(0)
+            room = self.cache.num_free_blocks * self.block_size - max(sizes) - self.block_size
+            ctx = max(1, min(context, self.config.max_position_embeddings // 2, room))
+            slots = self.cache.reserve(seq, ctx)
+            toks = torch.from_numpy(rng.integers(0, self.config.vocab_size, ctx))
+            self.target.forward(self.cache, np.array([seq], np.int32), toks, torch.arange(ctx),
+                                np.arange(-1, ctx - 1, dtype=np.int32), np.array([0, ctx], np.int64),
+                                torch.from_numpy(slots), logit_rows=torch.tensor([ctx - 1]))
+            self.cache.commit(seq)
+            for n in sizes:
+                if n > self.max_tree_nodes * self.max_batch or ctx + n > self.config.max_position_embeddings \
+                        or n + self.block_size > self.cache.num_free_blocks * self.block_size:
+                    break
+                times = []
+                for _ in range(3):  # the first run of a new shape warms up; keep the fastest
+                    slots = self.cache.reserve(seq, n)
+                    toks = torch.from_numpy(rng.integers(0, self.config.vocab_size, n))
+                    parents = np.concatenate([[-1], np.zeros(n - 1, np.int32)]).astype(np.int32)
+                    t0 = time.perf_counter()
+                    self.target.forward(self.cache, np.array([seq], np.int32), toks,
+                                        torch.full((n,), ctx) + torch.from_numpy((parents >= 0).astype(np.int64)),
+                                        parents, np.array([0, n], np.int64), torch.from_numpy(slots))
+                    times.append(time.perf_counter() - t0)
+                    self.cache.commit(seq, np.zeros(0, np.int32))
+                self.controller.record_forward(n, min(times))
+        finally:
+            self.cache.release(seq)
+        self._cost_measured = True
+
+    def _draft(self, reqs: List[_Request]):
+        """Runs the speculators the controller wants, each into trees of its
+        own; the controller merges them into one tree per request."""
+        ctl = self.controller
+        run = ctl.active()
+        cand_budget = ctl.candidate_budget(len(reqs))
+        budgets = [max(1, min(self.max_tree_nodes, self.config.max_position_embeddings - (len(r.tokens) - 1)))
+                   for r in reqs]
+        contexts = [r.tokens for r in reqs]
+        ids = [r.rid for r in reqs]
+        roots = [r.generated[-1] for r in reqs]
+        candidates = [[None] * len(self.speculators) for _ in reqs]
+        spent = 0.0
+        for pid, s in enumerate(self.speculators):
+            if not run[pid]:
+                continue
+            t0 = time.perf_counter()
+            trees = [DraftTree(root, min(cand_budget, budget), self.config.vocab_size)
+                     for root, budget in zip(roots, budgets)]
+            s.propose(ids, contexts, trees, pid)
+            dt = time.perf_counter() - t0
+            ctl.record_draft(pid, dt)
+            spent += dt
+            for b, t in enumerate(trees):
+                candidates[b][pid] = t
+        trees, origins = ctl.select(roots, candidates, self.config.vocab_size, budgets, spent)
+        return trees, origins, run
 
     def _decode_step(self, reqs: List[_Request]):
         t_start = time.perf_counter()
-        trees = []
-        for r in reqs:
-            budget = min(self.max_tree_nodes,
-                         self.config.max_position_embeddings - (len(r.tokens) - 1))
-            trees.append(DraftTree(r.generated[-1], max(budget, 1), self.config.vocab_size))
         t_draft = 0.0
         if self.speculators and self.max_tree_nodes > 1:
             td = time.perf_counter()
-            contexts = [r.tokens for r in reqs]
-            ids = [r.rid for r in reqs]
-            for pid, s in enumerate(self.speculators):
-                s.propose(ids, contexts, trees, pid)
+            trees, origins, ran = self._draft(reqs)
             t_draft = time.perf_counter() - td
+        else:
+            trees = [DraftTree(r.generated[-1], 1, self.config.vocab_size) for r in reqs]
 
         flats = [t.flatten(len(r.tokens) - 1) for r, t in zip(reqs, trees)]
         sizes = [len(t) for t in trees]
@@ -392,8 +467,7 @@ class Engine:
             st.steps += 1
             st.drafted += sizes[b] - 1
             st.accepted += len(acc)
-            depths = trees[b].depths
-            max_depth = int(depths.max()) if len(depths) else 0
+            max_depth = trees[b].max_depth
             while len(st.drafted_per_depth) < max_depth:
                 st.drafted_per_depth.append(0)
                 st.accepted_per_depth.append(0)
@@ -404,6 +478,10 @@ class Engine:
             out.append((r, res.emitted[b].tolist()))
         committed = [(r, self._accept_tokens(r, new)) for r, new in out]
         if self.speculators:
+            self.controller.record_forward(int(q_offsets[-1]), t_fwd)
+            if self.max_tree_nodes > 1:
+                self.controller.observe(trees, origins, res.accepted, ran)
+        if self.speculators or self.observers:
             self._observe(StepRecord(False, [r.rid for r in reqs], q_offsets, tokens, parents, hidden, logits,
                                      res.accepted, [c[1] for c in committed]))
         t_total = time.perf_counter() - t_start

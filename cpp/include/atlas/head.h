@@ -1,0 +1,184 @@
+// atlas/head.h: the learned speculator's draft head (native forward) and its
+// versioned weights.
+//
+// The head drafts the children of a tree node x from two inputs: the *feature*
+// f of x's parent position (the target's final-norm hidden state there, the
+// vector its LM head reads, or deeper in a draft tree the head's own
+// prediction of it) and x's token. One forward, per node (H = hidden size,
+// I = intermediate size, Vd = draft vocabulary size):
+//
+//   e     = E[x]                               frozen target token embedding [H]
+//   z     = W_in [f ; e] + b_in                W_in [H, 2H]
+//   n     = rmsnorm(z) * norm1
+//   h     = z + W_down (silu(W_gate n) * W_up n)   W_gate, W_up [I, H], W_down [H, I]
+//   f_hat = rmsnorm(h) * norm2                 the predicted feature of x's position [H]
+//   logits = W_out f_hat                       W_out [Vd, H]: logits of x's children
+//
+// rmsnorm(v) = v / sqrt(mean(v^2) + eps), as the target normalises. Row j of
+// the logits is the token draft_ids[j]: the head scores a *draft vocabulary*
+// (the tokens that traffic uses most) rather than the whole vocabulary,
+// because the output layer is the head's largest cost and rare tokens are
+// hardly ever accepted. Drafting below a drafted child c of x uses (f_hat of
+// x, c). Why one residual MLP and not a full decoder layer as in EAGLE: the
+// head runs once per tree depth on a CPU, between target forwards; attention
+// over the context would need a KV cache of its own, and the target's feature
+// already summarises the context.
+//
+// Weights and versions. The embedding table is borrowed, given once to init()
+// and never pushed: the caller keeps it alive and unchanged for the head's
+// lifetime. Everything else is a *version*: push() copies a complete set of
+// tensors into a new HeadWeights beside the live one, validates it (every
+// shape, finite values, draft ids in range and distinct) and only then swaps
+// it in under a mutex; a refused push changes nothing. A forward reads the one
+// HeadWeights it is given, which a snapshot() keeps alive however many pushes
+// follow, so a caller that takes one snapshot per decoding step never sees two
+// versions within the step. Versions are numbered 1, 2, ... in push order; the
+// history keeps (version, metric) for the most recent kMaxHeadHistory pushes.
+//
+// Ownership: DraftHead owns its versions (shared with the snapshots handed
+// out); the caller owns inputs, outputs and the workspace of forward().
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "atlas/common.h"
+
+namespace atlas {
+
+// The float tensors of a version, in push order. Shapes, torch layout [out, in]:
+enum HeadTensor : int32_t {
+  kHeadWIn = 0,   // [H, 2H]
+  kHeadBIn,       // [H]
+  kHeadNorm1,     // [H]
+  kHeadWGate,     // [I, H]
+  kHeadWUp,       // [I, H]
+  kHeadWDown,     // [H, I]
+  kHeadNorm2,     // [H]
+  kHeadWOut,      // [Vd, H]
+  kNumHeadTensors,
+};
+
+// Names as Python's dict of weights spells them ("w_in", ...).
+const char* head_tensor_name(int32_t t);
+
+// Name of the int32 [Vd] tensor of draft token ids that goes with each version.
+constexpr const char* kHeadDraftIdsName = "draft_ids";
+
+// Output columns per packed weight panel: two SSE vectors, so that a panel
+// times a few rows of input keeps its accumulators in registers.
+constexpr int32_t kHeadPanel = 8;
+
+// Rows per tile of forward(): the weights are read once per tile, and a tile's
+// intermediate activations (tile * (4H + 2I) floats) stay in the L2 cache at
+// the sizes atlas targets (H <= 1024).
+constexpr int32_t kHeadRowTile = 64;
+
+// Why 1024: one entry per push; a learning loop that pushes every few minutes
+// keeps days of history in a few kilobytes.
+constexpr int32_t kMaxHeadHistory = 1024;
+
+// Which GEMM code forward() runs. kAuto: an AVX2 + FMA path on CPUs that have
+// it (chosen at run time, so the build stays portable), else the SSE baseline;
+// kBaseline: always the baseline (so that tests cover both on any machine).
+enum class HeadSimd : int32_t {
+  kAuto = 0,
+  kBaseline = 1,
+};
+
+struct HeadConfig {
+  int32_t hidden = 0;        // H, the target's hidden size
+  int32_t intermediate = 0;  // I
+  int32_t draft_vocab = 0;   // Vd, in [1, vocab]
+  int32_t vocab = 0;         // rows of the embedding table
+  float eps = 1e-5f;         // rmsnorm epsilon, > 0
+  HeadSimd simd = HeadSimd::kAuto;
+};
+
+// A borrowed float32 tensor as push() reads it: row-major, dense.
+struct HeadTensorRef {
+  const float* data = nullptr;
+  int32_t ndim = 0;
+  int64_t shape[2] = {0, 0};
+};
+
+struct HeadWeightsRef {
+  HeadTensorRef tensors[kNumHeadTensors];
+  const int32_t* draft_ids = nullptr;  // [num_draft_ids]
+  int64_t num_draft_ids = 0;
+};
+
+// One immutable weight version, laid out for the forward: every matrix is
+// packed in panels of kHeadPanel output columns (see head.cpp).
+class HeadWeights {
+ public:
+  int64_t version() const { return version_; }
+  const std::vector<int32_t>& draft_ids() const { return draft_ids_; }
+
+ private:
+  friend class DraftHead;
+  int64_t version_ = 0;
+  std::vector<float> w_in_, w_gate_, w_up_, w_down_, w_out_;  // packed panels
+  std::vector<float> b_in_, norm1_, norm2_;
+  std::vector<int32_t> draft_ids_;
+};
+
+struct HeadVersionRecord {
+  int64_t version = 0;
+  double metric = 0.0;  // NaN until the caller records one
+};
+
+class DraftHead {
+ public:
+  // embed [vocab, hidden] float32, row-major: borrowed (see above).
+  Status init(const HeadConfig& config, const float* embed);
+
+  // Copies, validates and swaps in a new version; *version is its number.
+  // On error the live version is unchanged. metric may be NaN (none yet).
+  Status push(const HeadWeightsRef& weights, double metric, int64_t* version);
+
+  // Records a metric for a version still in the history (e.g. the acceptance
+  // it reached while serving).
+  Status set_metric(int64_t version, double metric);
+
+  // The live version, kept alive by the returned pointer; null before the
+  // first successful push.
+  std::shared_ptr<const HeadWeights> snapshot() const;
+
+  // Live version number, 0 before the first push.
+  int64_t version() const;
+  std::vector<HeadVersionRecord> history() const;
+
+  const HeadConfig& config() const { return config_; }
+
+  // The GEMM path init() chose: "avx2+fma" or "sse".
+  const char* simd_path() const { return wide_ ? "avx2+fma" : "sse"; }
+
+  // Floats of workspace forward() needs, whatever the batch size: rows are
+  // processed in tiles of kHeadRowTile.
+  int64_t workspace_floats() const;
+
+  // Forward of n nodes with weights w (a snapshot):
+  //   features [n, H] (row i at features + i * feature_stride, stride >= H),
+  //   tokens [n] in [0, vocab) -> f_hat_out [n, H], logits_out [n, Vd], dense.
+  // workspace: workspace_floats() floats, caller-owned, one caller at a time.
+  // n == 0 is a no-op. Inputs must not alias outputs or the workspace.
+  Status forward(const HeadWeights* w, const float* features, int64_t feature_stride, const int32_t* tokens,
+                 int64_t n, float* f_hat_out, float* logits_out, float* workspace,
+                 int64_t workspace_floats) const;
+
+ private:
+  HeadConfig config_;
+  const float* embed_ = nullptr;
+  bool ready_ = false;
+  bool wide_ = false;
+
+  mutable std::mutex mu_;  // guards live_, next_version_, history_
+  std::shared_ptr<const HeadWeights> live_;
+  int64_t next_version_ = 1;
+  std::vector<HeadVersionRecord> history_;
+};
+
+}  // namespace atlas

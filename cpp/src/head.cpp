@@ -1,0 +1,456 @@
+// Draft head: the native forward of the learned speculator and its versioned
+// weights (see atlas/head.h for the module and the versioning rules).
+//
+// Layout. push() repacks every weight matrix W [N, K] (torch layout, N outputs)
+// into panels of kHeadPanel output columns: panel p holds, for k = 0..K-1, the
+// kHeadPanel values W[p * kHeadPanel + l][k] next to each other, zero-padded
+// past N. A GEMM then streams each panel once per row tile, front to back, and
+// its inner loop is a fixed-size axpy over the panel's columns that the
+// compiler turns into vector multiply-adds with the accumulators in registers;
+// the sum over k runs in order, as a plain dot product would, and a row's
+// result does not depend on the other rows of the batch.
+//
+// Two compilations of the same GEMM: the baseline (the build's SSE4.2) and a
+// wide one (AVX2 + FMA) that init() picks when the CPU has it; see
+// HeadSimd. The code needs GCC or Clang (generic vectors, function targets).
+#include "atlas/head.h"
+
+// The wide (AVX2 + FMA) path needs GCC or Clang function targets on x86-64.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define ATLAS_HEAD_WIDE 1
+#else
+#define ATLAS_HEAD_WIDE 0
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+
+namespace atlas {
+
+namespace {
+
+constexpr const char* kNames[kNumHeadTensors] = {"w_in", "b_in", "norm1", "w_gate", "w_up",
+                                                 "w_down", "norm2", "w_out"};
+
+struct Shape {
+  int32_t ndim;
+  int64_t d0, d1;
+  const char* text;  // the symbolic shape, for messages
+};
+
+Shape expected_shape(const HeadConfig& c, int32_t t) {
+  const int64_t H = c.hidden, I = c.intermediate, V = c.draft_vocab;
+  switch (t) {
+    case kHeadWIn: return {2, H, 2 * H, "(H, 2H)"};
+    case kHeadWGate: return {2, I, H, "(I, H)"};
+    case kHeadWUp: return {2, I, H, "(I, H)"};
+    case kHeadWDown: return {2, H, I, "(H, I)"};
+    case kHeadWOut: return {2, V, H, "(Vd, H)"};
+    default: return {1, H, 1, "(H,)"};  // b_in, norm1, norm2
+  }
+}
+
+std::string shape_text(int32_t ndim, int64_t d0, int64_t d1) {
+  if (ndim == 1) return "(" + std::to_string(d0) + ",)";
+  return "(" + std::to_string(d0) + ", " + std::to_string(d1) + ")";
+}
+
+std::string shape_text(const HeadTensorRef& r) {
+  if (r.ndim == 1) return shape_text(1, r.shape[0], 0);
+  if (r.ndim == 2) return shape_text(2, r.shape[0], r.shape[1]);
+  return std::to_string(r.ndim) + "-D";
+}
+
+// Copies W [n, k] into panels (see the top of this file); fails on the first
+// value that is not finite.
+Status pack_panels(const char* name, const float* w, int64_t n, int64_t k, std::vector<float>* out) {
+  const int64_t panels = (n + kHeadPanel - 1) / kHeadPanel;
+  out->assign(static_cast<size_t>(panels * k * kHeadPanel), 0.0f);
+  float* dst = out->data();
+  for (int64_t row = 0; row < n; ++row) {
+    const float* src = w + row * k;
+    float* panel = dst + (row / kHeadPanel) * k * kHeadPanel + row % kHeadPanel;
+    for (int64_t j = 0; j < k; ++j) {
+      const float v = src[j];
+      if (!std::isfinite(v))
+        return Status::Invalid(std::string(name) + " holds a non-finite value (" + std::to_string(v) +
+                               ") at [" + std::to_string(row) + ", " + std::to_string(j) + "]");
+      panel[j * kHeadPanel] = v;
+    }
+  }
+  return Status::Ok();
+}
+
+Status copy_vector(const char* name, const float* w, int64_t n, std::vector<float>* out) {
+  out->assign(w, w + n);
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(w[i]))
+      return Status::Invalid(std::string(name) + " holds a non-finite value (" + std::to_string(w[i]) +
+                             ") at [" + std::to_string(i) + "]");
+  return Status::Ok();
+}
+
+// Generic vectors (GCC/Clang) of 4 floats (one SSE register) and 8 floats
+// (one AVX register). Written with them rather than plain loops because GCC's
+// loop vectoriser otherwise picks the k loop below (an in-order float
+// reduction: transposes and scalar adds, 4x slower) instead of the panel's
+// columns. The SSE path keeps to Vec4: without AVX, GCC lowers 8-float
+// vectors through memory (3x slower, measured).
+typedef float Vec4 __attribute__((vector_size(16)));
+typedef float Vec8 __attribute__((vector_size(32)));
+
+// An unaligned, aliasing view of V in memory: a load through it is one
+// unaligned vector load (a memcpy into a local vector was compiled as pieces
+// that stall store forwarding, 7x slower on one row, measured).
+template <typename V>
+struct Unaligned {
+  typedef V type __attribute__((aligned(4), may_alias));
+};
+
+// Prefetch distance of the weight stream: 2 KiB, about the bytes that arrive
+// from memory while one 8-row group computes on 2 KiB of a panel.
+constexpr int64_t kPrefetchFloats = 512;
+
+// For NP consecutive panels starting at `panel` (panel stride k_len * 8) and
+// R rows of x: y[r, c] = sum_k x[r * ldx + k] * W[c, k] (+ bias[c] when bias is
+// not null) for c < cols, the columns of those panels, the sum in k order.
+// Each (row, panel) pair has its own accumulators, so NP > 1 gives a single
+// row several independent chains of multiply-adds: with one chain the loop
+// waits on the add latency instead of on memory. V is Vec4 or Vec8; a panel
+// row is kHeadPanel / lanes vectors.
+template <typename V, int R, int NP>
+__attribute__((always_inline)) inline void panel_kernel(const float* __restrict x, int64_t ldx, int64_t k_len,
+                                                        const float* __restrict panel, const float* bias,
+                                                        float* __restrict y, int64_t ldy, int64_t cols) {
+  typedef typename Unaligned<V>::type VU;
+  constexpr int kLanes = static_cast<int>(sizeof(V) / sizeof(float));
+  constexpr int kVecs = kHeadPanel / kLanes;
+  static_assert(kVecs * kLanes == kHeadPanel, "a panel is a whole number of vectors");
+  const int64_t stride = k_len * kHeadPanel;
+  V acc[R][NP][kVecs];
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < NP; ++q)
+      for (int v = 0; v < kVecs; ++v) acc[r][q][v] = V{};
+  for (int64_t k = 0; k < k_len; ++k) {
+    // The weights stream from memory (they do not fit the caches, and each
+    // forward reads them once): ask for them kPrefetchFloats ahead, which runs
+    // past a panel's end into the next one.
+    if ((k & 1) == 0)
+      for (int q = 0; q < NP; ++q) __builtin_prefetch(panel + q * stride + k * kHeadPanel + kPrefetchFloats);
+    V w[NP][kVecs];
+    for (int q = 0; q < NP; ++q)
+      for (int v = 0; v < kVecs; ++v)
+        w[q][v] = *reinterpret_cast<const VU*>(panel + q * stride + k * kHeadPanel + v * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const float xs = x[r * ldx + k];
+      for (int q = 0; q < NP; ++q)
+        for (int v = 0; v < kVecs; ++v) acc[r][q][v] += xs * w[q][v];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float out[NP * kHeadPanel];
+    for (int q = 0; q < NP; ++q) std::memcpy(out + q * kHeadPanel, acc[r][q], kHeadPanel * sizeof(float));
+    float* yr = y + r * ldy;
+    if (bias != nullptr) {
+      for (int64_t c = 0; c < cols; ++c) yr[c] = out[c] + bias[c];
+    } else {
+      for (int64_t c = 0; c < cols; ++c) yr[c] = out[c];
+    }
+  }
+}
+
+// y[r, j] = bias[j] (0 when bias is null) + sum_k x[r, k] * W[j, k] for r < rows,
+// j < n, with W packed in panels. x and y are row-major with strides ldx, ldy.
+// Rows go in groups of kRows (kRows rows of accumulators fill about half the
+// vector registers), one panel at a time: the panel stays in the L1/L2 cache
+// while every group passes over it, so the weights are read from memory once
+// per call. The L < kRows rows left over go in one more group that covers
+// kRows / L panels at once, so that it has as many accumulators as a full
+// group (see panel_kernel), while those panels are still in the cache.
+template <typename V, int kRows, int L>
+__attribute__((always_inline)) inline void gemm_panels_rows(const float* __restrict x, int64_t ldx,
+                                                            int64_t rows, int64_t k_len, const float* panels,
+                                                            int64_t n, const float* bias, float* __restrict y,
+                                                            int64_t ldy) {
+  constexpr int NP = L == 0 ? 1 : (kRows / L > 1 ? kRows / L : 1);
+  const int64_t num_panels = (n + kHeadPanel - 1) / kHeadPanel;
+  const int64_t full = rows - L;
+  const float* xl = x + full * ldx;
+  for (int64_t p0 = 0; p0 < num_panels; p0 += NP) {
+    const int64_t np = std::min<int64_t>(NP, num_panels - p0);
+    for (int64_t p = p0; p < p0 + np; ++p) {
+      const float* panel = panels + p * k_len * kHeadPanel;
+      const int64_t col0 = p * kHeadPanel;
+      const int64_t cols = std::min<int64_t>(kHeadPanel, n - col0);
+      const float* b = bias ? bias + col0 : nullptr;
+      for (int64_t r0 = 0; r0 < full; r0 += kRows)
+        panel_kernel<V, kRows, 1>(x + r0 * ldx, ldx, k_len, panel, b, y + r0 * ldy + col0, ldy, cols);
+      if (L > 0 && np < NP)  // the last few panels: one at a time
+        panel_kernel<V, (L > 0 ? L : 1), 1>(xl, ldx, k_len, panel, b, y + full * ldy + col0, ldy, cols);
+    }
+    if (L > 0 && np == NP) {
+      const int64_t col0 = p0 * kHeadPanel;
+      panel_kernel<V, (L > 0 ? L : 1), NP>(xl, ldx, k_len, panels + p0 * k_len * kHeadPanel,
+                                           bias ? bias + col0 : nullptr, y + full * ldy + col0, ldy,
+                                           std::min<int64_t>(NP * kHeadPanel, n - col0));
+    }
+  }
+}
+
+template <typename V, int kRows>
+__attribute__((always_inline)) inline void gemm_panels_impl(const float* x, int64_t ldx, int64_t rows,
+                                                            int64_t k_len, const float* panels, int64_t n,
+                                                            const float* bias, float* y, int64_t ldy) {
+  static_assert(kRows == 4 || kRows == 8, "row groups of 4 or 8");
+  switch (rows % kRows) {
+    case 0: gemm_panels_rows<V, kRows, 0>(x, ldx, rows, k_len, panels, n, bias, y, ldy); break;
+    case 1: gemm_panels_rows<V, kRows, 1>(x, ldx, rows, k_len, panels, n, bias, y, ldy); break;
+    case 2: gemm_panels_rows<V, kRows, 2>(x, ldx, rows, k_len, panels, n, bias, y, ldy); break;
+    case 3: gemm_panels_rows<V, kRows, 3>(x, ldx, rows, k_len, panels, n, bias, y, ldy); break;
+    case 4:
+      gemm_panels_rows<V, kRows, (kRows > 4 ? 4 : 1)>(x, ldx, rows, k_len, panels, n, bias, y, ldy);
+      break;
+    case 5:
+      gemm_panels_rows<V, kRows, (kRows > 5 ? 5 : 1)>(x, ldx, rows, k_len, panels, n, bias, y, ldy);
+      break;
+    case 6:
+      gemm_panels_rows<V, kRows, (kRows > 6 ? 6 : 1)>(x, ldx, rows, k_len, panels, n, bias, y, ldy);
+      break;
+    default:
+      gemm_panels_rows<V, kRows, (kRows > 7 ? 7 : 1)>(x, ldx, rows, k_len, panels, n, bias, y, ldy);
+      break;
+  }
+}
+
+// Baseline path: SSE (the build's -msse4.2), 4 rows x 2 Vec4 = 8 accumulators of
+// the 16 SSE registers.
+void gemm_panels_baseline(const float* x, int64_t ldx, int64_t rows, int64_t k_len, const float* panels,
+                          int64_t n, const float* bias, float* y, int64_t ldy) {
+  gemm_panels_impl<Vec4, 4>(x, ldx, rows, k_len, panels, n, bias, y, ldy);
+}
+
+#if ATLAS_HEAD_WIDE
+// Wide path, chosen at run time on CPUs with AVX2 and FMA (every x86-64 CPU
+// since 2013-2015): 8 rows x 1 Vec8 = 8 of the 16 AVX registers, and the
+// multiply-adds fuse. Twice the baseline's speed when the forward is
+// compute-bound (8 or more rows), measured. The wheel stays portable: only
+// this function is compiled for AVX2, and only a CPU that has it runs it.
+__attribute__((target("avx2,fma"))) void gemm_panels_wide(const float* x, int64_t ldx, int64_t rows,
+                                                          int64_t k_len, const float* panels, int64_t n,
+                                                          const float* bias, float* y, int64_t ldy) {
+  gemm_panels_impl<Vec8, 8>(x, ldx, rows, k_len, panels, n, bias, y, ldy);
+}
+#endif
+
+bool cpu_has_wide_path() {
+#if ATLAS_HEAD_WIDE
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+using GemmFn = void (*)(const float*, int64_t, int64_t, int64_t, const float*, int64_t, const float*, float*,
+                        int64_t);
+
+// out[i] = v[i] / sqrt(mean(v^2) + eps) * g[i]; the mean is summed in double
+// so that its rounding does not depend on H.
+inline void rmsnorm(const float* v, const float* g, int64_t h, float eps, float* out) {
+  double ss = 0.0;
+  for (int64_t i = 0; i < h; ++i) ss += static_cast<double>(v[i]) * v[i];
+  const double mean = ss / static_cast<double>(h);
+  const float inv = static_cast<float>(1.0 / std::sqrt(mean + static_cast<double>(eps)));
+  for (int64_t i = 0; i < h; ++i) out[i] = v[i] * inv * g[i];
+}
+
+}  // namespace
+
+const char* head_tensor_name(int32_t t) {
+  return t >= 0 && t < kNumHeadTensors ? kNames[t] : "unknown";
+}
+
+Status DraftHead::init(const HeadConfig& c, const float* embed) {
+  if (ready_) return Status::Invalid("the draft head is already initialised");
+  // Why these caps: beyond them H * 2H floats or Vd * H floats of one matrix
+  // pass 2^31 elements, which no draft head needs.
+  if (c.hidden < 1 || c.hidden > 32768)
+    return Status::Invalid("hidden must be in [1, 32768], got " + std::to_string(c.hidden));
+  if (c.intermediate < 1 || c.intermediate > 131072)
+    return Status::Invalid("intermediate must be in [1, 131072], got " + std::to_string(c.intermediate));
+  if (c.vocab < 1) return Status::Invalid("vocab must be >= 1, got " + std::to_string(c.vocab));
+  if (c.draft_vocab < 1 || c.draft_vocab > c.vocab)
+    return Status::Invalid("draft_vocab must be in [1, vocab = " + std::to_string(c.vocab) + "], got " +
+                           std::to_string(c.draft_vocab));
+  if (!(c.eps > 0.0f) || !std::isfinite(c.eps))
+    return Status::Invalid("eps must be a positive finite number, got " + std::to_string(c.eps));
+  if (embed == nullptr) return Status::Invalid("embed is null");
+  if (c.simd != HeadSimd::kAuto && c.simd != HeadSimd::kBaseline)
+    return Status::Invalid("simd must be kAuto or kBaseline, got " +
+                           std::to_string(static_cast<int>(c.simd)));
+  config_ = c;
+  embed_ = embed;
+  wide_ = c.simd == HeadSimd::kAuto && cpu_has_wide_path();
+  ready_ = true;
+  return Status::Ok();
+}
+
+Status DraftHead::push(const HeadWeightsRef& in, double metric, int64_t* version) {
+  if (!ready_) return Status::Invalid("the draft head is not initialised");
+  if (version == nullptr) return Status::Invalid("version is null");
+  const HeadConfig& c = config_;
+  // Shapes first: nothing is read before every size is known to be right.
+  for (int32_t t = 0; t < kNumHeadTensors; ++t) {
+    const HeadTensorRef& r = in.tensors[t];
+    const Shape s = expected_shape(c, t);
+    if (r.data == nullptr) return Status::Invalid(std::string("missing tensor '") + kNames[t] + "'");
+    const bool ok = r.ndim == s.ndim && r.shape[0] == s.d0 && (s.ndim == 1 || r.shape[1] == s.d1);
+    if (!ok)
+      return Status::Invalid(std::string(kNames[t]) + " must have shape " + s.text + " = " +
+                             shape_text(s.ndim, s.d0, s.d1) + ", got " + shape_text(r));
+  }
+  if (in.draft_ids == nullptr)
+    return Status::Invalid(std::string("missing tensor '") + kHeadDraftIdsName + "'");
+  if (in.num_draft_ids != c.draft_vocab)
+    return Status::Invalid(std::string(kHeadDraftIdsName) + " must have shape (Vd,) = (" +
+                           std::to_string(c.draft_vocab) + ",), got (" + std::to_string(in.num_draft_ids) +
+                           ",)");
+
+  auto w = std::make_shared<HeadWeights>();
+  const int64_t H = c.hidden, I = c.intermediate, V = c.draft_vocab;
+  const HeadTensorRef* t = in.tensors;
+  ATLAS_RETURN_IF_ERROR(pack_panels(kNames[kHeadWIn], t[kHeadWIn].data, H, 2 * H, &w->w_in_));
+  ATLAS_RETURN_IF_ERROR(pack_panels(kNames[kHeadWGate], t[kHeadWGate].data, I, H, &w->w_gate_));
+  ATLAS_RETURN_IF_ERROR(pack_panels(kNames[kHeadWUp], t[kHeadWUp].data, I, H, &w->w_up_));
+  ATLAS_RETURN_IF_ERROR(pack_panels(kNames[kHeadWDown], t[kHeadWDown].data, H, I, &w->w_down_));
+  ATLAS_RETURN_IF_ERROR(pack_panels(kNames[kHeadWOut], t[kHeadWOut].data, V, H, &w->w_out_));
+  ATLAS_RETURN_IF_ERROR(copy_vector(kNames[kHeadBIn], t[kHeadBIn].data, H, &w->b_in_));
+  ATLAS_RETURN_IF_ERROR(copy_vector(kNames[kHeadNorm1], t[kHeadNorm1].data, H, &w->norm1_));
+  ATLAS_RETURN_IF_ERROR(copy_vector(kNames[kHeadNorm2], t[kHeadNorm2].data, H, &w->norm2_));
+
+  w->draft_ids_.assign(in.draft_ids, in.draft_ids + V);
+  for (int64_t j = 0; j < V; ++j) {
+    const int32_t id = w->draft_ids_[static_cast<size_t>(j)];
+    if (id < 0 || id >= c.vocab)
+      return Status::Invalid(std::string(kHeadDraftIdsName) + "[" + std::to_string(j) + "] = " +
+                             std::to_string(id) + " is outside the vocabulary [0, " +
+                             std::to_string(c.vocab) + ")");
+  }
+  std::vector<int32_t> sorted = w->draft_ids_;
+  std::sort(sorted.begin(), sorted.end());
+  const auto dup = std::adjacent_find(sorted.begin(), sorted.end());
+  if (dup != sorted.end())
+    return Status::Invalid(std::string(kHeadDraftIdsName) + " lists token " + std::to_string(*dup) +
+                           " twice: each draft row must map to a distinct token");
+
+  std::lock_guard<std::mutex> lock(mu_);
+  w->version_ = next_version_++;
+  *version = w->version_;
+  live_ = std::move(w);
+  history_.push_back({*version, metric});
+  if (history_.size() > static_cast<size_t>(kMaxHeadHistory)) history_.erase(history_.begin());
+  return Status::Ok();
+}
+
+Status DraftHead::set_metric(int64_t version, double metric) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto& h : history_) {
+    if (h.version == version) {
+      h.metric = metric;
+      return Status::Ok();
+    }
+  }
+  return Status::Invalid("version " + std::to_string(version) + " is not in the history (pushed versions: " +
+                         (history_.empty() ? std::string("none")
+                                           : std::to_string(history_.front().version) + ".." +
+                                                 std::to_string(history_.back().version)) + ")");
+}
+
+std::shared_ptr<const HeadWeights> DraftHead::snapshot() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return live_;
+}
+
+int64_t DraftHead::version() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return live_ ? live_->version_ : 0;
+}
+
+std::vector<HeadVersionRecord> DraftHead::history() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return history_;
+}
+
+int64_t DraftHead::workspace_floats() const {
+  return static_cast<int64_t>(kHeadRowTile) * (4 * static_cast<int64_t>(config_.hidden) +
+                                              2 * static_cast<int64_t>(config_.intermediate));
+}
+
+Status DraftHead::forward(const HeadWeights* w, const float* features, int64_t feature_stride,
+                          const int32_t* tokens, int64_t n, float* f_hat_out, float* logits_out,
+                          float* workspace, int64_t workspace_floats) const {
+  if (!ready_) return Status::Invalid("the draft head is not initialised");
+  if (w == nullptr) return Status::Invalid("no weights: push a version before the first forward");
+  if (n < 0) return Status::Invalid("n must be >= 0, got " + std::to_string(n));
+  if (n == 0) return Status::Ok();
+  const HeadConfig& c = config_;
+  const int64_t H = c.hidden, I = c.intermediate, V = c.draft_vocab;
+  if (features == nullptr || tokens == nullptr || f_hat_out == nullptr || logits_out == nullptr)
+    return Status::Invalid("features, tokens, f_hat_out and logits_out must not be null");
+  if (feature_stride < H)
+    return Status::Invalid("feature_stride must be >= hidden = " + std::to_string(H) + ", got " +
+                           std::to_string(feature_stride));
+  if (workspace == nullptr || workspace_floats < this->workspace_floats())
+    return Status::Invalid("workspace must hold " + std::to_string(this->workspace_floats()) +
+                           " floats, got " + std::to_string(workspace == nullptr ? 0 : workspace_floats));
+  for (int64_t i = 0; i < n; ++i)
+    if (tokens[i] < 0 || tokens[i] >= c.vocab)
+      return Status::Invalid("tokens[" + std::to_string(i) + "] = " + std::to_string(tokens[i]) +
+                             " is outside the vocabulary [0, " + std::to_string(c.vocab) + ")");
+
+  const int64_t T = kHeadRowTile;
+  float* xcat = workspace;       // [T, 2H]  [f ; e]
+  float* z = xcat + T * 2 * H;   // [T, H]
+  float* nrm = z + T * H;        // [T, H]   n, then h once n is spent
+  float* gate = nrm + T * H;     // [T, I]   W_gate n, then silu(.) * up
+  float* up = gate + T * I;      // [T, I]
+  const float eps = c.eps;
+#if ATLAS_HEAD_WIDE
+  const GemmFn gemm_panels = wide_ ? gemm_panels_wide : gemm_panels_baseline;
+#else
+  const GemmFn gemm_panels = gemm_panels_baseline;
+#endif
+  for (int64_t r0 = 0; r0 < n; r0 += T) {
+    const int64_t rows = std::min(T, n - r0);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* f = features + (r0 + r) * feature_stride;
+      const float* e = embed_ + static_cast<int64_t>(tokens[r0 + r]) * H;
+      std::copy(f, f + H, xcat + r * 2 * H);
+      std::copy(e, e + H, xcat + r * 2 * H + H);
+    }
+    gemm_panels(xcat, 2 * H, rows, 2 * H, w->w_in_.data(), H, w->b_in_.data(), z, H);
+    for (int64_t r = 0; r < rows; ++r) rmsnorm(z + r * H, w->norm1_.data(), H, eps, nrm + r * H);
+    gemm_panels(nrm, H, rows, H, w->w_gate_.data(), I, nullptr, gate, I);
+    gemm_panels(nrm, H, rows, H, w->w_up_.data(), I, nullptr, up, I);
+    for (int64_t i = 0; i < rows * I; ++i) {
+      const float g = gate[i];
+      gate[i] = g / (1.0f + std::exp(-g)) * up[i];
+    }
+    float* h = nrm;
+    gemm_panels(gate, I, rows, I, w->w_down_.data(), H, nullptr, h, H);
+    float* f_hat = f_hat_out + r0 * H;
+    for (int64_t r = 0; r < rows; ++r) {
+      float* hr = h + r * H;
+      const float* zr = z + r * H;
+      for (int64_t i = 0; i < H; ++i) hr[i] += zr[i];
+      rmsnorm(hr, w->norm2_.data(), H, eps, f_hat + r * H);
+    }
+    gemm_panels(f_hat, H, rows, H, w->w_out_.data(), V, nullptr, logits_out + r0 * V, V);
+  }
+  return Status::Ok();
+}
+
+}  // namespace atlas

@@ -1,0 +1,351 @@
+"""The confidence-aware controller: which speculator to trust, how far to look.
+
+Vocabulary:
+
+* **candidate tree**: what one speculator proposed for one request, each node
+  with that speculator's own *confidence* in [0, 1];
+* **calibrated acceptance** of a node: the estimated probability that the
+  target accepts it given that its parent was accepted. It is learned online,
+  per speculator and depth, as a function of the speculator's confidence
+  (binned), from every verified node whose parent was accepted;
+* **path probability** of a node: the product of calibrated acceptances from
+  the root to it, i.e. the chance the node's token is emitted; the expected
+  number of tokens a step emits is ``1 + sum`` of the path probabilities of
+  its drafted nodes;
+* **cost model**: the target forward's wall time as a function of the number
+  of nodes it verifies (all requests of a step together), measured on this
+  machine: at start-up over a few sizes, then refined after every step, plus
+  each speculator's drafting time.
+
+Each step the controller merges the candidate trees of every request into one
+trie and keeps the nodes, across all requests of the step, that maximise
+expected tokens per second: nodes are taken in decreasing path probability
+(an ancestor is never less probable than its descendants, so every prefix of
+that order is a valid set of trees) and the prefix with the best ratio wins.
+No tree size or depth is fixed; ``max_nodes`` is only a memory bound.
+
+Fallback: given a pair (adaptive, static) of speculator indices, the
+controller runs only the one whose recent acceptance is higher, trying the
+other on a small share of steps so that a recovering adaptive speculator is
+noticed; the adaptive one is dropped as soon as its acceptance drifts below
+the static one's.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .tree import DraftTree
+
+CONF_BINS = 10
+# Depths past this share one calibration row: deep nodes are rare and alike.
+MAX_DEPTH_BUCKET = 8
+# Weight of the prior (acceptance = confidence) in draft counts: a few
+# observations are enough to override a miscalibrated speculator.
+PRIOR_WEIGHT = 2.0
+# Per-observation decay of the calibration counts: a memory of about 5,000
+# verified nodes per speculator, so the estimates follow traffic that shifts.
+DECAY = 1.0 - 1.0 / 5000
+# Share of steps on which the speculator not currently trusted (fallback pair)
+# still runs, so that its acceptance estimate stays current.
+EXPLORE_EVERY = 10
+
+
+@dataclass
+class _Calibration:
+    accepted: np.ndarray = field(default_factory=lambda: np.zeros((MAX_DEPTH_BUCKET, CONF_BINS)))
+    tried: np.ndarray = field(default_factory=lambda: np.zeros((MAX_DEPTH_BUCKET, CONF_BINS)))
+    recent: float = 0.0       # EWMA of acceptance (parent accepted) over all this speculator's nodes
+    recent_n: float = 0.0
+
+    def prob(self, depth: int, conf: float) -> float:
+        # Two-level estimate: the confidence bin pooled over all depths (prior:
+        # acceptance = confidence) is the prior of the depth's own estimate, so
+        # what is learnt at shallow depths carries to deep ones before they
+        # have been tried.
+        d = min(depth, MAX_DEPTH_BUCKET) - 1
+        b = min(int(conf * CONF_BINS), CONF_BINS - 1)
+        prior = (b + 0.5) / CONF_BINS
+        pooled = (self.accepted[:, b].sum() + PRIOR_WEIGHT * prior) / (self.tried[:, b].sum() + PRIOR_WEIGHT)
+        return (self.accepted[d, b] + PRIOR_WEIGHT * pooled) / (self.tried[d, b] + PRIOR_WEIGHT)
+
+    def record(self, depth: int, conf: float, ok: bool) -> None:
+        d = min(depth, MAX_DEPTH_BUCKET) - 1
+        b = min(int(conf * CONF_BINS), CONF_BINS - 1)
+        self.accepted *= DECAY
+        self.tried *= DECAY
+        self.accepted[d, b] += ok
+        self.tried[d, b] += 1
+        self.recent_n = self.recent_n * DECAY + 1
+        self.recent += (ok - self.recent) / max(self.recent_n, 1.0)
+
+
+class CostModel:
+    """Target forward time as a function of verified nodes: medians of recent
+    measurements per size, linearly interpolated, extrapolated by a least
+    squares line through the measured sizes."""
+
+    def __init__(self):
+        self._obs: Dict[int, List[float]] = {}
+
+    def record(self, nodes: int, seconds: float) -> None:
+        buf = self._obs.setdefault(int(nodes), [])
+        buf.append(float(seconds))
+        if len(buf) > 16:
+            del buf[0]
+
+    @property
+    def known_sizes(self) -> List[int]:
+        return sorted(self._obs)
+
+    def __call__(self, nodes: int) -> float:
+        if not self._obs:
+            return 1.0 * nodes  # unmeasured: any increasing cost gives a valid (small) tree
+        sizes = self.known_sizes
+        med = {n: float(np.median(self._obs[n])) for n in sizes}
+        if nodes in med:
+            return med[nodes]
+        if sizes[0] < nodes < sizes[-1]:
+            i = int(np.searchsorted(sizes, nodes))
+            lo, hi = sizes[i - 1], sizes[i]
+            w = (nodes - lo) / (hi - lo)
+            return med[lo] * (1 - w) + med[hi] * w
+        if len(sizes) == 1:
+            return med[sizes[0]] * max(nodes, 1) / max(sizes[0], 1) if nodes > sizes[0] else med[sizes[0]]
+        x = np.array(sizes, float)
+        y = np.array([med[n] for n in sizes])
+        slope, icpt = np.polyfit(x, y, 1)
+        slope = max(slope, 0.0)
+        edge = sizes[0] if nodes < sizes[0] else sizes[-1]
+        return max(med[edge] + slope * (nodes - edge), 1e-9)
+
+
+@dataclass
+class _NodeOrigin:
+    """Per node of a selected tree: (speculator, its confidence) pairs."""
+    proposals: List[Tuple[int, float]]
+
+
+class Controller:
+    """Builds each step's draft trees from the speculators' candidates.
+
+    ``num_speculators``: how many speculators the engine runs, in order (the
+    proposer id of a node is its speculator's index). ``fallback`` = (adaptive,
+    static) indices, or None. ``max_nodes`` bounds one request's tree.
+    """
+
+    def __init__(self, num_speculators: int, *, max_nodes: int = 64, fallback: Optional[Tuple[int, int]] = None,
+                 select: str = "throughput"):
+        if num_speculators < 1:
+            raise ValueError("the controller needs at least one speculator")
+        if fallback is not None:
+            a, s = fallback
+            if not (0 <= a < num_speculators and 0 <= s < num_speculators and a != s):
+                raise ValueError(f"fallback must name two different speculators in [0, {num_speculators}), "
+                                 f"got {fallback}")
+        if select not in ("throughput", "all"):
+            raise ValueError(f"select must be 'throughput' or 'all', got {select!r}")
+        # "all" keeps every candidate up to the budget and runs every speculator
+        # (fixed trees, e.g. to test invariants); "throughput" is the controller.
+        self.select_mode = select
+        self.gain = np.zeros(num_speculators)        # EWMA accepted tokens credited per request-step
+        self.gain_n = np.zeros(num_speculators)
+        self.num_speculators = num_speculators
+        self.max_nodes = max_nodes
+        self.fallback = fallback
+        self.calib = [_Calibration() for _ in range(num_speculators)]
+        self.cost = CostModel()
+        self.draft_time = np.zeros(num_speculators)   # EWMA seconds per step, per speculator
+        self._draft_seen = np.zeros(num_speculators, bool)
+        self.steps = 0
+        self.trusted: Optional[int] = None if fallback is None else fallback[1]
+
+    # ---- which speculators run this step -------------------------------------------
+
+    def active(self) -> List[bool]:
+        """Which speculators propose this step (all, except the untrusted one
+        of the fallback pair on most steps)."""
+        run = [True] * self.num_speculators
+        if self.select_mode == "all":
+            return run
+        explore = self.steps % EXPLORE_EVERY == 0
+        # A speculator pays when the tokens it adds (each worth a plain decode
+        # step's time) outweigh its drafting time.
+        token_time = self.cost(1)
+        for s in range(self.num_speculators):
+            if self.gain_n[s] >= 5 and self.gain[s] * token_time < self.draft_time[s]:
+                run[s] = explore
+        if self.fallback is not None:
+            adaptive, static = self.fallback
+            ca, cs = self.calib[adaptive], self.calib[static]
+            # Trust the adaptive speculator once it is measured and at least as good.
+            self.trusted = adaptive if (ca.recent_n >= 20 and ca.recent >= cs.recent) else static
+            other = static if self.trusted == adaptive else adaptive
+            run[other] = run[other] and explore
+        return run
+
+    def candidate_budget(self, batch: int) -> int:
+        """Nodes each speculator may propose per request: enough to exceed
+        what the cost model would ever select."""
+        if self.select_mode == "all":
+            return self.max_nodes
+        best = self._best_size_hint(batch)
+        return int(min(self.max_nodes, max(4, 2 * best + 2)))
+
+    def _best_size_hint(self, batch: int) -> int:
+        # With perfect drafts (path probability 1) the best tree is where the
+        # marginal cost of a node stops paying for one token: an upper bound
+        # of what any step selects.
+        best, best_rate = 1, 0.0
+        t1 = self.cost(batch)
+        for n in range(1, self.max_nodes + 1):
+            rate = n / max(self.cost(batch * n), 1e-9)
+            if rate > best_rate:
+                best, best_rate = n, rate
+            elif self.cost(batch * n) > 8 * t1:
+                break
+        return best
+
+    # ---- selection ---------------------------------------------------------------------
+
+    def select(self, roots: Sequence[int], candidates: List[List[Optional[DraftTree]]], vocab_size: int,
+               budgets: Sequence[int], draft_seconds: float):
+        """Merges candidates[b][s] (request b, speculator s; None if it did not
+        run) and keeps the best nodes across the step. Returns one DraftTree
+        per request and the origins of its nodes (for :meth:`observe`)."""
+        batch = len(roots)
+        # 1. Merge each request's candidates into one trie with calibrated
+        #    acceptances (max over the speculators proposing a node).
+        merged = []  # per request: (tokens, parents, depth, accept prob, origins)
+        for b in range(batch):
+            index = {(-1, int(roots[b])): 0}
+            toks, pars, depth, prob, origins = [int(roots[b])], [-1], [0], [1.0], [[]]
+            for s, tree in enumerate(candidates[b]):
+                if tree is None or len(tree) <= 1:
+                    continue
+                t_tok, t_par, t_dep, t_conf = tree.tokens, tree.parents, tree.depths, tree.confidences
+                local = [0] * len(t_tok)
+                for i in range(1, len(t_tok)):
+                    parent = local[t_par[i]]
+                    key = (parent, int(t_tok[i]))
+                    conf = float(t_conf[i])
+                    p = self.calib[s].prob(int(t_dep[i]), conf)
+                    j = index.get(key)
+                    if j is None:
+                        j = len(toks)
+                        index[key] = j
+                        toks.append(int(t_tok[i]))
+                        pars.append(parent)
+                        depth.append(int(t_dep[i]))
+                        prob.append(p)
+                        origins.append([(s, conf)])
+                    else:
+                        prob[j] = max(prob[j], p)
+                        origins[j].append((s, conf))
+                    local[i] = j
+            merged.append((toks, pars, depth, prob, origins))
+
+        # 2. Path probabilities; greedy best-first across all requests.
+        heap = []
+        path = []
+        children = []
+        for b, (toks, pars, depth, prob, _) in enumerate(merged):
+            pp = [1.0] * len(toks)
+            ch = [[] for _ in toks]
+            for i in range(1, len(toks)):
+                pp[i] = pp[pars[i]] * prob[i]
+                ch[pars[i]].append(i)
+            path.append(pp)
+            children.append(ch)
+            for c in ch[0]:
+                heapq.heappush(heap, (-pp[c], b, c))
+        chosen = [[0] for _ in range(batch)]
+        taken = [1] * batch  # chosen or pending, per request
+        expected = float(batch)
+        best_rate = expected / (self.cost(batch) + draft_seconds)
+        order = []
+        total = batch
+        while heap:
+            negp, b, i = heapq.heappop(heap)
+            if taken[b] >= budgets[b]:
+                continue
+            taken[b] += 1
+            order.append((b, i))
+            expected += -negp
+            total += 1
+            rate = expected / (self.cost(total) + draft_seconds)
+            if rate > best_rate or self.select_mode == "all":
+                best_rate = rate
+                for bb, ii in order:
+                    chosen[bb].append(ii)
+                order = []
+            for c in children[b][i]:
+                heapq.heappush(heap, (-path[b][c], b, c))
+
+        # 3. Build the final trees (chosen nodes are ancestor-closed).
+        trees, tree_origins = [], []
+        for b, (toks, pars, depth, prob, origins) in enumerate(merged):
+            keep = sorted(chosen[b])
+            remap = {old: new for new, old in enumerate(keep)}
+            t = DraftTree.from_arrays([toks[i] for i in keep], [-1] + [remap[pars[i]] for i in keep[1:]],
+                                      confidences=[1.0] + [min(max(prob[i], 0.0), 1.0) for i in keep[1:]],
+                                      max_nodes=max(len(keep), 1), vocab_size=vocab_size)
+            trees.append(t)
+            tree_origins.append([origins[i] for i in keep])
+        return trees, tree_origins
+
+    # ---- learning from the step ----------------------------------------------------------
+
+    def observe(self, trees: List[DraftTree], origins, accepted: List[np.ndarray],
+                ran: Optional[Sequence[bool]] = None) -> None:
+        """Updates the calibrations from a verified step: every node whose
+        parent was accepted (or is the root) is a trial for its proposers.
+        ``ran`` says which speculators proposed this step (default: all)."""
+        self.steps += 1
+        credit = np.zeros(self.num_speculators)
+        for orig, acc in zip(origins, accepted):
+            for i in acc:
+                for s, _ in orig[int(i)]:
+                    credit[s] += 1
+        for s in range(self.num_speculators):
+            if ran is None or ran[s]:
+                self.gain_n[s] = min(self.gain_n[s] + 1, 1 / (1 - DECAY))
+                self.gain[s] += (credit[s] / max(len(trees), 1) - self.gain[s]) / min(self.gain_n[s], 50)
+        for tree, orig, acc in zip(trees, origins, accepted):
+            n = len(tree)
+            if n <= 1:
+                continue
+            on_path = np.zeros(n, bool)
+            on_path[0] = True
+            on_path[np.asarray(acc, dtype=np.int64)] = True
+            parents = tree.parents
+            depths = tree.depths
+            for i in range(1, n):
+                if on_path[parents[i]]:
+                    ok = bool(on_path[i])
+                    for s, conf in orig[i]:
+                        self.calib[s].record(int(depths[i]), conf, ok)
+
+    def record_forward(self, nodes: int, seconds: float) -> None:
+        self.cost.record(nodes, seconds)
+
+    def record_draft(self, speculator: int, seconds: float) -> None:
+        if not self._draft_seen[speculator]:
+            self.draft_time[speculator] = seconds
+            self._draft_seen[speculator] = True
+        else:
+            self.draft_time[speculator] += 0.1 * (seconds - self.draft_time[speculator])
+
+    def summary(self) -> dict:
+        """Current estimates, for reports."""
+        return {
+            "acceptance": [round(c.recent, 4) for c in self.calib],
+            "tokens_per_step": [round(float(g), 4) for g in self.gain],
+            "trusted": self.trusted,
+            "forward_seconds": {n: round(self.cost(n), 5) for n in self.cost.known_sizes},
+            "draft_seconds": [round(float(t), 6) for t in self.draft_time],
+        }

@@ -1,0 +1,215 @@
+"""The learned speculator's draft head: the PyTorch twin of the native forward.
+
+The module is defined once, in ``cpp/include/atlas/head.h``; this twin computes
+the same function in float32 with autograd, for training. Vocabulary:
+
+* **feature**: a target final-norm hidden state (what its LM head reads), or
+  the head's prediction of one (``f_hat``) deeper in a draft tree;
+* **draft vocabulary**: the ``Vd`` tokens the head scores (the most frequent in
+  traffic, see :func:`choose_draft_vocab`); ``draft_ids[j]`` is the token of
+  logits column ``j``.
+
+For a node x with parent feature f (``H`` = hidden size, ``I`` = intermediate):
+``z = W_in [f ; E[x]] + b_in``, ``h = z + W_down(silu(W_gate n) * W_up n)`` with
+``n = rmsnorm(z) * norm1``, ``f_hat = rmsnorm(h) * norm2``, ``logits = W_out
+f_hat``. ``E`` is the target's token embedding, frozen and never pushed;
+``W_out`` starts as the target's LM head rows of the draft tokens, so an
+untrained head that predicted the feature exactly would score like the target.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The names of the pushable tensors, in the native binding's order; all float32
+# except draft_ids (int32).
+PUSHED = ("w_in", "b_in", "norm1", "w_gate", "w_up", "w_down", "norm2", "w_out", "draft_ids")
+
+
+def choose_draft_vocab(counts, size: int) -> np.ndarray:
+    """The ``size`` most frequent tokens of ``counts`` (``[vocab]``, counts per
+    token id), ties broken towards the lower id, as sorted int32 ids. With
+    ``size >= vocab`` every token. Typical sizes: 2048 to 8192 for a 49k or
+    150k vocabulary (the head's output layer costs ``size * H`` per node)."""
+    counts = np.asarray(counts)
+    if counts.ndim != 1 or counts.size == 0:
+        raise ValueError("counts must be a non-empty 1-D array (one count per token id), "
+                         f"got shape {counts.shape}")
+    if counts.dtype.kind not in "iuf" or not np.all(np.isfinite(counts)) or np.any(counts < 0):
+        raise ValueError("counts must hold finite non-negative numbers")
+    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    size = min(int(size), counts.size)
+    # Stable sort of -counts: equal counts keep ascending id order.
+    order = np.argsort(-counts.astype(np.float64), kind="stable")[:size]
+    return np.sort(order).astype(np.int32)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight over the last dimension."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+class DraftHead(nn.Module):
+    """The draft head (fp32). ``embed`` and ``lm_head`` are the target's
+    ``[vocab, H]`` token embedding and output layer (the same tensor when
+    tied); ``draft_ids`` the draft vocabulary; ``intermediate`` the MLP width
+    (default ``H``: on a CPU the head runs once per tree depth, and its cost
+    grows with the width); ``eps`` the target's RMSNorm epsilon."""
+
+    def __init__(self, embed: torch.Tensor, lm_head: torch.Tensor, draft_ids: Sequence[int],
+                 intermediate: Optional[int] = None, eps: float = 1e-5, seed: int = 0):
+        super().__init__()
+        if not isinstance(embed, torch.Tensor) or embed.ndim != 2:
+            raise ValueError("embed must be a 2-D tensor [vocab, hidden]")
+        vocab, hidden = embed.shape
+        if not isinstance(lm_head, torch.Tensor) or tuple(lm_head.shape) != (vocab, hidden):
+            raise ValueError(f"lm_head must be a tensor of shape {(vocab, hidden)} (the embedding's), "
+                             f"got {tuple(getattr(lm_head, 'shape', ()))}")
+        ids = np.asarray(draft_ids)
+        if ids.ndim != 1 or ids.size == 0 or ids.dtype.kind not in "iu":
+            raise ValueError("draft_ids must be a non-empty 1-D sequence of token ids")
+        if ids.min() < 0 or ids.max() >= vocab or len(np.unique(ids)) != ids.size:
+            raise ValueError(f"draft_ids must be distinct token ids in [0, {vocab})")
+        intermediate = hidden if intermediate is None else intermediate
+        if not isinstance(intermediate, int) or intermediate < 1:
+            raise ValueError(f"intermediate must be a positive int, got {intermediate!r}")
+        if not float(eps) > 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        self.hidden, self.intermediate, self.vocab, self.eps = hidden, intermediate, vocab, float(eps)
+        # Frozen: a buffer, not a parameter; float32 and contiguous so that the
+        # native head can read the same memory.
+        self.register_buffer("embed", embed.detach().to(torch.float32).contiguous(), persistent=False)
+        ids_t = torch.from_numpy(ids.astype(np.int64))
+        self.register_buffer("draft_ids", ids_t)
+        full_to_draft = torch.full((vocab,), -1, dtype=torch.long)
+        full_to_draft[ids_t] = torch.arange(len(ids_t))
+        self.register_buffer("full_to_draft", full_to_draft)  # [vocab], -1 outside the draft vocabulary
+
+        gen = torch.Generator().manual_seed(seed)
+
+        def uniform(rows, cols):  # nn.Linear's default scale, from an explicit generator
+            bound = 1.0 / np.sqrt(cols)
+            return nn.Parameter((torch.rand(rows, cols, generator=gen) * 2 - 1) * bound)
+
+        self.w_in = uniform(hidden, 2 * hidden)
+        self.b_in = nn.Parameter(torch.zeros(hidden))
+        self.norm1 = nn.Parameter(torch.ones(hidden))
+        self.w_gate = uniform(intermediate, hidden)
+        self.w_up = uniform(intermediate, hidden)
+        self.w_down = uniform(hidden, intermediate)
+        self.norm2 = nn.Parameter(torch.ones(hidden))
+        self.w_out = nn.Parameter(lm_head.detach().to(torch.float32)[ids_t].clone())
+
+    @classmethod
+    def from_target(cls, target, draft_ids: Sequence[int], **kwargs) -> "DraftHead":
+        """A head for an :func:`atlas.load` target (its embedding, LM head,
+        hidden size and RMSNorm epsilon)."""
+        model = getattr(target, "model", None)
+        embed = getattr(model, "embed", None)
+        lm_head = getattr(model, "lm_head", None)
+        if not isinstance(embed, torch.Tensor) or not isinstance(lm_head, torch.Tensor):
+            raise ValueError("target must expose model.embed and model.lm_head tensors "
+                             "(an atlas.load target)")
+        if embed.shape[1] != target.config.hidden_size:
+            raise ValueError("target.model.embed does not match target.config.hidden_size")
+        kwargs.setdefault("eps", float(target.config.rms_norm_eps))
+        return cls(embed, lm_head, draft_ids, **kwargs)
+
+    @property
+    def draft_vocab(self) -> int:
+        return int(self.draft_ids.numel())
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """features ``[N, H]``, tokens ``[N]`` -> (f_hat ``[N, H]``, logits ``[N, Vd]``)."""
+        x = torch.cat([features.to(self.w_in.dtype), self.embed[tokens.long()]], dim=-1)
+        z = F.linear(x, self.w_in, self.b_in)
+        n = rms_norm(z, self.norm1, self.eps)
+        h = z + F.linear(F.silu(F.linear(n, self.w_gate)) * F.linear(n, self.w_up), self.w_down)
+        f_hat = rms_norm(h, self.norm2, self.eps)
+        return f_hat, F.linear(f_hat, self.w_out)
+
+    def export(self) -> Dict[str, np.ndarray]:
+        """The pushable weights (every name of ``PUSHED``) as contiguous numpy
+        copies: float32, torch layout ``[out, in]``, and int32 ``draft_ids``.
+        The dict that ``atlas._native.DraftHead.push`` takes."""
+        with torch.no_grad():
+            out = {name: getattr(self, name).detach().to("cpu", torch.float32).contiguous().numpy().copy()
+                   for name in PUSHED if name != "draft_ids"}
+        out["draft_ids"] = self.draft_ids.cpu().numpy().astype(np.int32)
+        return out
+
+    def load_export(self, weights: Dict[str, np.ndarray]) -> None:
+        """Loads what :meth:`export` wrote (same hidden, intermediate and draft
+        vocabulary size; the draft vocabulary itself may differ)."""
+        missing = [n for n in PUSHED if n not in weights]
+        if missing:
+            raise ValueError(f"weights is missing {missing}")
+        ids = np.asarray(weights["draft_ids"])
+        if ids.shape != (self.draft_vocab,) or ids.min() < 0 or ids.max() >= self.vocab \
+                or len(np.unique(ids)) != ids.size:
+            raise ValueError(f"draft_ids must be {self.draft_vocab} distinct token ids in [0, {self.vocab})")
+        with torch.no_grad():
+            for name in PUSHED[:-1]:
+                p = getattr(self, name)
+                w = torch.as_tensor(np.asarray(weights[name]), dtype=torch.float32)
+                if w.shape != p.shape:
+                    raise ValueError(f"{name} must have shape {tuple(p.shape)}, got {tuple(w.shape)}")
+                p.copy_(w)
+            self.draft_ids.copy_(torch.from_numpy(ids.astype(np.int64)))
+            self.full_to_draft.fill_(-1)
+            self.full_to_draft[self.draft_ids] = torch.arange(self.draft_vocab)
+
+    def loss(self, features: torch.Tensor, tokens: torch.Tensor, target_features: torch.Tensor,
+             target_topk_logits: torch.Tensor, target_topk_ids: torch.Tensor,
+             feature_weight: float = 1.0) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """Runs the head and returns :func:`distillation_loss` of its outputs."""
+        f_hat, logits = self(features, tokens)
+        return distillation_loss(logits, f_hat, target_features, target_topk_logits, target_topk_ids,
+                                 self.full_to_draft, feature_weight)
+
+
+def distillation_loss(logits: torch.Tensor, f_hat: torch.Tensor, target_features: torch.Tensor,
+                      target_topk_logits: torch.Tensor, target_topk_ids: torch.Tensor,
+                      full_to_draft: torch.Tensor, feature_weight: float = 1.0
+                      ) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """The head's training loss for N tapped nodes:
+    ``cross_entropy + feature_weight * feature_regression``.
+
+    * ``logits [N, Vd]``, ``f_hat [N, H]``: the head's outputs for the nodes.
+    * ``target_features [N, H]``: the target's final-norm hidden state at each
+      node's position (what ``f_hat`` predicts).
+    * ``target_topk_logits, target_topk_ids [N, k]``: the target's k largest
+      logits at each node and their token ids (the tap keeps the top k rather
+      than whole vocabulary rows to keep its memory small).
+    * ``full_to_draft [vocab]``: draft column of each token id, -1 outside.
+
+    Cross-entropy: the target distribution is the softmax of its top-k logits
+    restricted to the draft vocabulary (renormalised over the top-k tokens the
+    head can score), and the loss is ``-sum_j p_j log q_j`` with ``q`` the head's
+    softmax over the draft vocabulary: the KL divergence from p to q up to p's
+    entropy, which does not depend on the head. Rows with none of their top-k
+    in the draft vocabulary are left out of this term. Feature regression: the
+    mean squared error of ``f_hat`` against the target feature, divided by the
+    target features' mean square, so that the term is 1 for a head that
+    predicts zeros whatever the scale of the target's hidden states (it keeps
+    deeper drafts, which read ``f_hat``, on the target's manifold).
+    Returns ``(loss, {"ce", "feature", "rows"})``.
+    """
+    cols = full_to_draft[target_topk_ids.long()]              # [N, k], -1 outside
+    inside = cols >= 0
+    rows = inside.any(-1)                                     # [N]
+    masked = target_topk_logits.float().masked_fill(~inside, float("-inf"))
+    p = torch.softmax(masked[rows], dim=-1)                   # [R, k]
+    logq = torch.log_softmax(logits[rows].float(), dim=-1)    # [R, Vd]
+    logq_k = torch.gather(logq, 1, cols[rows].clamp(min=0))   # [R, k]
+    ce_rows = -(p * logq_k.masked_fill(~inside[rows], 0.0)).sum(-1)
+    ce = ce_rows.mean() if ce_rows.numel() else logits.sum() * 0.0
+    scale = target_features.float().pow(2).mean().clamp(min=1e-12)
+    feat = (f_hat.float() - target_features.float()).pow(2).mean() / scale
+    loss = ce + feature_weight * feat
+    return loss, {"ce": float(ce.detach()), "feature": float(feat.detach()), "rows": int(rows.sum())}
