@@ -461,6 +461,26 @@ def test_hand_sampling_draft_probs_and_multiplicity():
             assert res.emitted[0].tolist() == [0]
 
 
+def test_rejecting_the_dominant_token():
+    """A draft of a token holding 99.94% of the mass, rejected (u >= p(x)): the
+    total left is a tiny difference of large sums, which the verifier must
+    recompute rather than subtract. The bonus then follows the rest of p."""
+    vocab = 5000  # three exp blocks; the dominant token sits in the last one
+    rng = np.random.default_rng(2)
+    row = rng.standard_normal(vocab).astype(np.float32)
+    row[4500] = 16.0
+    logits = np.stack([row, row])
+    p = ref_transform(row, 1.0, 0, 1.0)[0]
+    assert p[4500] > 0.999
+    offsets = [o for o in range(100000) if philox(5, o, 0, 0) >= p[4500]][:8]
+    assert len(offsets) >= 3
+    for off in offsets:
+        res = atlas.verify(logits, [0, 4500], [-1, 0], temperature=1.0, seed=5, offset=off)
+        acc, emit, near = ref_verify_tree(logits.astype(np.float64), [0, 4500], [-1, 0], 1.0, 0, 1.0, 5, off)
+        assert acc == [] and emit[0] != 4500
+        assert near or res.emitted[0].tolist() == emit
+
+
 # ---- replay and randomness ---------------------------------------------------------
 
 def test_philox_known_answers():

@@ -1,12 +1,20 @@
-// verify.cpp: the CPU verifier. The rules it implements are written in
-// atlas/verify.h; this file says how it keeps them fast:
+// verify.cpp: the CPU verifier. The rules it implements are in atlas/verify.h;
+// this file is about doing it at the speed of reading the logits:
 //   - only the rows on the walk are read (the root, then each accepted node);
-//   - greedy is one pass per row (maximum, first index of it, NaN/+inf check);
-//   - sampling reads a row once for its maximum (and, with top_k, its top-k
-//     candidates), then evaluates exp once per kept token; top_p finds its
-//     cut with a histogram of the probability mass over buckets of the scaled
-//     logit and sorts only the one bucket the cut falls in;
+//   - greedy is one vectorised pass per row: maximum, its lowest index, and the
+//     NaN/+inf check;
+//   - sampling without top_k is one fused pass per row: per 8 KiB block the
+//     maximum and check, then 2^t for every token against the running maximum
+//     (exp evaluated once per token, a polynomial); blocks computed against a
+//     lower maximum are rescaled only when their weights are needed;
+//   - top_k reads the row once for block maxima, then rereads only the ~k
+//     blocks that can hold a top-k token; exp only for the candidates;
+//   - top_p sorts only what it must: after top_k, the k candidates; otherwise a
+//     histogram of the mass over buckets of t finds the one bucket where the
+//     cut falls, and only that bucket is sorted;
 //   - sums are accumulated in double; bfloat16 rows are widened on the fly;
+//   - kernels run on 4-, 8- or 16-float vectors (SSE4.2 / AVX2 / AVX-512,
+//     chosen at run time) with identical results;
 //   - all scratch lives in the caller's workspace: verify() never allocates
 //     (std::string only on error paths).
 #include "atlas/verify.h"
@@ -24,6 +32,10 @@ namespace atlas {
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// Why 2^30: the row loops index tokens with int32 and step up to a few hundred
+// past the index; 2^30 leaves that headroom, and no vocabulary comes near it.
+constexpr int64_t kMaxVocab = int64_t{1} << 30;
 
 // ---- Philox-4x32-10 (Salmon et al., SC'11), as in Random123 ---------------------
 
@@ -220,9 +232,6 @@ ATLAS_INLINE float reduce_max(const typename Simd<W>::F& v) {
   return m;
 }
 
-// Sampling works in base 2: t = (x - max) * log2(e) / T, weight = 2^t.
-ATLAS_INLINE float scaled(float x, float max, float c) { return (x - max) * c; }
-
 struct RowMax {
   float max = -kInf;
   int32_t argmax = 0;  // lowest index holding max
@@ -357,7 +366,7 @@ ATLAS_INLINE DenseRow exp_row_impl(const T* __restrict row, int32_t n, float c, 
     for (; j + kStep <= len; j += kStep) {
       // The next block's max pass reads from memory: ask for it while the
       // exponentials keep the core busy.
-      if (b0 + kExpBlock < n) {
+      if (b0 + kExpBlock + j + kStep <= n) {
         const char* next = reinterpret_cast<const char*>(r + kExpBlock + j);
         for (size_t off = 0; off < kStep * sizeof(T); off += 64) __builtin_prefetch(next + off);
       }
@@ -397,11 +406,10 @@ ATLAS_INLINE DenseRow exp_row_impl(const T* __restrict row, int32_t n, float c, 
   return out;
 }
 
-// Sum of w[0..n) in double: every element widened, four independent groups of
-// eight lanes so that the adds do not wait on each other.
+// Sum of w[0..n) in double: every element widened; two independent sets of
+// lane accumulators so that the adds do not wait on each other.
 template <int W>
 ATLAS_INLINE double sum_floats_impl(const float* __restrict w, int32_t n) {
-  // Two independent accumulator sets so that the adds do not wait on each other.
   WideAcc<W> acc[2];
   int32_t j = 0;
   for (; j + 2 * kLanes <= n; j += 2 * kLanes)
@@ -422,8 +430,6 @@ struct Cand {
   float w;     // 2^t, t = (x - max) log2(e) / T
   int32_t id;  // token
 };
-// Spare candidate slots past vocab: the top-k scan writes one block ahead.
-constexpr int64_t kCandSlack = 64;
 
 // top_p buckets: kBucketsPerOctave per unit of t (a factor 2 in probability)
 // down to the weight floor at t = -127; within one bucket probabilities differ
@@ -453,7 +459,7 @@ int64_t workspace_layout(int64_t vocab, char* base, Workspace* ws) {
   };
   char* w = take(vocab * static_cast<int64_t>(sizeof(float)));
   char* ids = take(vocab * static_cast<int64_t>(sizeof(int32_t)));
-  char* cand = take((vocab + kCandSlack) * static_cast<int64_t>(sizeof(Cand)));
+  char* cand = take(vocab * static_cast<int64_t>(sizeof(Cand)));
   char* hist = take(kNumBuckets * static_cast<int64_t>(sizeof(double)));
   char* bmax = take(num_exp_blocks(vocab) * static_cast<int64_t>(sizeof(float)));
   char* bsum = take(num_exp_blocks(vocab) * static_cast<int64_t>(sizeof(double)));
@@ -482,6 +488,7 @@ struct Dist {
   double total = 0.0;
   // Dense rows from exp_row: blocks whose weights still wait for their factor.
   const float* block_max = nullptr;  // null when every weight is final
+  double* block_sum = nullptr;  // exp_row's block sums, before the factors
   float row_max = 0.0f;
   float scale = 0.0f;
 
@@ -522,7 +529,31 @@ struct Dist {
 // p <- normalise(max(p - onehot(t), 0)): token t leaves the distribution. If
 // nothing would be left (possible only through rounding), p stays as it was.
 void remove_token(Dist& d, int32_t t) {
-  d.materialize();
+  if (d.block_max) {
+    // Untouched dense row: take the token out of its block sum and the total,
+    // and keep the factors pending (0 times a factor is 0).
+    if (d.w[t] == 0.0f) return;
+    const int32_t b = t / kExpBlock;
+    const double f = static_cast<double>(block_factor(d.block_max[b], d.row_max, d.scale));
+    const float old = d.w[t];
+    const double before = d.total;
+    d.w[t] = 0.0f;
+    d.block_sum[b] -= static_cast<double>(old);
+    d.total = before - static_cast<double>(old) * f;
+    if (d.total < 1e-3 * before) {  // cancellation: sum again (this block, then the blocks)
+      const int32_t b0 = b * kExpBlock;
+      d.block_sum[b] = sum_floats(d.w + b0, std::min(d.n, b0 + kExpBlock) - b0);
+      d.total = 0.0;
+      for (int32_t i = 0, i0 = 0; i0 < d.n; ++i, i0 += kExpBlock)
+        d.total += d.block_sum[i] * static_cast<double>(block_factor(d.block_max[i], d.row_max, d.scale));
+    }
+    if (!(d.total > 0.0)) {
+      d.w[t] = old;
+      d.block_sum[b] += static_cast<double>(old);
+      d.total = before;
+    }
+    return;
+  }
   const int32_t i = d.find(t);
   if (i < 0 || d.w[i] == 0.0f) return;
   const float old = d.w[i];
@@ -561,9 +592,28 @@ bool subtract_draft(Dist& d, const float* __restrict q) {
 // weight exceeds u * total. Block sums find the block first so that the serial
 // scan covers one block.
 int32_t sample(Dist& d, float u) {
+  const double target = static_cast<double>(u) * d.total;
+  if (d.block_max) {
+    // A dense row nothing has changed since exp_row: its block sums locate the
+    // block, and only that block's weights are brought to the row maximum.
+    double cum = 0.0;
+    for (int32_t b = 0, b0 = 0; b0 < d.n; ++b, b0 += kExpBlock) {
+      const float f = block_factor(d.block_max[b], d.row_max, d.scale);
+      const double bs = d.block_sum[b] * static_cast<double>(f);
+      if (!(cum + bs > target)) {
+        cum += bs;
+        continue;
+      }
+      const int32_t e = std::min(d.n, b0 + kExpBlock);
+      for (int32_t j = b0; j < e; ++j) {
+        cum += static_cast<double>(f == 1.0f ? d.w[j] : Dist::rescaled(d.w[j], f));
+        if (cum > target) return j;
+      }
+    }
+    // Rounding put u * total past the last weight: the general path below settles it.
+  }
   d.materialize();
   constexpr int32_t kBlock = 1024;
-  const double target = static_cast<double>(u) * d.total;
   double cum = 0.0;
   for (int32_t b = 0; b < d.n; b += kBlock) {
     const int32_t e = std::min(d.n, b + kBlock);
@@ -676,7 +726,8 @@ ATLAS_INLINE RowMax block_maxima_impl(const T* __restrict row, int32_t n, float*
 }
 
 // Steps 2 and 3 above; returns the number of candidates in buf (every token
-// >= the k-th largest logit, ties included). buf holds vocab + kCandSlack.
+// >= the k-th largest logit, ties included). buf holds vocab entries; each
+// write lands at most at the index of the token being read.
 template <class T>
 int32_t top_k_candidates(const T* row, int32_t n, int32_t k, const float* bmax, Cand* buf) {
   const int32_t nblocks = num_top_k_blocks(n);
@@ -710,7 +761,7 @@ int32_t top_k_candidates(const T* row, int32_t n, int32_t k, const float* bmax, 
   return keep_top_k(buf, count, k, &kth);
 }
 
-// Weights of candidates, eight at a time through the same kernel.
+// Weights of candidates, four at a time through the same kernel.
 void exp_cands(Cand* c, int32_t n, float max, float scale) {
   for (int32_t i = 0; i < n; i += 4) {
     const int32_t count = std::min(4, n - i);
@@ -921,6 +972,7 @@ Status Walker::build(const TreeView& t, int32_t node, const SamplingParams& sp, 
   d->n = vocab_;
   d->total = s.total;
   d->block_max = ws_.block_max;
+  d->block_sum = ws_.block_sum;
   d->row_max = s.max;
   d->scale = scale;
   if (!(top_p < 1.0)) return Status::Ok();
@@ -1079,8 +1131,8 @@ Status validate(const VerifyProblem& p, const Workspace& ws) {
   if (p.logits == nullptr) return Status::Invalid("logits must not be null");
   if (p.logits_dtype != DType::kFloat32 && p.logits_dtype != DType::kBFloat16)
     return Status::Invalid("logits_dtype must be float32 or bfloat16");
-  if (p.vocab < 1 || p.vocab > std::numeric_limits<int32_t>::max())
-    return Status::Invalid("vocab must be in [1, 2^31 - 1], got " + std::to_string(p.vocab));
+  if (p.vocab < 1 || p.vocab > kMaxVocab)
+    return Status::Invalid("vocab must be in [1, 2^30], got " + std::to_string(p.vocab));
   if (p.logits_row_stride < p.vocab)
     return Status::Invalid("logits_row_stride must be >= vocab = " + std::to_string(p.vocab) + ", got " +
                            std::to_string(p.logits_row_stride));
@@ -1162,14 +1214,14 @@ float philox_uniform(uint64_t seed, uint64_t offset, uint32_t node, uint32_t att
 }
 
 int64_t verify_workspace_bytes(int64_t vocab) {
-  if (vocab < 1 || vocab > std::numeric_limits<int32_t>::max()) return 0;
+  if (vocab < 1 || vocab > kMaxVocab) return 0;
   return workspace_layout(vocab, nullptr, nullptr);
 }
 
 Status verify(const VerifyProblem& p) {
   // The workspace may come at any alignment; its size includes the slack.
   Workspace ws;
-  if (p.workspace && p.vocab >= 1 && p.vocab <= std::numeric_limits<int32_t>::max()) {
+  if (p.workspace && p.vocab >= 1 && p.vocab <= kMaxVocab) {
     const uintptr_t addr = reinterpret_cast<uintptr_t>(p.workspace);
     char* base = static_cast<char*>(p.workspace) + (kAlign - addr % kAlign) % kAlign;
     workspace_layout(p.vocab, base, &ws);

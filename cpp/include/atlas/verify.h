@@ -98,7 +98,7 @@ struct VerifyProblem {
 };
 
 // Bytes of scratch one verify() call needs for this vocabulary (0 when vocab is
-// not in [1, 2^31 - 1]).
+// not in [1, 2^30], the vocabularies verify() accepts).
 int64_t verify_workspace_bytes(int64_t vocab);
 
 // Validates the whole problem first (shapes, strides, parents, token ids,
