@@ -90,6 +90,7 @@ struct Simd<4> {
   typedef uint32_t U __attribute__((vector_size(16)));
   typedef uint16_t H __attribute__((vector_size(8)));
   typedef double D __attribute__((vector_size(32)));  // all of F, widened
+  typedef int16_t K __attribute__((vector_size(16)));  // bfloat16 keys, 2W lanes
 };
 template <>
 struct Simd<8> {
@@ -98,6 +99,7 @@ struct Simd<8> {
   typedef uint32_t U __attribute__((vector_size(32)));
   typedef uint16_t H __attribute__((vector_size(16)));
   typedef double D __attribute__((vector_size(32)));  // half of F, widened
+  typedef int16_t K __attribute__((vector_size(32)));
 };
 template <>
 struct Simd<16> {
@@ -106,6 +108,7 @@ struct Simd<16> {
   typedef uint32_t U __attribute__((vector_size(64)));
   typedef uint16_t H __attribute__((vector_size(32)));
   typedef double D __attribute__((vector_size(64)));  // half of F, widened
+  typedef int16_t K __attribute__((vector_size(64)));
 };
 
 #define ATLAS_INLINE inline __attribute__((always_inline))
@@ -239,44 +242,48 @@ struct RowMax {
 };
 
 // One pass: maximum, the lowest index where it occurs, and whether the row
-// holds a NaN or +inf (!(x < +inf) is true exactly for those).
+// holds a NaN or +inf (!(x < +inf) is true exactly for those). The answer is
+// exact whatever the lane layout, so the layout is free: kChains<W> independent
+// vectors per step, so that no compare waits on the previous one (as many as
+// the registers allow; measured on a Zen 4).
+template <int W>
+constexpr int kChains = W == 16 ? 4 : 2;
+
 template <int W, class T>
 ATLAS_INLINE RowMax scan_row_impl(const T* __restrict row, int32_t n) {
   using F = typename Simd<W>::F;
   using I = typename Simd<W>::I;
-  constexpr int S = kLanes / W;
+  constexpr int32_t kStep = kChains<W> * W;
   const F inf = splat<W>(kInf);
   const F one = splat<W>(1.0f);  // bad counts, per lane, the NaN and +inf seen
-  // ix holds the step (j / kLanes) at which a lane last rose; the token is
-  // step * kLanes + lane. One broadcast step counter serves all sub-vectors.
-  F mx[S];
-  F bad[S];
-  I ix[S];
-  for (int h = 0; h < S; ++h) {
-    mx[h] = splat<W>(-kInf);
-    ix[h] = I{};
-    bad[h] = F{};
+  // ix holds the step at which a lane last rose: token = step * kStep + c * W + lane.
+  F mx[kChains<W>], bad[kChains<W>];
+  I ix[kChains<W>];
+  for (int c = 0; c < kChains<W>; ++c) {
+    mx[c] = splat<W>(-kInf);
+    bad[c] = F{};
+    ix[c] = I{};
   }
   I step = I{};
   int32_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int h = 0; h < S; ++h) {
-      const F x = load<W>(row + j + h * W);
-      const I gt = x > mx[h];  // strict: each lane keeps its first maximum
-      mx[h] = gt ? x : mx[h];
-      ix[h] = gt ? step : ix[h];
-      bad[h] += x < inf ? F{} : one;
+  for (; j + kStep <= n; j += kStep) {
+    for (int c = 0; c < kChains<W>; ++c) {
+      const F x = load<W>(row + j + c * W);
+      const I gt = x > mx[c];  // strict: each lane keeps its first maximum
+      mx[c] = gt ? x : mx[c];
+      ix[c] = gt ? step : ix[c];
+      bad[c] += x < inf ? F{} : one;
     }
     step += 1;
   }
   RowMax r;
   int32_t any_bad = 0;
-  for (int h = 0; h < S; ++h) {
+  for (int c = 0; c < kChains<W>; ++c) {
     for (int l = 0; l < W; ++l) {
-      any_bad |= bad[h][l] != 0.0f;
-      const int32_t index = ix[h][l] * kLanes + h * W + l;
-      if (mx[h][l] > r.max || (mx[h][l] == r.max && index < r.argmax)) {
-        r.max = mx[h][l];
+      any_bad |= bad[c][l] != 0.0f;
+      const int32_t index = ix[c][l] * kStep + c * W + l;
+      if (mx[c][l] > r.max || (mx[c][l] == r.max && index < r.argmax)) {
+        r.max = mx[c][l];
         r.argmax = index;
       }
     }
@@ -291,6 +298,82 @@ ATLAS_INLINE RowMax scan_row_impl(const T* __restrict row, int32_t n) {
     }
   }
   r.finite = any_bad == 0;
+  return r;
+}
+
+// bfloat16 greedy without widening: a bfloat16's bits h, as int16, map to
+//   key = (h ^ (s & 0x7fff)) - s,  s = h >> 15 (0 or -1),
+// which orders keys as the floats are ordered (negative values have their
+// magnitude bits flipped, then move up by one so that -0 and +0 share key 0).
+// +inf is 0x7f80 and NaNs lie beyond the infinities: a maximum key >= 0x7f80 or
+// a minimum key below that of -inf means NaN or +inf. Twice the lanes of a float
+// vector, and exact: the lowest index of the maximum, as torch.argmax.
+constexpr int16_t kKeyPosInf = 0x7f80;
+constexpr int16_t kKeyNegInf = -32640;  // key of 0xff80
+
+ATLAS_INLINE int16_t bf16_key(uint16_t bits) {
+  const int16_t h = static_cast<int16_t>(bits);
+  const int16_t sign = static_cast<int16_t>(h >> 15);
+  return static_cast<int16_t>((h ^ (sign & 0x7fff)) - sign);
+}
+
+template <int W>
+ATLAS_INLINE RowMax scan_row_bf16_impl(const uint16_t* __restrict row, int32_t n) {
+  using K = typename Simd<W>::K;
+  constexpr int32_t L = 2 * W;              // lanes per vector
+  constexpr int32_t kStep = kChains<W> * L;   // tokens per step
+  // The step within a chunk is an int16 lane: chunks of 2^14 steps.
+  constexpr int32_t kChunkSteps = 1 << 14;
+  int16_t best_key = std::numeric_limits<int16_t>::min();
+  int16_t lowest = std::numeric_limits<int16_t>::max();
+  int32_t best = 0;
+  int32_t j = 0;
+  while (j + kStep <= n) {
+    const int32_t steps = std::min(kChunkSteps, (n - j) / kStep);
+    K mx[kChains<W>], mn[kChains<W>], ix[kChains<W>];
+    for (int c = 0; c < kChains<W>; ++c) {
+      mx[c] = K{} + std::numeric_limits<int16_t>::min();
+      mn[c] = K{} + std::numeric_limits<int16_t>::max();
+      ix[c] = K{};
+    }
+    K step = K{};
+    for (int32_t s = 0; s < steps; ++s) {
+      for (int c = 0; c < kChains<W>; ++c) {
+        K h;
+        std::memcpy(&h, row + j + s * kStep + c * L, sizeof(h));
+        const K sign = h >> 15;
+        const K key = (h ^ (sign & 0x7fff)) - sign;
+        const K gt = key > mx[c];  // strict: each lane keeps its first maximum
+        mx[c] = gt ? key : mx[c];
+        ix[c] = gt ? step : ix[c];
+        mn[c] = key < mn[c] ? key : mn[c];
+      }
+      step += 1;
+    }
+    for (int c = 0; c < kChains<W>; ++c) {
+      for (int l = 0; l < L; ++l) {
+        lowest = mn[c][l] < lowest ? mn[c][l] : lowest;
+        const int32_t index = j + ix[c][l] * kStep + c * L + l;
+        if (mx[c][l] > best_key || (mx[c][l] == best_key && index < best)) {
+          best_key = mx[c][l];
+          best = index;
+        }
+      }
+    }
+    j += steps * kStep;
+  }
+  for (; j < n; ++j) {  // the tail holds indices above every lane's
+    const int16_t key = bf16_key(row[j]);
+    lowest = key < lowest ? key : lowest;
+    if (key > best_key) {
+      best_key = key;
+      best = j;
+    }
+  }
+  RowMax r;
+  r.finite = best_key < kKeyPosInf && lowest >= kKeyNegInf;
+  r.argmax = best;
+  r.max = best_key == kKeyNegInf ? -kInf : bf16_to_float(row[best]);
   return r;
 }
 
@@ -667,7 +750,7 @@ int32_t keep_top_k(Cand* buf, int32_t count, int32_t k, float* kth) {
 //   3. only the blocks whose maximum reaches tau are read again (from cache),
 //      each token >= tau a candidate; the k-th largest candidate is the cut.
 // Steps 2 and 3 touch about k blocks, so the cost is one read of the row.
-constexpr int32_t kTopKBlock = 2 * kLanes;
+constexpr int32_t kTopKBlock = 4 * kLanes;
 
 inline int32_t num_top_k_blocks(int64_t vocab) {
   return static_cast<int32_t>((vocab + kTopKBlock - 1) / kTopKBlock);
@@ -812,7 +895,7 @@ ATLAS_INLINE void bucket_keys_impl(const T* __restrict row, int32_t n, float max
   namespace NS {                                                                                        \
   ATTR double sum_floats(const float* w, int32_t n) { return sum_floats_impl<W>(w, n); }                \
   ATTR RowMax scan_row(const float* r, int32_t n) { return scan_row_impl<W>(r, n); }                    \
-  ATTR RowMax scan_row(const uint16_t* r, int32_t n) { return scan_row_impl<W>(r, n); }                 \
+  ATTR RowMax scan_row(const uint16_t* r, int32_t n) { return scan_row_bf16_impl<W>(r, n); }            \
   ATTR DenseRow exp_row(const float* r, int32_t n, float c, float* w, float* bmax, double* bsum) {      \
     return exp_row_impl<W>(r, n, c, w, bmax, bsum);                                                     \
   }                                                                                                     \
@@ -835,13 +918,13 @@ ATLAS_DEFINE_KERNELS(w4, 4, ATLAS_NO_CONTRACT)
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 ATLAS_DEFINE_KERNELS(w8, 8, __attribute__((target("avx2"))) ATLAS_NO_CONTRACT)
-ATLAS_DEFINE_KERNELS(w16, 16, __attribute__((target("avx512f"))) ATLAS_NO_CONTRACT)
+ATLAS_DEFINE_KERNELS(w16, 16, __attribute__((target("avx512f,avx512bw"))) ATLAS_NO_CONTRACT)
 
 int simd_width() {
   static const int width = [] {
     const char* cap_env = std::getenv("ATLAS_SIMD_WIDTH");
     const int cap = cap_env ? std::atoi(cap_env) : 16;
-    if (cap >= 16 && __builtin_cpu_supports("avx512f")) return 16;
+    if (cap >= 16 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return 16;
     if (cap >= 8 && __builtin_cpu_supports("avx2")) return 8;
     return 4;
   }();
