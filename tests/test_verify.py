@@ -826,6 +826,40 @@ def test_bad_rows_on_the_walk():
         assert all(t < 2 for t in res.emitted[0])
 
 
+def bf16_from_bits(bits):
+    return torch.tensor(np.asarray(bits, np.uint16).view(np.int16)).view(torch.bfloat16)
+
+
+@pytest.mark.parametrize("vocab", [7, 64, 300, 2000])
+def test_bfloat16_special_values(vocab):
+    """The bfloat16 greedy scan works on the raw bits: check its corner cases."""
+    rng = np.random.default_rng(vocab)
+    base = torch.from_numpy(rng.standard_normal(vocab).astype(np.float32) - 5).bfloat16()
+    bits = base.view(torch.int16).numpy().view(np.uint16).copy()
+    where = rng.choice(vocab, 3, replace=False)
+    # -0 before +0 at the maximum: equal values, the lower index wins (as torch.argmax).
+    row = bits.copy()
+    row[min(where[:2])], row[max(where[:2])] = 0x8000, 0x0000
+    t = bf16_from_bits(row)[None]
+    assert atlas.verify(t, [0], [-1]).emitted[0].tolist() == [int(torch.argmax(t[0].float()))]
+    row[min(where[:2])], row[max(where[:2])] = 0x0000, 0x8000
+    assert atlas.verify(bf16_from_bits(row)[None], [0], [-1]).emitted[0].tolist() == [int(min(where[:2]))]
+    # -inf entries are allowed; the largest finite value wins, even the most negative one.
+    row = np.full(vocab, 0xFF80, np.uint16)
+    row[where[2]] = 0xFF7F  # the lowest finite bfloat16
+    assert atlas.verify(bf16_from_bits(row)[None], [0], [-1]).emitted[0].tolist() == [int(where[2])]
+    row[where[2]] = 0xFF80
+    with pytest.raises(ValueError, match="all -inf"):
+        atlas.verify(bf16_from_bits(row)[None], [0], [-1])
+    # NaN of either sign and +inf are refused wherever they sit.
+    for bad in (0x7F80, 0x7FC0, 0x7F81, 0xFFC0, 0xFF81, 0xFFFF):
+        row = bits.copy()
+        row[where[2]] = bad
+        for kw in (dict(), dict(temperature=1.0), dict(temperature=1.0, top_k=3)):
+            with pytest.raises(ValueError, match=r"NaN or \+inf"):
+                atlas.verify(bf16_from_bits(row)[None], [0], [-1], **kw)
+
+
 def test_bad_draft_rows():
     logits = np.zeros((2, 3), np.float32)
     tokens, parents = np.array([0, 1], np.int32), np.array([-1, 0], np.int32)
