@@ -31,17 +31,18 @@
 // The emitted tokens are then distributed exactly as plain sampling of the
 // target token by token (one node tree = the plain sampler).
 //
-// Numerics: p is computed in float with double sums; each probability has a
-// relative error below ~1e-6, and tokens less likely than 2^-126 times the
-// most likely one get probability 0 (so -inf logits never come out). A
-// decision whose margin is below that (u within 1e-6 of a threshold, a top_p
-// cut within 1e-6 of a boundary) may differ from an exact float64 reference.
-// Results are bit-identical on every x86-64 CPU whatever vector width it runs.
+// Numerics: p is computed in float with double sums. A token 2^-t times as
+// likely as the most likely one has a relative error below 4e-7 + 2e-7 t;
+// tokens less likely than 2^-126 times the most likely one get probability 0
+// (so -inf logits never come out). A decision within that error of a boundary
+// (u against p(x) / q(x), a top_p cut, a cumulative sum in the bonus draw) may
+// differ from an exact float64 reference. Results are bit-identical on every
+// x86-64 CPU whatever vector width it runs.
 //
 // Randomness is counter based (Philox-4x32-10, as in Random123) so that a run
-// replays bit for bit: the uniform for attempt j (0, 1, ... in the order the
-// children of node i are tried) at tree-local node i of a sequence with
-// (seed, offset) is
+// replays bit for bit, with the same uniforms on the CPU and the GPU: the
+// uniform for attempt j (0, 1, ... in the order the children of node i are
+// tried) at tree-local node i of a sequence with (seed, offset) is
 //   out = philox4x32_10(counter = {offset low 32 bits, offset high 32 bits, i, j},
 //                       key = {seed low 32 bits, seed high 32 bits})
 //   u = (out[0] >> 8) * 2^-24, in [0, 1) with 24 bits;
