@@ -14,6 +14,7 @@ import pytest
 
 import atlas
 from atlas.speculators import SuffixSpeculator
+from oracle import assert_same_greedy, hf_greedy, tiny_llama
 
 TRUSTED = 4  # kTrustedMatch: the long anchor, and a match trusted alone
 
@@ -565,3 +566,38 @@ def test_nasty_input_does_not_kill_the_interpreter():
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["alive", "13", "13", "2"]
 
+
+
+# ---- end to end: the engine with the suffix speculator ------------------------------------
+
+def test_engine_with_suffix_drafts_is_lossless_and_accepts():
+    """Greedy output with suffix drafts equals transformers' generate, for a
+    repetitive prompt and for batched random ones; drafts from the prompt's
+    repeats, the output's loops and, for a request seen before, the corpus are
+    accepted. The controller keeps every candidate (select="all") so that
+    acceptance measures the drafts, not the controller's choices; the default
+    controller is lossless too."""
+    model = tiny_llama(vocab=211, layers=2, seed=11)
+    target = atlas.load(model)
+    rng = np.random.default_rng(3)
+    phrase = rng.integers(1, 211, size=9).tolist()
+    repetitive = phrase * 4 + phrase[:3]
+    prompts = [repetitive] + [rng.integers(1, 211, size=int(n)).tolist() for n in (5, 17, 30)]
+    truth = {tuple(p): hf_greedy(model, p, 48) for p in prompts}
+    spec = SuffixSpeculator(max_depth=6)
+    engine = atlas.Engine(target, speculators=[spec], max_tree_nodes=7, max_batch=3,
+                          controller=atlas.Controller(1, max_nodes=7, select="all"))
+    outs = engine.generate(prompts, max_new_tokens=48)
+    for p, o in zip(prompts, outs):
+        assert_same_greedy(model, p, truth[tuple(p)], o.token_ids)
+    assert outs[0].stats.accepted > 0
+    assert spec.stats()["live_requests"] == 0 and spec.corpus_tokens() == 4 * 48
+    # The same prompt again: its whole output is in the corpus, so after the
+    # first token nearly every draft is right (up to 7 tokens per forward).
+    again = engine.generate([prompts[2]], max_new_tokens=48)[0]
+    assert_same_greedy(model, prompts[2], truth[tuple(prompts[2])], again.token_ids)
+    assert again.stats.accepted > 0.8 * 47 and again.stats.steps <= 12
+    # The default controller chooses among the drafts; the output is the same.
+    engine = atlas.Engine(target, speculators=[SuffixSpeculator()], max_tree_nodes=7, max_batch=2)
+    for p, o in zip(prompts[:2], engine.generate(prompts[:2], max_new_tokens=48)):
+        assert_same_greedy(model, p, truth[tuple(p)], o.token_ids)
