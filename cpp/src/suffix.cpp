@@ -392,7 +392,7 @@ void SuffixSpeculator::collect(int level, const int32_t* x, uint64_t n, const To
     ++visited;
     if (corpus_.at(e + 1) == TokenIndex::kSeparator) continue;  // a document's last token: nothing follows
     uint64_t m = 0;
-    while (m < max_match && m < n && e - m >= begin && e >= m && corpus_.at(e - m) == x[n - 1 - m]) ++m;
+    while (m < max_match && m < n && m <= e - begin && corpus_.at(e - m) == x[n - 1 - m]) ++m;
     occ_.push_back({e, 0, static_cast<int32_t>(m)});
   }
 }
