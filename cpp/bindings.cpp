@@ -390,6 +390,11 @@ void verify(py::handle logits_obj, py::handle tokens_obj, py::handle parents_obj
   parents.dim(0, total, "logits.shape[0] (number of tree nodes)");
   if (offsets.shape[0] < 2) fail("tree_offsets must hold batch + 1 >= 2 entries, got shape " + offsets.shape_str());
   const int64_t batch = offsets.shape[0] - 1;
+  // The native verifier cannot see how many rows logits has: the offsets must cover exactly them.
+  const int64_t* off = offsets.ptr<const int64_t>();
+  if (off[0] != 0 || off[batch] != total)
+    fail("tree_offsets must start at 0 and end at logits.shape[0] = " + std::to_string(total) + ", got " +
+         std::to_string(off[0]) + " ... " + std::to_string(off[batch]));
 
   View draft = optional_view(draft_obj, "draft_probs");
   if (draft.data) draft.dtype({Elem::kF32}).dims(2).cpu().inner_dense().dim(0, total, "logits.shape[0]").dim(1, vocab, "vocab");
@@ -422,9 +427,10 @@ void verify(py::handle logits_obj, py::handle tokens_obj, py::handle parents_obj
   p.logits = logits.data;
   p.logits_dtype = logits.elem == Elem::kF32 ? atlas::DType::kFloat32 : atlas::DType::kBFloat16;
   p.vocab = vocab;
-  p.logits_row_stride = logits.strides[0];
+  // The stride of a dimension of size 1 is arbitrary (torch keeps whatever the view had).
+  p.logits_row_stride = total > 1 ? logits.strides[0] : vocab;
   p.draft_probs = draft.ptr<const float>();
-  p.draft_row_stride = draft.data ? draft.strides[0] : 0;
+  p.draft_row_stride = draft.data ? (total > 1 ? draft.strides[0] : vocab) : 0;
   p.tokens = tokens.ptr<const int32_t>();
   p.parents = parents.ptr<const int32_t>();
   p.multiplicity = mult.ptr<const int32_t>();

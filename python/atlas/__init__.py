@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from . import _native
 from ._native import CacheFullError
+from .controller import Controller
 from .engine import Engine, Output, RequestStats
 from .kv_cache import KVCache
 from .models import default_model, load
@@ -28,6 +29,7 @@ def build_info() -> dict:
 
 __all__ = [
     "CacheFullError",
+    "Controller",
     "DraftTree",
     "Engine",
     "FlatTree",

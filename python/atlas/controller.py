@@ -63,10 +63,15 @@ class _Calibration:
     recent_n: float = 0.0
 
     def prob(self, depth: int, conf: float) -> float:
+        # Two-level estimate: the confidence bin pooled over all depths (prior:
+        # acceptance = confidence) is the prior of the depth's own estimate, so
+        # what is learnt at shallow depths carries to deep ones before they
+        # have been tried.
         d = min(depth, MAX_DEPTH_BUCKET) - 1
         b = min(int(conf * CONF_BINS), CONF_BINS - 1)
         prior = (b + 0.5) / CONF_BINS
-        return (self.accepted[d, b] + PRIOR_WEIGHT * prior) / (self.tried[d, b] + PRIOR_WEIGHT)
+        pooled = (self.accepted[:, b].sum() + PRIOR_WEIGHT * prior) / (self.tried[:, b].sum() + PRIOR_WEIGHT)
+        return (self.accepted[d, b] + PRIOR_WEIGHT * pooled) / (self.tried[d, b] + PRIOR_WEIGHT)
 
     def record(self, depth: int, conf: float, ok: bool) -> None:
         d = min(depth, MAX_DEPTH_BUCKET) - 1
@@ -133,7 +138,8 @@ class Controller:
     static) indices, or None. ``max_nodes`` bounds one request's tree.
     """
 
-    def __init__(self, num_speculators: int, *, max_nodes: int = 64, fallback: Optional[Tuple[int, int]] = None):
+    def __init__(self, num_speculators: int, *, max_nodes: int = 64, fallback: Optional[Tuple[int, int]] = None,
+                 select: str = "throughput"):
         if num_speculators < 1:
             raise ValueError("the controller needs at least one speculator")
         if fallback is not None:
@@ -141,6 +147,13 @@ class Controller:
             if not (0 <= a < num_speculators and 0 <= s < num_speculators and a != s):
                 raise ValueError(f"fallback must name two different speculators in [0, {num_speculators}), "
                                  f"got {fallback}")
+        if select not in ("throughput", "all"):
+            raise ValueError(f"select must be 'throughput' or 'all', got {select!r}")
+        # "all" keeps every candidate up to the budget and runs every speculator
+        # (fixed trees, e.g. to test invariants); "throughput" is the controller.
+        self.select_mode = select
+        self.gain = np.zeros(num_speculators)        # EWMA accepted tokens credited per request-step
+        self.gain_n = np.zeros(num_speculators)
         self.num_speculators = num_speculators
         self.max_nodes = max_nodes
         self.fallback = fallback
@@ -157,18 +170,29 @@ class Controller:
         """Which speculators propose this step (all, except the untrusted one
         of the fallback pair on most steps)."""
         run = [True] * self.num_speculators
+        if self.select_mode == "all":
+            return run
+        explore = self.steps % EXPLORE_EVERY == 0
+        # A speculator pays when the tokens it adds (each worth a plain decode
+        # step's time) outweigh its drafting time.
+        token_time = self.cost(1)
+        for s in range(self.num_speculators):
+            if self.gain_n[s] >= 5 and self.gain[s] * token_time < self.draft_time[s]:
+                run[s] = explore
         if self.fallback is not None:
             adaptive, static = self.fallback
             ca, cs = self.calib[adaptive], self.calib[static]
             # Trust the adaptive speculator once it is measured and at least as good.
             self.trusted = adaptive if (ca.recent_n >= 20 and ca.recent >= cs.recent) else static
             other = static if self.trusted == adaptive else adaptive
-            run[other] = self.steps % EXPLORE_EVERY == 0
+            run[other] = run[other] and explore
         return run
 
     def candidate_budget(self, batch: int) -> int:
         """Nodes each speculator may propose per request: enough to exceed
         what the cost model would ever select."""
+        if self.select_mode == "all":
+            return self.max_nodes
         best = self._best_size_hint(batch)
         return int(min(self.max_nodes, max(4, 2 * best + 2)))
 
@@ -254,7 +278,7 @@ class Controller:
             expected += -negp
             total += 1
             rate = expected / (self.cost(total) + draft_seconds)
-            if rate > best_rate:
+            if rate > best_rate or self.select_mode == "all":
                 best_rate = rate
                 for bb, ii in order:
                     chosen[bb].append(ii)
@@ -276,10 +300,21 @@ class Controller:
 
     # ---- learning from the step ----------------------------------------------------------
 
-    def observe(self, trees: List[DraftTree], origins, accepted: List[np.ndarray]) -> None:
+    def observe(self, trees: List[DraftTree], origins, accepted: List[np.ndarray],
+                ran: Optional[Sequence[bool]] = None) -> None:
         """Updates the calibrations from a verified step: every node whose
-        parent was accepted (or is the root) is a trial for its proposers."""
+        parent was accepted (or is the root) is a trial for its proposers.
+        ``ran`` says which speculators proposed this step (default: all)."""
         self.steps += 1
+        credit = np.zeros(self.num_speculators)
+        for orig, acc in zip(origins, accepted):
+            for i in acc:
+                for s, _ in orig[int(i)]:
+                    credit[s] += 1
+        for s in range(self.num_speculators):
+            if ran is None or ran[s]:
+                self.gain_n[s] = min(self.gain_n[s] + 1, 1 / (1 - DECAY))
+                self.gain[s] += (credit[s] / max(len(trees), 1) - self.gain[s]) / min(self.gain_n[s], 50)
         for tree, orig, acc in zip(trees, origins, accepted):
             n = len(tree)
             if n <= 1:
@@ -309,6 +344,7 @@ class Controller:
         """Current estimates, for reports."""
         return {
             "acceptance": [round(c.recent, 4) for c in self.calib],
+            "tokens_per_step": [round(float(g), 4) for g in self.gain],
             "trusted": self.trusted,
             "forward_seconds": {n: round(self.cost(n), 5) for n in self.cost.known_sizes},
             "draft_seconds": [round(float(t), 6) for t in self.draft_time],

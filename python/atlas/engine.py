@@ -154,7 +154,8 @@ class Engine:
         if not isinstance(kv_cache_tokens, int) or kv_cache_tokens < block_size:
             raise ValueError(f"kv_cache_tokens must be an int >= block_size, got {kv_cache_tokens!r}")
         self.num_blocks = -(-kv_cache_tokens // block_size)
-        self.cache = target.new_cache(self.num_blocks, block_size=block_size, max_seqs=max_batch)
+        # One sequence more than the batch: measure_forward_cost's scratch sequence.
+        self.cache = target.new_cache(self.num_blocks, block_size=block_size, max_seqs=max_batch + 1)
         self.verifier = Verifier(self.config.vocab_size, max_batch=max_batch, max_accept=self.max_tree_nodes)
         self.controller = None
         if self.speculators:
@@ -280,6 +281,8 @@ class Engine:
     def _run(self, requests: List[_Request]) -> Iterator[tuple]:
         """Runs requests to completion with continuous batching; yields
         (request, newly committed token ids) after every step."""
+        if self.controller is not None and not self._cost_measured and self.max_tree_nodes > 1:
+            self.measure_forward_cost()
         waiting = deque(requests)
         active: List[_Request] = []
         blocks_in_use = 0
@@ -372,7 +375,8 @@ class Engine:
         seq = self.cache.create()
         try:
             rng = np.random.default_rng(0)
-            ctx = min(context, self.config.max_position_embeddings // 2)
+            room = self.cache.num_free_blocks * self.block_size - max(sizes) - self.block_size
+            ctx = max(1, min(context, self.config.max_position_embeddings // 2, room))
             slots = self.cache.reserve(seq, ctx)
             toks = torch.from_numpy(rng.integers(0, self.config.vocab_size, ctx))
             self.target.forward(self.cache, np.array([seq], np.int32), toks, torch.arange(ctx),
@@ -380,10 +384,11 @@ class Engine:
                                 torch.from_numpy(slots), logit_rows=torch.tensor([ctx - 1]))
             self.cache.commit(seq)
             for n in sizes:
-                if n > self.max_tree_nodes * self.max_batch or ctx + n > self.config.max_position_embeddings:
+                if n > self.max_tree_nodes * self.max_batch or ctx + n > self.config.max_position_embeddings \
+                        or n + self.block_size > self.cache.num_free_blocks * self.block_size:
                     break
                 times = []
-                for _ in range(2):
+                for _ in range(3):  # the first run of a new shape warms up; keep the fastest
                     slots = self.cache.reserve(seq, n)
                     toks = torch.from_numpy(rng.integers(0, self.config.vocab_size, n))
                     parents = np.concatenate([[-1], np.zeros(n - 1, np.int32)]).astype(np.int32)
@@ -402,8 +407,6 @@ class Engine:
         """Runs the speculators the controller wants, each into trees of its
         own; the controller merges them into one tree per request."""
         ctl = self.controller
-        if not self._cost_measured:
-            self.measure_forward_cost()
         run = ctl.active()
         cand_budget = ctl.candidate_budget(len(reqs))
         budgets = [max(1, min(self.max_tree_nodes, self.config.max_position_embeddings - (len(r.tokens) - 1)))
@@ -425,14 +428,15 @@ class Engine:
             spent += dt
             for b, t in enumerate(trees):
                 candidates[b][pid] = t
-        return ctl.select(roots, candidates, self.config.vocab_size, budgets, spent)
+        trees, origins = ctl.select(roots, candidates, self.config.vocab_size, budgets, spent)
+        return trees, origins, run
 
     def _decode_step(self, reqs: List[_Request]):
         t_start = time.perf_counter()
         t_draft = 0.0
         if self.speculators and self.max_tree_nodes > 1:
             td = time.perf_counter()
-            trees, origins = self._draft(reqs)
+            trees, origins, ran = self._draft(reqs)
             t_draft = time.perf_counter() - td
         else:
             trees = [DraftTree(r.generated[-1], 1, self.config.vocab_size) for r in reqs]
@@ -476,7 +480,7 @@ class Engine:
         if self.speculators:
             self.controller.record_forward(int(q_offsets[-1]), t_fwd)
             if self.max_tree_nodes > 1:
-                self.controller.observe(trees, origins, res.accepted)
+                self.controller.observe(trees, origins, res.accepted, ran)
         if self.speculators or self.observers:
             self._observe(StepRecord(False, [r.rid for r in reqs], q_offsets, tokens, parents, hidden, logits,
                                      res.accepted, [c[1] for c in committed]))

@@ -1,4 +1,5 @@
-"""Lossless verification of draft trees against target logits.
+"""Lossless verification of draft trees against target logits, and the plain
+sampler that shares its transforms.
 
 Vocabulary (see ``cpp/include/atlas/verify.h`` for the exact rules):
 
@@ -6,11 +7,19 @@ Vocabulary (see ``cpp/include/atlas/verify.h`` for the exact rules):
 * **bonus** token: what the target emits after the accepted path (its argmax,
   or a sample of what remains of its distribution);
 * **emitted** tokens: the accepted tokens followed by the bonus.
+
+Sampling parameters (``temperature``, ``top_k``, ``top_p``, ``seed``,
+``offset``) are numbers or per-tree arrays of length ``batch``;
+``temperature=0`` is greedy. Randomness is counter based: the same inputs with
+the same ``(seed, offset)`` give the same tokens, bit for bit; the engine
+advances ``offset`` by one per step. Trees (or rows, for :meth:`Verifier.sample`)
+that share a ``(seed, offset)`` share their uniforms, so give each sequence its
+own seed.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 
@@ -25,13 +34,25 @@ class VerifyResult:
     emitted: List[np.ndarray]   # [num_accepted + 1] token ids
 
 
-def _ids(x, name: str) -> np.ndarray:
+def _ids(x, name: str, dtype=np.int32) -> np.ndarray:
     arr = np.asarray(x)
     if arr.size == 0:
         return np.zeros(arr.shape, np.int32)
     if arr.dtype.kind not in "iu":
         raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
-    return np.ascontiguousarray(arr, dtype=np.int32)
+    info = np.iinfo(dtype)
+    if arr.size and (int(arr.min()) < info.min or int(arr.max()) > info.max):
+        raise ValueError(f"{name} holds values outside the range of {np.dtype(dtype).name}")
+    return np.ascontiguousarray(arr, dtype=dtype)
+
+
+def _param(x):
+    """A number stays a Python number (numpy and 0-d torch scalars included); an
+    array goes to the binding as is, which checks its length."""
+    if np.ndim(x) == 0:
+        value = x.item() if hasattr(x, "item") else x
+        return value
+    return np.asarray(x)
 
 
 class Verifier:
@@ -39,9 +60,13 @@ class Verifier:
     buffers, so calls allocate nothing beyond the small result arrays.
 
     ``logits`` (``[total_nodes, vocab]``, float32 or bfloat16, numpy or torch
-    CPU) is read in place. ``tree_offsets`` (``[batch + 1]``) splits the nodes
-    into trees; omitted, all nodes form one tree. Sampling parameters are
-    numbers or per-sequence arrays; ``temperature=0`` is greedy.
+    CPU) is read in place; only the rows on the accepted path are read.
+    ``tokens`` and ``parents`` (``[total_nodes]``) describe the flattened trees,
+    ``tree_offsets`` (``[batch + 1]``) splits the nodes into trees; omitted, all
+    nodes form one tree. ``draft_probs`` (``[total_nodes, vocab]`` float32,
+    optional) is the distribution each node's children were drawn from, and
+    ``multiplicity`` (``[total_nodes]``, optional) how many draws merged into
+    each node; without them drafts are deterministic (one-hot).
     """
 
     def __init__(self, vocab: int, max_batch: int = 64, max_accept: int = 64):
@@ -61,23 +86,58 @@ class Verifier:
         d = self._accepted.shape[1]
         return self._accepted[:batch], self._emitted[:batch, : d + 1], self._num[:batch]
 
+    def _check_vocab(self, logits) -> None:
+        shape = getattr(logits, "shape", None)
+        if shape is not None and len(shape) == 2 and int(shape[1]) != self.vocab:
+            raise ValueError(f"logits must have shape[1] == the Verifier's vocab = {self.vocab}, "
+                             f"got shape {tuple(shape)}")
+
     def __call__(self, logits, tokens, parents, tree_offsets=None, *, temperature=0.0, top_k=0,
                  top_p=1.0, seed=0, offset=0, draft_probs=None,
                  multiplicity=None) -> VerifyResult:
+        self._check_vocab(logits)
         tok = _ids(tokens, "tokens")
         par = _ids(parents, "parents")
         if tree_offsets is None:
             offsets = np.array([0, tok.shape[0] if tok.ndim == 1 else 0], np.int64)
         else:
-            offsets = np.ascontiguousarray(tree_offsets, dtype=np.int64)
+            offsets = _ids(tree_offsets, "tree_offsets", np.int64)
         batch = max(int(offsets.shape[0]) - 1, 1) if offsets.ndim == 1 else 1
+        # The deepest tree is at most as deep as it is large.
         max_tree = int(np.diff(offsets).max()) if offsets.ndim == 1 and offsets.shape[0] > 1 else 1
         accepted, emitted, num = self._buffers(batch, max(max_tree, 1))
         mult = None if multiplicity is None else _ids(multiplicity, "multiplicity")
-        _native.verify(logits, tok, par, offsets, temperature, top_k, top_p, seed, offset,
-                       draft_probs, mult, accepted, emitted, num, self._workspace)
+        _native.verify(logits, tok, par, offsets, _param(temperature), _param(top_k), _param(top_p),
+                       _param(seed), _param(offset), draft_probs, mult, accepted, emitted, num,
+                       self._workspace)
         return VerifyResult([accepted[b, : num[b]].copy() for b in range(batch)],
                             [emitted[b, : num[b] + 1].copy() for b in range(batch)])
+
+    def sample(self, logits, *, temperature=1.0, top_k=0, top_p=1.0, seed=0,
+               offset=0) -> np.ndarray:
+        """Plain (non-speculative) sampling of one token per row.
+
+        ``logits``: ``[batch, vocab]``; returns ``[batch]`` int32 tokens. Each row
+        is verified as a tree of one node, so the token is the bonus draw with
+        exactly the transforms (temperature, top_k, top_p) and the uniforms that
+        speculative verification uses: the baseline that speculative decoding
+        must match in distribution. ``temperature=0`` is the argmax.
+        """
+        self._check_vocab(logits)
+        shape = getattr(logits, "shape", None)
+        if shape is None or len(shape) != 2:
+            raise ValueError(f"logits must be 2-D [batch, vocab], got shape {shape}")
+        batch = int(shape[0])
+        if batch < 1:
+            raise ValueError("logits must hold at least one row")
+        tokens = np.zeros(batch, np.int32)
+        parents = np.full(batch, -1, np.int32)
+        offsets = np.arange(batch + 1, dtype=np.int64)
+        accepted, emitted, num = self._buffers(batch, 1)
+        _native.verify(logits, tokens, parents, offsets, _param(temperature), _param(top_k),
+                       _param(top_p), _param(seed), _param(offset), None, None, accepted, emitted,
+                       num, self._workspace)
+        return emitted[:, 0].copy()
 
 
 def verify(logits, tokens, parents, tree_offsets=None, **params) -> VerifyResult:
