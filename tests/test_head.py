@@ -594,14 +594,6 @@ def _train(head, data, steps, seed=0):
         opt.step()
 
 
-@pytest.fixture
-def one_torch_thread():
-    """Small models run faster on one thread, and much faster when other
-    processes share the cores (threads that spin-wait for each other)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_learned_speculator_is_lossless_and_learns_through_the_engine(one_torch_thread):
