@@ -30,7 +30,8 @@ def _distill(args) -> int:
                   draft_vocab=args.draft_vocab, seq_len=args.seq_len, seed=args.seed,
                   progress=lambda msg: print(msg, flush=True))
     print(f"static head: held-out metric {res.metric:.4f} (untrained {res.untrained_metric:.4f}), "
-          f"{res.examples} examples, forwards {res.collect_seconds:.0f} s, training {res.train_seconds:.0f} s")
+          f"{res.examples} examples, forwards {res.collect_seconds:.0f} s, "
+          f"training {res.train_seconds:.0f} s")
     return 0
 
 
