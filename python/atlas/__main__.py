@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None,
                    help="a .gguf file or a model directory (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--tokens", type=int, default=16384, help="corpus tokens to run through the target "
-                   "(default 16384: about a minute of forwards on 2 CPU cores for SmolLM2-135M)")
+                   "(default 16384; with the defaults a few minutes in all on 2 CPU cores for SmolLM2-135M)")
     p.add_argument("--steps", type=int, default=400, help="training steps of 256 examples (default 400)")
     p.add_argument("--out", default=None, help="checkpoint root; the head goes to OUT/<model key>/static.npz "
                    "(default: $ATLAS_CACHE_DIR or ~/.cache/atlas)")
