@@ -20,6 +20,7 @@
 #include "atlas/common.h"
 #include "atlas/head.h"
 #include "atlas/kv_cache.h"
+#include "atlas/suffix.h"
 #include "atlas/tree.h"
 #include "atlas/verify.h"
 
@@ -661,6 +662,92 @@ py::list head_history(const PyDraftHead& h) {
     out.append(py::make_tuple(r.version, std::isnan(r.metric) ? py::object(py::none())
                                                                : py::object(py::float_(r.metric))));
   return out;
+}
+
+// ---- suffix speculator ------------------------------------------------------------------
+
+// Token ids from a 1-D integer numpy array or any iterable of ints (a list,
+// a tuple, a torch tensor's elements). Values must fit int32; the native side
+// checks them against the vocabulary.
+std::vector<int32_t> token_ids(py::handle obj, const std::string& name) {
+  std::vector<int32_t> out;
+  if (obj.is_none()) fail(name + " must be a sequence of token ids, got None");
+  if (py::isinstance<py::str>(obj) || py::isinstance<py::bytes>(obj))
+    fail(name + " must be a sequence of token ids, got " + std::string(py::str(py::type::of(obj))));
+  auto push = [&](int64_t v, size_t i) {
+    if (v < std::numeric_limits<int32_t>::min() || v > std::numeric_limits<int32_t>::max())
+      fail(name + "[" + std::to_string(i) + "] = " + std::to_string(v) + " does not fit int32");
+    out.push_back(static_cast<int32_t>(v));
+  };
+  if (py::isinstance<py::array>(obj)) {
+    py::array arr = py::reinterpret_borrow<py::array>(obj);
+    const char kind = arr.dtype().kind();
+    if (kind != 'i' && kind != 'u')
+      fail(name + " must hold integers, got dtype " + std::string(py::str(arr.dtype())));
+    if (arr.ndim() != 1) fail(name + " must be 1-D, got " + std::to_string(arr.ndim()) + " dimensions");
+    if (kind == 'u' && arr.dtype().itemsize() == 8) {
+      auto a = py::array_t<uint64_t, py::array::forcecast>::ensure(arr);
+      if (!a) fail(name + " could not be read as uint64");
+      for (py::ssize_t i = 0; i < a.shape(0); ++i) {
+        const uint64_t v = a.at(i);
+        if (v > static_cast<uint64_t>(std::numeric_limits<int32_t>::max()))
+          fail(name + "[" + std::to_string(i) + "] = " + std::to_string(v) + " does not fit int32");
+        out.push_back(static_cast<int32_t>(v));
+      }
+      return out;
+    }
+    auto a = py::array_t<int64_t, py::array::forcecast>::ensure(arr);
+    if (!a) fail(name + " could not be read as int64");
+    out.reserve(static_cast<size_t>(a.shape(0)));
+    for (py::ssize_t i = 0; i < a.shape(0); ++i) push(a.at(i), static_cast<size_t>(i));
+    return out;
+  }
+  py::iterator it;
+  try {
+    it = py::iter(obj);
+  } catch (py::error_already_set&) {
+    fail(name + " must be a sequence of token ids, got " + std::string(py::str(py::type::of(obj))));
+  }
+  size_t i = 0;
+  for (py::handle item : it) {
+    if (PyBool_Check(item.ptr()) || !PyIndex_Check(item.ptr()))
+      fail(name + "[" + std::to_string(i) + "] must be an int, got " +
+           std::string(py::str(py::type::of(item))));
+    py::object idx = py::reinterpret_steal<py::object>(PyNumber_Index(item.ptr()));
+    if (!idx) throw py::error_already_set();
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(idx.ptr(), &overflow);
+    if (overflow != 0 || (v == -1 && PyErr_Occurred())) {
+      PyErr_Clear();
+      fail(name + "[" + std::to_string(i) + "] does not fit int32");
+    }
+    push(v, i);
+    ++i;
+  }
+  return out;
+}
+
+// The binding's suffix speculator. The mutex serialises calls when Python
+// threads share one; it is taken after the GIL is released, so a thread
+// waiting for it while holding the GIL never blocks the holder.
+struct Suffix {
+  atlas::SuffixSpeculator spec;
+  std::mutex mu;
+};
+
+int64_t rid_arg(py::handle rid) {
+  return checked_int(rid, "rid", std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max());
+}
+
+template <typename F>
+void suffix_call_nogil(Suffix& s, F f) {
+  atlas::Status st;
+  {
+    py::gil_scoped_release nogil;
+    std::lock_guard<std::mutex> lock(s.mu);
+    st = f(s.spec);
+  }
+  throw_if_error(st);
 }
 
 }  // namespace
@@ -1321,4 +1408,116 @@ PYBIND11_MODULE(_native, m) {
   for (int32_t t = 0; t < atlas::kNumHeadTensors; ++t) head_tensors.append(atlas::head_tensor_name(t));
   head_tensors.append(atlas::kHeadDraftIdsName);
   m.attr("DRAFT_HEAD_TENSORS") = py::tuple(head_tensors);
+
+  // -- suffix speculator
+  py::class_<Suffix>(m, "SuffixSpeculator")
+      .def(py::init([](py::handle max_match, py::handle max_depth, py::handle max_occurrences,
+                       py::handle min_support, py::handle max_corpus_tokens, py::handle index_prompts,
+                       py::handle vocab_size, double min_prob) {
+             const int64_t i32 = std::numeric_limits<int32_t>::max();
+             atlas::SuffixConfig c;
+             c.max_match = static_cast<int32_t>(checked_int(max_match, "max_match", 1, 1024));
+             c.max_depth =
+                 static_cast<int32_t>(checked_int(max_depth, "max_depth", 1, atlas::kMaxTreeNodes - 1));
+             c.max_occurrences =
+                 static_cast<int32_t>(checked_int(max_occurrences, "max_occurrences", 1, 4096));
+             c.min_support = static_cast<int32_t>(checked_int(min_support, "min_support", 1, i32));
+             c.max_corpus_tokens = checked_int(max_corpus_tokens, "max_corpus_tokens", 0, i32);
+             if (!py::isinstance<py::bool_>(index_prompts))
+               throw py::type_error("index_prompts must be a bool, got " +
+                                    std::string(py::str(py::type::of(index_prompts))));
+             c.index_prompts = index_prompts.cast<bool>();
+             c.vocab_size = static_cast<int32_t>(checked_int(vocab_size, "vocab_size", 0, i32));
+             c.min_prob = min_prob;
+             auto s = std::make_unique<Suffix>();
+             throw_if_error(s->spec.init(c));
+             return s;
+           }),
+           py::arg("max_match") = 32, py::arg("max_depth") = 16, py::arg("max_occurrences") = 64,
+           py::arg("min_support") = 2, py::arg("max_corpus_tokens") = 1 << 17,
+           py::arg("index_prompts") = false, py::arg("vocab_size") = 0, py::arg("min_prob") = 0.0)
+      .def("start", [](Suffix& s, py::handle rid_obj, py::handle tokens_obj) {
+        const int64_t rid = rid_arg(rid_obj);
+        std::vector<int32_t> t = token_ids(tokens_obj, "prompt_tokens");
+        suffix_call_nogil(s, [&](atlas::SuffixSpeculator& sp) {
+          return sp.start(rid, t.data(), static_cast<int64_t>(t.size()));
+        });
+      }, py::arg("rid"), py::arg("prompt_tokens"), "A request begins with these (non-empty) prompt tokens.")
+      .def("extend", [](Suffix& s, py::handle rid_obj, py::handle tokens_obj) {
+        const int64_t rid = rid_arg(rid_obj);
+        std::vector<int32_t> t = token_ids(tokens_obj, "tokens");
+        suffix_call_nogil(s, [&](atlas::SuffixSpeculator& sp) {
+          return sp.extend(rid, t.data(), static_cast<int64_t>(t.size()));
+        });
+      }, py::arg("rid"), py::arg("tokens"), "Append a live request's newly committed tokens.")
+      .def("finish", [](Suffix& s, py::handle rid_obj) {
+        const int64_t rid = rid_arg(rid_obj);
+        suffix_call_nogil(s, [&](atlas::SuffixSpeculator& sp) { return sp.finish(rid); });
+      }, py::arg("rid"), "End a request: its output becomes a corpus document.")
+      .def("add_document", [](Suffix& s, py::handle tokens_obj) {
+        std::vector<int32_t> t = token_ids(tokens_obj, "tokens");
+        suffix_call_nogil(s, [&](atlas::SuffixSpeculator& sp) {
+          return sp.add_document(t.data(), static_cast<int64_t>(t.size()));
+        });
+      }, py::arg("tokens"), "Add a document to the corpus directly (evicting the oldest as needed).")
+      .def("propose", [](Suffix& s, py::handle rid_obj, py::handle tree_obj, py::handle proposer_obj,
+                         py::handle context_len) {
+        const int64_t rid = rid_arg(rid_obj);
+        if (!py::isinstance<atlas::DraftTree>(tree_obj))
+          throw py::type_error("tree must be an atlas DraftTree, got " +
+                               std::string(py::str(py::type::of(tree_obj))));
+        atlas::DraftTree& tree = tree_obj.cast<atlas::DraftTree&>();
+        const int32_t proposer =
+            static_cast<int32_t>(checked_int(proposer_obj, "proposer", 0, atlas::kMaxProposers - 1));
+        const int64_t expected = context_len.is_none()
+                                     ? -1
+                                     : checked_int(context_len, "context_len", 0,
+                                                   std::numeric_limits<int64_t>::max());
+        // Microseconds of work on a tree that Python owns: the GIL stays held.
+        std::lock_guard<std::mutex> lock(s.mu);
+        int32_t added = 0;
+        throw_if_error(s.spec.propose(rid, &tree, proposer, expected, &added));
+        return added;
+      }, py::arg("rid"), py::arg("tree"), py::arg("proposer") = 0, py::arg("context_len") = py::none(),
+      "Add draft nodes to `tree` (its root: the request's last token); returns how many nodes are new. "
+      "context_len, when given, must equal the request's length.")
+      .def("is_live", [](Suffix& s, py::handle rid_obj) {
+        const int64_t rid = rid_arg(rid_obj);
+        std::lock_guard<std::mutex> lock(s.mu);
+        return s.spec.is_live(rid);
+      }, py::arg("rid"))
+      .def("length", [](Suffix& s, py::handle rid_obj) {
+        const int64_t rid = rid_arg(rid_obj);
+        std::lock_guard<std::mutex> lock(s.mu);
+        int64_t n = 0;
+        throw_if_error(s.spec.request_length(rid, &n));
+        return n;
+      }, py::arg("rid"), "Tokens of a live request (prompt + extended).")
+      .def("memory_bytes", [](Suffix& s) {
+        std::lock_guard<std::mutex> lock(s.mu);
+        return s.spec.memory_bytes();
+      }, "Bytes the speculator has allocated (corpus, live requests, proposal scratch).")
+      .def("corpus_tokens", [](Suffix& s) {
+        std::lock_guard<std::mutex> lock(s.mu);
+        return s.spec.corpus_tokens();
+      }, "Document tokens in the corpus (separators excluded).")
+      .def("stats", [](Suffix& s) {
+        atlas::SuffixStats st;
+        {
+          std::lock_guard<std::mutex> lock(s.mu);
+          st = s.spec.stats();
+        }
+        py::dict d;
+        d["live_requests"] = st.live_requests;
+        d["corpus_docs"] = st.corpus_docs;
+        d["corpus_tokens"] = st.corpus_tokens;
+        d["evicted_docs"] = st.evicted_docs;
+        d["evicted_tokens"] = st.evicted_tokens;
+        d["proposals"] = st.proposals;
+        d["matched"] = st.matched;
+        d["match_length_sum"] = st.match_length_sum;
+        d["proposed_nodes"] = st.proposed_nodes;
+        return d;
+      }, "Counters: live_requests, corpus_docs, corpus_tokens, evicted_docs, evicted_tokens, proposals, "
+         "matched, match_length_sum, proposed_nodes.");
 }

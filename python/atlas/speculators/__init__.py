@@ -41,5 +41,6 @@ class Speculator:
 
 from .draft_model import DraftModelSpeculator  # noqa: E402
 from .learned import LearnedSpeculator  # noqa: E402
+from .suffix import SuffixSpeculator  # noqa: E402
 
-__all__ = ["Speculator", "DraftModelSpeculator", "LearnedSpeculator"]
+__all__ = ["Speculator", "DraftModelSpeculator", "LearnedSpeculator", "SuffixSpeculator"]
