@@ -349,7 +349,8 @@ def test_trainer_improves_the_held_out_metric_and_pushes(tiny):
     # (up to a rare argmax flip where two logits are within rounding).
     held = buf.held_out_batch()
     if results[-1]["pushed"] is not None:
-        assert native_metric(spec.native, held) == pytest.approx(head_metric(tr.head, held), abs=2 / len(held))
+        assert native_metric(spec.native, held) == pytest.approx(head_metric(tr.head, held),
+                                                                 abs=2 / len(held))
     assert tr.stats()["train_steps"] == 240 and tr.errors == 0
 
 
@@ -447,7 +448,8 @@ def test_trainer_rechooses_the_draft_vocabulary_from_traffic(tiny):
     assert set(range(300, 340)) <= set(ids) and 50 in ids and len(ids) == 100
     # A kept token keeps its trained row; a new one starts from the target's LM head row.
     torch.testing.assert_close(head.w_out.detach()[head.full_to_draft[50]], trained_row)
-    torch.testing.assert_close(head.w_out.detach()[head.full_to_draft[310]], target.model.lm_head[310].float())
+    torch.testing.assert_close(head.w_out.detach()[head.full_to_draft[310]],
+                               target.model.lm_head[310].float())
     assert not tr.maybe_revocab()                         # stable once chosen
     assert tr.train_steps(3) == 3                         # the optimiser follows the new parameters
 

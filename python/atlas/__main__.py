@@ -30,7 +30,8 @@ def _distill(args) -> int:
                   draft_vocab=args.draft_vocab, seq_len=args.seq_len, seed=args.seed,
                   progress=lambda msg: print(msg, flush=True))
     print(f"static head: held-out metric {res.metric:.4f} (untrained {res.untrained_metric:.4f}), "
-          f"{res.examples} examples, forwards {res.collect_seconds:.0f} s, training {res.train_seconds:.0f} s")
+          f"{res.examples} examples, forwards {res.collect_seconds:.0f} s, "
+          f"training {res.train_seconds:.0f} s")
     return 0
 
 
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None,
                    help="a .gguf file or a model directory (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--tokens", type=int, default=16384, help="corpus tokens to run through the target "
-                   "(default 16384: about a minute of forwards on 2 CPU cores for SmolLM2-135M)")
+                   "(default 16384; with the defaults a few minutes in all on 2 CPU cores for SmolLM2-135M)")
     p.add_argument("--steps", type=int, default=400, help="training steps of 256 examples (default 400)")
     p.add_argument("--out", default=None, help="checkpoint root; the head goes to OUT/<model key>/static.npz "
                    "(default: $ATLAS_CACHE_DIR or ~/.cache/atlas)")

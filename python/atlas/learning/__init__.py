@@ -18,5 +18,5 @@ from .tap import Examples, Tap
 from .trainer import Trainer
 
 __all__ = ["DraftHead", "Examples", "LearningLoop", "ReplayBuffer", "Tap", "Trainer", "cache_root",
-           "choose_draft_vocab", "distill", "distillation_loss", "load_checkpoint", "load_static", "model_dir",
-           "save_checkpoint", "static_head"]
+           "choose_draft_vocab", "distill", "distillation_loss", "load_checkpoint", "load_static",
+           "model_dir", "save_checkpoint", "static_head"]

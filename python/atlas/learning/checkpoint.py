@@ -130,8 +130,8 @@ class Checkpoint:
 
 def head_config(head) -> dict:
     """The configuration a checkpoint records, from a :class:`DraftHead`."""
-    return dict(hidden=int(head.hidden), intermediate=int(head.intermediate), draft_vocab=int(head.draft_vocab),
-                vocab=int(head.vocab), eps=float(head.eps))
+    return dict(hidden=int(head.hidden), intermediate=int(head.intermediate),
+                draft_vocab=int(head.draft_vocab), vocab=int(head.vocab), eps=float(head.eps))
 
 
 def expected_shapes(config: dict) -> Dict[str, tuple]:

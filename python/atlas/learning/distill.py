@@ -113,6 +113,7 @@ def distill(target=None, *, model: Optional[str] = None, tokens: int = 16384, st
     one-line reports.
     """
     say = progress or (lambda msg: None)
+    from_stdlib = files is None
     if target is None:
         from ..models import default_model, load
         target = load(model or default_model())
@@ -132,7 +133,8 @@ def distill(target=None, *, model: Optional[str] = None, tokens: int = 16384, st
         encode = target.tokenizer.encode
 
     t0 = time.perf_counter()
-    corpus = corpus_tokens(encode, tokens, files if files is not None else stdlib_sources(seed), cfg.vocab_size)
+    files = files if files is not None else stdlib_sources(seed)
+    corpus = corpus_tokens(encode, tokens, files, cfg.vocab_size)
     n_windows = max(1, len(corpus) // seq_len)
     windows = [corpus[i * seq_len:(i + 1) * seq_len] for i in range(n_windows)]
     windows = [w for w in windows if len(w) >= 2]
@@ -180,7 +182,7 @@ def distill(target=None, *, model: Optional[str] = None, tokens: int = 16384, st
     path = None
     if save:
         path = model_dir(target, out) / STATIC
-        notes = dict(corpus="python stdlib" if files is None else "files", tokens=int(len(corpus)),
+        notes = dict(corpus="python stdlib" if from_stdlib else "files", tokens=int(len(corpus)),
                      steps=int(steps), untrained_metric=untrained, collect_seconds=collect_seconds,
                      train_seconds=train_seconds, time=time.time())
         save_checkpoint(path, Checkpoint(head.export(), head_config(head),

@@ -59,8 +59,9 @@ class LearningLoop:
         self.target, self.speculator = target, speculator
         nat = speculator.native
         if nat.hidden != target.config.hidden_size or nat.vocab != target.config.vocab_size:
-            raise ValueError(f"the speculator's head (hidden {nat.hidden}, vocab {nat.vocab}) does not fit the "
-                             f"target (hidden {target.config.hidden_size}, vocab {target.config.vocab_size})")
+            raise ValueError(f"the speculator's head (hidden {nat.hidden}, vocab {nat.vocab}) does not fit "
+                             f"the target (hidden {target.config.hidden_size}, "
+                             f"vocab {target.config.vocab_size})")
         self.dir: Optional[Path] = model_dir(target, cache_dir) if checkpoint else None
         expect = dict(hidden=nat.hidden, intermediate=nat.intermediate, draft_vocab=nat.draft_vocab,
                       vocab=nat.vocab)
@@ -97,8 +98,9 @@ class LearningLoop:
                 fresh = DraftHead.from_target(target, ids, intermediate=nat.intermediate, eps=float(nat.eps))
                 cand.load_export(fresh.export())
 
-        self.buffer = ReplayBuffer(nat.hidden, topk, capacity=capacity, max_bytes=max_bytes, held_out=held_out,
-                                   held_out_fraction=held_out_fraction, half_life=half_life)
+        self.buffer = ReplayBuffer(nat.hidden, topk, capacity=capacity, max_bytes=max_bytes,
+                                   held_out=held_out, held_out_fraction=held_out_fraction,
+                                   half_life=half_life)
         self.tap = Tap(nat.vocab, topk, sink=self.buffer.add)
         self.trainer = Trainer(cand, self.buffer, speculator, lm_head=target.model.lm_head,
                                counts=lambda: self.tap.counts, on_push=self._on_push, **trainer_kwargs)

@@ -102,7 +102,7 @@ class ReplayBuffer:
         self.token = np.zeros(cap, np.int32)                         # [C]
         self.topk_ids = np.zeros((cap, topk), np.int32)              # [C, k]
         self.topk_probs = np.zeros((cap, topk), np.float32)          # [C, k]
-        self.parent = np.full(cap, -1, np.int64)                     # [C] sequence number of the parent's example
+        self.parent = np.full(cap, -1, np.int64)                     # [C] the parent example's number
         self.total = 0        # examples ever added (the next sequence number)
         self._lock = threading.Lock()
         self._warned_full = False

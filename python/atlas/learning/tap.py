@@ -30,9 +30,12 @@ tokens or more). The tap also counts the tokens of committed traffic (prompts
 and emitted tokens) for the choice of the draft vocabulary.
 
 Cost: one ``topk`` and one ``logsumexp`` over the step's logit rows, one
-gather of hidden rows, and a few numpy operations per request; on SmolLM2-135M
-about 0.2 ms of a ~50 ms step (see the report in ``tests/test_learning.py``'s
-module docstring for how it was measured).
+gather of hidden rows, and a few numpy operations per request. Measured with
+``bench/bench_learning.py`` (SmolLM2-135M, greedy, one serving thread, a
+loaded 2-core machine): about 1 ms per record, 0.75% of a step. On an
+oversubscribed machine with two torch threads the small reductions pay
+OpenMP's spin-waits much more than the forward's large matmuls do, and the
+same tap measured 15% of a step: serve with one torch thread per free core.
 """
 from __future__ import annotations
 

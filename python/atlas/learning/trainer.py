@@ -26,17 +26,17 @@ prediction at the parent node (from the parent example's inputs) instead of
 the target's, as drafting does below depth 1 (EAGLE's remedy for compounding
 feature error).
 
-Why a thread and not a process (measured on the 2-core development machine,
-SmolLM2-135M serving 4-node trees; see the report for figures): the trainer
-needs the replay buffer, which the serving thread fills, and a process would
-need shared memory, a weight channel back, and a second copy of the 113 MB
-embedding. A thread shares all of that, and its CPU share can be limited
-without touching serving:
+Why a thread and not a process: the trainer needs the replay buffer, which
+the serving thread fills, and a process would need shared memory, a weight
+channel back, and a second copy of the 113 MB embedding. A thread shares all
+of that, and its CPU share can be limited without touching serving:
 
 * ``threads``: the trainer thread's own torch intra-op thread count (default 1).
-  ``torch.set_num_threads`` called inside the thread sets its OpenMP team
-  size; threads that torch already initialised (the serving thread) keep
-  theirs, though threads that first use torch later start from this value;
+  ``torch.set_num_threads`` is not quite process-wide: called inside the
+  trainer thread it sets that thread's OpenMP team size, and threads torch
+  already initialised (the serving thread) keep theirs (measured). Threads
+  that first use torch while the trainer runs start from its value; the
+  trainer sets the process's value back when it stops;
 * ``nice`` (Linux): the trainer thread's scheduling niceness is raised by this
   much (default 10, about a tenth of a core's weight when serving competes;
   Linux applies ``setpriority`` to one thread given its id), so when serving
@@ -45,10 +45,20 @@ without touching serving:
   ``t * (1 - max_share) / max_share`` (default 0.5), which bounds its share
   of a core even on an otherwise idle machine where niceness does nothing.
 
+Measured with ``bench/bench_learning.py`` on the shared 2-core development
+machine (SmolLM2-135M serving greedy requests on one torch thread while other
+jobs kept the load average at 6 to 8): with the defaults, serving steps took
+1.08 times as long while the trainer ran (the trainer-off runs alone varied by
+more than that) and the trainer managed 0.2 steps per second; unthrottled
+(``nice=0, max_share=1``), serving took 2.2 times as long and the trainer ran
+2 steps per second. The defaults favour serving; on an idle core the trainer
+gets its ``max_share``.
+
 Serving never waits on training: the buffer lock covers only row copies, the
 candidate is a separate module, and the live version is evaluated natively in
 chunks of ``EVAL_CHUNK`` rows (the native head's workspace lock is held for
-one chunk at a time, tens of microseconds). A trainer that raises is logged,
+one chunk at a time: a drafting step waits 0.5 ms at most on SmolLM2, and
+only while an evaluation runs, once a round). A trainer that raises is logged,
 counted in :meth:`Trainer.stats`, and stops; serving goes on with the last
 good weights and :meth:`Trainer.start` restarts it. A push the native head
 refuses (wrong shapes, non-finite values) is counted as an error too, and the
@@ -71,10 +81,10 @@ from .replay import Batch, ReplayBuffer
 
 log = logging.getLogger("atlas.learning")
 
-# Rows per native forward when evaluating the live version: short enough that
-# a drafting step waiting on the head's workspace lock waits tens of
-# microseconds at most.
-EVAL_CHUNK = 16
+# Rows per native forward when evaluating the live version: a drafting step
+# that needs the head's workspace lock meanwhile waits for one chunk at most,
+# 0.5 ms for SmolLM2's head with 4096 draft tokens (16 rows: 2.2 ms).
+EVAL_CHUNK = 4
 # Seconds between checks for enough data or a stop request while idle.
 POLL_SECONDS = 0.05
 
@@ -193,13 +203,13 @@ class Trainer:
         """Distillation loss of the candidate on a batch, plus the self-fed term."""
         head = self.head
         target_logits = torch.log(batch.topk_probs.clamp_min(1e-30))
-        loss, info = head.loss(batch.parent_feature, batch.token, batch.feature, target_logits, batch.topk_ids,
-                               feature_weight=self.feature_weight)
+        loss, info = head.loss(batch.parent_feature, batch.token, batch.feature, target_logits,
+                               batch.topk_ids, feature_weight=self.feature_weight)
         if self.self_feed and bool(batch.has_parent.any()):
             m = batch.has_parent
             f_prev, _ = head(batch.parent_parent_feature[m], batch.parent_token[m])
-            loss2, _ = head.loss(f_prev, batch.token[m], batch.feature[m], target_logits[m], batch.topk_ids[m],
-                                 feature_weight=self.feature_weight)
+            loss2, _ = head.loss(f_prev, batch.token[m], batch.feature[m], target_logits[m],
+                                 batch.topk_ids[m], feature_weight=self.feature_weight)
             loss = loss + loss2
         return loss, info
 
@@ -310,8 +320,12 @@ class Trainer:
             return out
         live_version = self.speculator.version
         if live_version > 0:
-            # The latest held-out measurement of the version serving now.
-            self.speculator.native.set_metric(live_version, live)
+            # The latest held-out measurement of the version serving now (a
+            # version pushed long ago may have left the history: nothing to record).
+            try:
+                self.speculator.native.set_metric(live_version, live)
+            except ValueError:
+                pass
         if cand > live + self.min_gain:
             out["pushed"] = self.push(self.head.export(), cand)
         else:
@@ -346,6 +360,7 @@ class Trainer:
             self.state = "stopped"
 
     def _run(self) -> None:
+        process_threads = torch.get_num_threads()
         if self.threads:
             torch.set_num_threads(self.threads)
         _lower_thread_priority(self.nice)
@@ -361,6 +376,11 @@ class Trainer:
             self._record_error(f"trainer failed: {type(e).__name__}: {e}")
             self.state = "error"
             return
+        finally:
+            if self.threads:
+                # Threads that first use torch later start from the last value set:
+                # give them the process's value back (this thread is ending).
+                torch.set_num_threads(process_threads)
         self.state = "stopped"
 
     def _record_error(self, msg: str) -> None:
@@ -370,7 +390,8 @@ class Trainer:
 
     def stats(self) -> dict:
         return dict(state=self.state, train_steps=self.steps_done, skipped_steps=self.skipped_steps,
-                    rounds=self.rounds, pushes=self.pushes, refused=self.refused, push_errors=self.push_errors,
+                    rounds=self.rounds, pushes=self.pushes, refused=self.refused,
+                    push_errors=self.push_errors,
                     revocabs=self.revocabs, errors=self.errors, last_error=self.last_error,
                     last_loss=self.last_loss, candidate_metric=self.candidate_metric,
                     live_metric=self.live_metric, train_seconds=self.seconds)
