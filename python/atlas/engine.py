@@ -127,8 +127,6 @@ def full_atlas(target, *, learning: bool = True, cache_dir=None):
     like the adaptive checkpoints, in the model's cache folder
     (``cache_dir``, default ``$ATLAS_CACHE_DIR`` or ``~/.cache/atlas``).
     Returns (speculators, fallback, observers)."""
-    import copy
-
     from .learning import LearningLoop
     from .learning.distill import distill, static_head
     from .speculators import LearnedSpeculator, SuffixSpeculator
@@ -157,7 +155,7 @@ def full_atlas(target, *, learning: bool = True, cache_dir=None):
     adaptive = LearnedSpeculator(head)
     observers = []
     if learning:
-        loop = LearningLoop(target, adaptive, head=copy.deepcopy(head), cache_dir=cache_dir)
+        loop = LearningLoop(target, adaptive, head=head, cache_dir=cache_dir)
         loop.start()
         observers.append(loop)
     suffix = SuffixSpeculator(vocab_size=target.config.vocab_size)
