@@ -42,7 +42,7 @@ def main():
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
     prompts = [target.tokenizer.encode(p) for p in humaneval_prompts(args.prompts)]
-    engine = atlas.Engine(target, max_batch=1)
+    engine = atlas.Engine(target, speculators=None, max_batch=1)
 
     def run_hf():
         n = 0

@@ -26,7 +26,7 @@ def tiny(request):
 def test_plain_greedy_matches_transformers(tiny):
     model, target = tiny
     prompts = random_prompts(target.config.vocab_size, 3, seed=1)
-    engine = atlas.Engine(target)
+    engine = atlas.Engine(target, speculators=None)
     for p in prompts:
         want = hf_greedy(model, p, 200)
         got = engine.generate([p], max_new_tokens=200)[0]
@@ -81,7 +81,7 @@ def test_continuous_batching_with_a_small_cache(tiny):
     model, target = tiny
     prompts = random_prompts(target.config.vocab_size, 5, seed=5)
     # Room for about two requests at a time: the rest wait their turn.
-    engine = atlas.Engine(target, max_batch=4, kv_cache_tokens=2 * (24 + 30 + 1) + 64)
+    engine = atlas.Engine(target, speculators=None, max_batch=4, kv_cache_tokens=2 * (24 + 30 + 1) + 64)
     outs = engine.generate(prompts, max_new_tokens=30)
     for p, o in zip(prompts, outs):
         assert_same_greedy(model, p, hf_greedy(model, p, 30), o.token_ids)
@@ -168,7 +168,7 @@ def test_sampling_replays_with_a_seed():
 def test_bad_input_is_a_clear_error_and_the_engine_stays_usable():
     model = tiny_llama(vocab=50, layers=1, seed=5)
     target = atlas.load(model)
-    engine = atlas.Engine(target, max_batch=2, kv_cache_tokens=256)
+    engine = atlas.Engine(target, speculators=None, max_batch=2, kv_cache_tokens=256)
     cases = [
         (dict(prompts=[[]]), ValueError, "empty"),
         (dict(prompts=[list(range(1, 50)) * 11]), ValueError, "context"),

@@ -594,14 +594,6 @@ def _train(head, data, steps, seed=0):
         opt.step()
 
 
-@pytest.fixture
-def one_torch_thread():
-    """Small models run faster on one thread, and much faster when other
-    processes share the cores (threads that spin-wait for each other)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_learned_speculator_is_lossless_and_learns_through_the_engine(one_torch_thread):
@@ -627,7 +619,9 @@ def test_learned_speculator_is_lossless_and_learns_through_the_engine(one_torch_
     results = {}
     for name, head in (("untrained", untrained), ("trained", trained)):
         spec = LearnedSpeculator(head, max_depth=5, topk=3, width=3)
-        engine = atlas.Engine(target, speculators=[spec], max_tree_nodes=8, max_batch=8)
+        # Fixed trees (every candidate kept) measure the head, not the controller.
+        engine = atlas.Engine(target, speculators=[spec], max_tree_nodes=8, max_batch=8,
+                              controller=atlas.Controller(1, max_nodes=8, select="all"))
         outs = engine.generate(held_out, max_new_tokens=n_new)
         for p, o in zip(held_out, outs):
             assert_same_greedy(model, p, truth[tuple(p)], o.token_ids)
@@ -643,6 +637,7 @@ def test_learned_speculator_is_lossless_and_learns_through_the_engine(one_torch_
     spec = LearnedSpeculator(untrained, max_depth=5, topk=3, width=3)
     assert spec.push(trained.export(), metric=results["trained"]) == 2
     assert spec.version == 2 and spec.history[-1] == (2, pytest.approx(results["trained"]))
-    engine = atlas.Engine(target, speculators=[spec], max_tree_nodes=8, max_batch=8)
+    engine = atlas.Engine(target, speculators=[spec], max_tree_nodes=8, max_batch=8,
+                          controller=atlas.Controller(1, max_nodes=8, select="all"))
     outs = engine.generate(held_out, max_new_tokens=n_new)
     assert sum(o.stats.accepted for o in outs) / sum(o.stats.steps for o in outs) == results["trained"]

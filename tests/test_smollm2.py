@@ -42,7 +42,7 @@ def check(hf, prompts, truth, outputs):
 
 def test_plain_decoding_matches_transformers(smollm2):
     target, hf, prompts, truth = smollm2
-    engine = atlas.Engine(target, max_batch=NUM_PROMPTS)
+    engine = atlas.Engine(target, speculators=None, max_batch=NUM_PROMPTS)
     check(hf, prompts, truth, engine.generate(prompts, max_new_tokens=NEW_TOKENS))
     check(hf, prompts[:3], truth, [engine.generate([p], max_new_tokens=NEW_TOKENS)[0] for p in prompts[:3]])
 

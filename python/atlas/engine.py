@@ -117,11 +117,58 @@ class _Request:
         return self.prompt + self.generated
 
 
+def full_atlas(target, *, learning: bool = True, cache_dir=None):
+    """What ``Engine(target)`` runs by default: the suffix speculator, the
+    adaptive learned speculator (learning from the traffic when ``learning``)
+    and the static learned speculator (frozen: the speed floor and the
+    adaptive one's starting point), with the controller falling back from the
+    adaptive to the static one when it drifts below it. The static head is
+    distilled on first use (``atlas distill``; minutes on a CPU) and kept,
+    like the adaptive checkpoints, in the model's cache folder
+    (``cache_dir``, default ``$ATLAS_CACHE_DIR`` or ``~/.cache/atlas``).
+    Returns (speculators, fallback, observers)."""
+    from .learning import LearningLoop
+    from .learning.distill import distill, static_head
+    from .speculators import LearnedSpeculator, SuffixSpeculator
+
+    head = static_head(target, cache_dir)
+    if head is None and target.tokenizer is None:
+        # No tokenizer, no text to distil from: both heads start untrained
+        # (over the whole vocabulary, or its first 4096 ids) and the adaptive
+        # one learns from traffic.
+        import warnings
+
+        import numpy as np
+
+        from .learning.head import DraftHead
+
+        warnings.warn("atlas: this target has no tokenizer, so no static draft head can be distilled; "
+                      "the learned speculators start untrained", stacklevel=3)
+        head = DraftHead.from_target(target, np.arange(min(target.config.vocab_size, 4096)))
+    if head is None:
+        print("atlas: no static draft head for this model yet: distilling one (once; `atlas distill`)", flush=True)
+        distill(target, out=cache_dir, progress=lambda msg: print("  " + msg, flush=True))
+        head = static_head(target, cache_dir)
+        if head is None:
+            raise RuntimeError("distillation wrote no usable static draft head")
+    static = LearnedSpeculator(head)
+    adaptive = LearnedSpeculator(head)
+    observers = []
+    if learning:
+        loop = LearningLoop(target, adaptive, head=head, cache_dir=cache_dir)
+        loop.start()
+        observers.append(loop)
+    suffix = SuffixSpeculator(vocab_size=target.config.vocab_size)
+    return [suffix, adaptive, static], (1, 2), observers
+
+
 class Engine:
     """Serves generation requests for one target with optional speculators.
 
-    ``target`` is what :func:`atlas.load` returns. ``speculators`` is a list of
-    speculators (see :mod:`atlas.speculators`), or None for plain decoding.
+    ``target`` is what :func:`atlas.load` returns. ``speculators``: ``"auto"``
+    (the default) is full atlas, see :func:`full_atlas` (``learning`` and
+    ``cache_dir`` go to it); a list of speculators (see
+    :mod:`atlas.speculators`); or None for plain decoding.
     ``max_tree_nodes`` bounds each request's draft tree (root included); within
     it the :class:`~atlas.controller.Controller` picks each step's trees from
     the speculators' candidates (``fallback`` = (adaptive, static) speculator
@@ -133,10 +180,17 @@ class Engine:
     :class:`atlas.CacheFullError`.
     """
 
-    def __init__(self, target, speculators=None, *, max_tree_nodes: int = 32, max_batch: int = 8,
+    def __init__(self, target, speculators="auto", *, max_tree_nodes: int = 32, max_batch: int = 8,
                  kv_cache_tokens: Optional[int] = None, block_size: int = 16,
                  controller: Optional[Controller] = None, fallback: Optional[tuple] = None,
-                 observers: Sequence = ()):
+                 observers: Sequence = (), learning: bool = True, cache_dir=None):
+        self._owned_observers = []
+        if isinstance(speculators, str):
+            if speculators != "auto":
+                raise ValueError(f"speculators must be 'auto', None or a list of speculators, got {speculators!r}")
+            speculators, fallback, auto_observers = full_atlas(target, learning=learning, cache_dir=cache_dir)
+            observers = list(observers) + auto_observers
+            self._owned_observers = auto_observers
         if speculators is not None and not isinstance(speculators, (list, tuple)):
             speculators = [speculators]
         self.target = target
@@ -168,6 +222,19 @@ class Engine:
         self._next_rid = 0
 
     # ---- public API ---------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stops what the engine started (the default learning loop, which
+        checkpoints what it learnt). Also done on ``with Engine(...)`` exit."""
+        for o in self._owned_observers:
+            o.stop()
+        self._owned_observers = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]], max_new_tokens: int = 128, *,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,

@@ -1,0 +1,224 @@
+"""The static speculator: a draft head distilled offline (``atlas distill``).
+
+:func:`distill` runs the target teacher-forced over a local text corpus, by
+default the Python standard library's own ``.py`` sources (present wherever
+Python is, so nothing is fetched), in plain forwards of ``seq_len`` tokens with
+no speculation. Every position t >= 1 of a window gives one example, as the
+tap would record it (:mod:`atlas.learning.tap`): parent feature ``h[t-1]``,
+token ``x[t]``, the target's top-k next-token distribution at t, feature
+``h[t]``, linked to the example of t - 1. The draft vocabulary is the corpus's
+``draft_vocab`` most frequent tokens. A :class:`~atlas.learning.trainer.Trainer`
+fits a fresh :class:`DraftHead` on all but the last ``held_out_fraction`` of
+the examples (sampled uniformly), and the metric on that last part (expected
+greedy acceptance at depth 1, see :mod:`atlas.learning.trainer`) is reported
+before and after. The head is saved as ``static.npz`` in the model's
+checkpoint folder (:mod:`atlas.learning.checkpoint`).
+
+:func:`load_static` returns a :class:`LearnedSpeculator` with those weights.
+When there are none it raises :class:`FileNotFoundError` saying how to make
+them, unless ``distill_if_missing=True``: distilling takes minutes, which a
+caller should choose to spend, not discover.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .checkpoint import STATIC, Checkpoint, head_config, load_checkpoint, model_dir, save_checkpoint
+from .head import DraftHead, choose_draft_vocab
+from .replay import ReplayBuffer
+from .tap import Examples, topk_distribution
+from .trainer import Trainer, head_metric
+
+
+def stdlib_sources(seed: int = 0) -> List[Path]:
+    """The standard library's ``.py`` files (``site-packages`` excluded), in a
+    seeded shuffled order so that a short corpus still mixes modules."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
+    if not files:
+        raise FileNotFoundError(f"no .py files under the standard library folder {root}")
+    order = np.random.default_rng(seed).permutation(len(files))
+    return [files[i] for i in order]
+
+
+def corpus_tokens(encode: Callable[[str], Sequence[int]], n_tokens: int, files: Sequence[os.PathLike],
+                  vocab: int) -> np.ndarray:
+    """The first ``n_tokens`` tokens of the files' texts, one after another
+    (files that cannot be read as UTF-8 are skipped)."""
+    out, have = [], 0
+    for f in files:
+        try:
+            text = Path(f).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if not text.strip():
+            continue
+        ids = np.asarray(list(encode(text)), np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            raise ValueError(f"encode returned token ids outside the target's vocabulary [0, {vocab})")
+        out.append(ids[: n_tokens - have])
+        have += len(out[-1])
+        if have >= n_tokens:
+            break
+    if have < n_tokens:
+        raise ValueError(f"the corpus holds only {have} tokens, {n_tokens} were asked for")
+    return np.concatenate(out)
+
+
+def window_examples(tokens: np.ndarray, hidden: torch.Tensor, logits: torch.Tensor, k: int) -> Examples:
+    """The examples of one teacher-forced window: tokens ``[L]``, final-norm
+    hidden ``[L, H]``, logits ``[L, vocab]``."""
+    L = len(tokens)
+    ids, probs = topk_distribution(logits[1:], k)
+    h = hidden.detach().to(torch.float32).numpy()
+    back = np.ones(L - 1, np.int64)
+    back[0] = 0
+    return Examples(h[:-1].copy(), tokens[1:].astype(np.int32), ids, probs, h[1:].copy(), back)
+
+
+@dataclass
+class DistillResult:
+    head: DraftHead
+    path: Optional[Path]          # where it was saved (None when save=False)
+    metric: float                 # held-out metric after training
+    untrained_metric: float       # the same, for the fresh head
+    examples: int
+    collect_seconds: float
+    train_seconds: float
+
+
+def distill(target=None, *, model: Optional[str] = None, tokens: int = 16384, steps: int = 400,
+            out=None, draft_vocab: int = 4096, intermediate: Optional[int] = None, seq_len: int = 256,
+            batch_size: int = 256, lr: float = 2e-3, topk: int = 16, held_out_fraction: float = 0.1,
+            seed: int = 0, encode: Optional[Callable[[str], Sequence[int]]] = None,
+            files: Optional[Sequence[os.PathLike]] = None, save: bool = True,
+            progress: Optional[Callable[[str], None]] = None) -> DistillResult:
+    """Distils a static draft head for ``target`` (an :func:`atlas.load`
+    target; None loads ``model``, default :func:`atlas.default_model`).
+
+    ``tokens`` of corpus (``files``, default :func:`stdlib_sources`) are run
+    through the target in windows of ``seq_len``; ``steps`` Adam steps of
+    ``batch_size`` examples train the head; ``out`` is the checkpoint root
+    (default ``$ATLAS_CACHE_DIR`` or ``~/.cache/atlas``). ``encode`` turns text
+    into token ids (default: the target's tokenizer). ``progress`` receives
+    one-line reports.
+    """
+    say = progress or (lambda msg: None)
+    from_stdlib = files is None
+    if target is None:
+        from ..models import default_model, load
+        target = load(model or default_model())
+    for name, v in (("tokens", tokens), ("steps", steps), ("draft_vocab", draft_vocab), ("seq_len", seq_len),
+                    ("batch_size", batch_size), ("topk", topk)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if seq_len < 2:
+        raise ValueError("seq_len must be >= 2")
+    if not 0.0 < held_out_fraction < 1.0:
+        raise ValueError(f"held_out_fraction must be in (0, 1), got {held_out_fraction}")
+    cfg = target.config
+    seq_len = min(seq_len, cfg.max_position_embeddings)
+    if encode is None:
+        if target.tokenizer is None:
+            raise ValueError("this target has no tokenizer: pass encode= (text -> token ids)")
+        encode = target.tokenizer.encode
+
+    t0 = time.perf_counter()
+    files = files if files is not None else stdlib_sources(seed)
+    corpus = corpus_tokens(encode, tokens, files, cfg.vocab_size)
+    n_windows = max(1, len(corpus) // seq_len)
+    windows = [corpus[i * seq_len:(i + 1) * seq_len] for i in range(n_windows)]
+    windows = [w for w in windows if len(w) >= 2]
+    total = sum(len(w) - 1 for w in windows)
+    held = max(1, int(total * held_out_fraction))
+    buffer = ReplayBuffer(cfg.hidden_size, topk, capacity=total, max_bytes=None, held_out=held,
+                          held_out_fraction=0.99, half_life=math.inf)
+    say(f"distill: {len(corpus)} tokens of corpus in {len(windows)} windows of {seq_len}; "
+        f"{total} examples, {held} held out")
+    block = 16
+    cache = target.new_cache(-(-seq_len // block) + 1, block_size=block, max_seqs=1)
+    for i, w in enumerate(windows):
+        seq = cache.create()
+        try:
+            L = len(w)
+            slots = cache.reserve(seq, L)
+            logits, hidden = target.forward(cache, np.array([seq], np.int32), torch.from_numpy(w),
+                                            torch.arange(L), np.arange(-1, L - 1, dtype=np.int32),
+                                            np.array([0, L], np.int64), torch.from_numpy(slots))
+        finally:
+            cache.release(seq)
+        buffer.add(window_examples(w, hidden, logits, topk))
+        if (i + 1) % max(1, len(windows) // 10) == 0 or i + 1 == len(windows):
+            say(f"distill: forward {i + 1}/{len(windows)} ({time.perf_counter() - t0:.0f} s)")
+    collect_seconds = time.perf_counter() - t0
+
+    counts = np.bincount(corpus, minlength=cfg.vocab_size)
+    ids = choose_draft_vocab(counts, min(draft_vocab, cfg.vocab_size))
+    head = DraftHead.from_target(target, ids, intermediate=intermediate, seed=seed)
+    trainer = Trainer(head, buffer, None, lr=lr, batch_size=batch_size, steps_per_round=steps, threads=0,
+                      nice=0, max_share=1.0, min_train=1, min_held_out=1, seed=seed)
+    held_batch = buffer.held_out_batch()
+    untrained = head_metric(head, held_batch)
+    say(f"distill: draft vocabulary {len(ids)} tokens; untrained head held-out metric {untrained:.4f}")
+    t1 = time.perf_counter()
+    every = max(1, steps // 10)
+    done = 0
+    while done < steps:
+        done += trainer.train_steps(min(every, steps - done))
+        say(f"distill: step {done}/{steps} loss {trainer.last_loss:.4f} ({time.perf_counter() - t1:.0f} s)")
+    train_seconds = time.perf_counter() - t1
+    metric = head_metric(head, held_batch)
+    say(f"distill: held-out metric (expected greedy acceptance at depth 1) {untrained:.4f} -> {metric:.4f}")
+
+    path = None
+    if save:
+        path = model_dir(target, out) / STATIC
+        notes = dict(corpus="python stdlib" if from_stdlib else "files", tokens=int(len(corpus)),
+                     steps=int(steps), untrained_metric=untrained, collect_seconds=collect_seconds,
+                     train_seconds=train_seconds, time=time.time())
+        save_checkpoint(path, Checkpoint(head.export(), head_config(head),
+                                         [dict(version="static", metric=metric)], metric, notes))
+        say(f"distill: saved {path}")
+    return DistillResult(head, path, metric, untrained, total, collect_seconds, train_seconds)
+
+
+def static_head(target, cache_dir=None) -> Optional[DraftHead]:
+    """The static head saved for ``target`` under ``cache_dir`` (see
+    :mod:`atlas.learning.checkpoint`), or None when there is none usable (an
+    unusable file is reported with a warning)."""
+    path = model_dir(target, cache_dir) / STATIC
+    ck = load_checkpoint(path, dict(hidden=target.config.hidden_size, vocab=target.config.vocab_size))
+    if ck is None:
+        return None
+    head = DraftHead.from_target(target, ck.weights["draft_ids"], intermediate=int(ck.config["intermediate"]))
+    head.load_export(ck.weights)
+    return head
+
+
+def load_static(target, *, distill_if_missing: bool = False, cache_dir=None, **speculator_kwargs):
+    """A :class:`LearnedSpeculator` serving the static head of ``target``.
+    With no static head saved: raises :class:`FileNotFoundError`, or with
+    ``distill_if_missing=True`` runs :func:`distill` with its defaults first.
+    ``speculator_kwargs`` go to the speculator (``max_depth``, ``topk``, ...)."""
+    from ..speculators import LearnedSpeculator
+
+    head = static_head(target, cache_dir)
+    if head is None:
+        where = model_dir(target, cache_dir) / STATIC
+        if not distill_if_missing:
+            raise FileNotFoundError(f"no static draft head for this model at {where}: run `atlas distill` "
+                                    "(or load_static(target, distill_if_missing=True))")
+        distill(target, out=cache_dir)
+        head = static_head(target, cache_dir)
+        if head is None:
+            raise RuntimeError(f"distill wrote no usable static head at {where}")
+    return LearnedSpeculator(head, **speculator_kwargs)

@@ -1,0 +1,225 @@
+"""The learning tap: training examples from what the target computed.
+
+The tap is an engine observer (``Engine(..., observers=[...])``): after every
+target forward it turns the :class:`atlas.engine.StepRecord` into examples for
+the draft head, accepted and rejected tree nodes alike (the target computed a
+correct distribution at every node it verified, whichever branch won).
+
+Vocabulary (see :mod:`atlas.learning.head` for *feature*):
+
+* **example**: one verified node i, as the head would have drafted it. Inputs:
+  the *parent feature* ``[H]`` and the node's token. Targets: the target's
+  next-token distribution at i, kept as its top-k token ids and their
+  probabilities (softmax over the whole vocabulary, so a row sums to at most
+  1), and the node's own feature ``[H]`` (what the head's ``f_hat`` predicts).
+* **parent feature**: the feature at the position of i's parent. Inside a tree
+  it is the parent node's row. For a tree root it is the feature of the
+  previous step's last accepted node of that request (that step's root when
+  nothing was accepted: the bonus token, which becomes the new root, follows
+  it), and after a prefill the last prompt token's; the tap tracks it per
+  request.
+* **parent link** (``parent_back``): how many examples earlier the tap emitted
+  the example of i's parent node, 0 when there is none (a root after a
+  prefill, or a root whose parent's example was not emitted). The trainer uses
+  it to feed the head its own prediction of the parent feature, as drafting
+  does below depth 1.
+
+A prefill's record holds logits for each prompt's last row only, so a prefill
+gives one example per request (its last prompt token, when the prompt has two
+tokens or more). The tap also counts the tokens of committed traffic (prompts
+and emitted tokens) for the choice of the draft vocabulary.
+
+Cost: one ``topk`` and one ``logsumexp`` over the step's logit rows, one
+gather of hidden rows, and a few numpy operations per request. Measured with
+``bench/bench_learning.py`` (SmolLM2-135M, greedy, one serving thread, a
+loaded 2-core machine): about 1 ms per record, 0.75% of a step. On an
+oversubscribed machine with two torch threads the small reductions pay
+OpenMP's spin-waits much more than the forward's large matmuls do, and the
+same tap measured 15% of a step: serve with one torch thread per free core.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+# A request the tap has not seen for this many records is over (observers get
+# no finish call); its tracked feature is dropped. An active request takes part
+# in every decode step, so it is never idle for more than a step or two.
+MAX_IDLE_RECORDS = 256
+
+
+@dataclass
+class Examples:
+    """A batch of n examples (see the module docstring)."""
+
+    parent_feature: np.ndarray  # [n, H] float32
+    token: np.ndarray           # [n] int32, the node's token
+    topk_ids: np.ndarray        # [n, k] int32, the target's k most probable next tokens at the node
+    topk_probs: np.ndarray      # [n, k] float32, their probabilities (descending)
+    feature: np.ndarray         # [n, H] float32, the node's own feature
+    parent_back: np.ndarray     # [n] int64, examples back to the parent node's example, 0 = none
+
+    def __len__(self) -> int:
+        return int(self.token.shape[0])
+
+    @staticmethod
+    def empty(hidden: int, k: int) -> "Examples":
+        return Examples(np.zeros((0, hidden), np.float32), np.zeros(0, np.int32), np.zeros((0, k), np.int32),
+                        np.zeros((0, k), np.float32), np.zeros((0, hidden), np.float32),
+                        np.zeros(0, np.int64))
+
+
+def topk_distribution(logits: torch.Tensor, k: int):
+    """logits ``[n, vocab]`` -> (ids ``[n, k]`` int32, probs ``[n, k]``
+    float32): the k most probable tokens and their softmax probabilities over
+    the whole row."""
+    logits = logits.float()
+    vals, ids = torch.topk(logits, min(k, logits.shape[-1]), dim=-1)
+    probs = torch.exp(vals - torch.logsumexp(logits, dim=-1, keepdim=True))
+    return ids.to(torch.int32).numpy(), probs.numpy()
+
+
+@dataclass
+class _RequestState:
+    feature: np.ndarray      # [H] float32: the next root's parent feature
+    example: int             # id of that node's example, -1 if none was emitted
+    seen: int                # the record counter when last seen
+
+
+class Tap:
+    """Turns StepRecords into :class:`Examples` and hands each batch to
+    ``sink`` (e.g. :meth:`atlas.learning.replay.ReplayBuffer.add`).
+
+    ``vocab`` sizes the token counts; ``topk`` is how many of the target's most
+    probable next tokens each example keeps (16 to 32 covers nearly all of the
+    probability mass of a confident target at a few hundred bytes).
+    """
+
+    def __init__(self, vocab: int, topk: int = 16, sink: Optional[Callable[[Examples], None]] = None):
+        if not isinstance(vocab, int) or vocab < 1:
+            raise ValueError(f"vocab must be a positive int, got {vocab!r}")
+        if not isinstance(topk, int) or isinstance(topk, bool) or not 1 <= topk <= vocab:
+            raise ValueError(f"topk must be an int in [1, vocab], got {topk!r}")
+        self.vocab, self.topk, self.sink = vocab, topk, sink
+        self.counts = np.zeros(vocab, np.int64)   # [vocab] tokens of committed traffic
+        self.examples = 0                         # examples emitted so far (the next example's id)
+        self.records = 0                          # records observed
+        self.seconds = 0.0                        # wall time spent in observe
+        self._state: Dict[int, _RequestState] = {}
+
+    def observe(self, record) -> None:
+        t0 = time.perf_counter()
+        ex = self.examples_of(record)
+        if self.sink is not None and len(ex):
+            self.sink(ex)
+        self.seconds += time.perf_counter() - t0
+
+    def forget(self, rid: int) -> None:
+        """Drops a request's tracked feature (it is over)."""
+        self._state.pop(rid, None)
+
+    # ---- the work ------------------------------------------------------------------
+
+    def examples_of(self, record) -> Examples:
+        """The examples of one record; updates the tracked features and the
+        token counts."""
+        self.records += 1
+        q = np.asarray(record.q_offsets, np.int64)
+        tokens = np.asarray(record.tokens)
+        parents = np.asarray(record.parents)
+        # Per example: the hidden row of the node, of its parent (-1: the parent
+        # feature comes from ``external``), the logits row, the link.
+        node_rows: List[np.ndarray] = []
+        parent_rows: List[np.ndarray] = []
+        logit_rows: List[np.ndarray] = []
+        ids: List[np.ndarray] = []          # example id of each example
+        parent_ids: List[np.ndarray] = []   # example id of its parent's example, -1 none
+        external: List[np.ndarray] = []     # parent features of roots, in order of the -1 rows
+        tracked = []                        # (rid, hidden row, example id) to track after this record
+        next_id = self.examples
+        for b, rid in enumerate(record.rids):
+            lo, hi = int(q[b]), int(q[b + 1])
+            if record.prefill:
+                np.add.at(self.counts, tokens[lo:hi].astype(np.int64) % self.vocab, 1)
+                ex_id = -1
+                if hi - lo >= 2:
+                    node_rows.append(np.array([hi - 1]))
+                    parent_rows.append(np.array([hi - 2]))
+                    logit_rows.append(np.array([b]))
+                    ids.append(np.array([next_id]))
+                    parent_ids.append(np.array([-1]))
+                    ex_id = next_id
+                    next_id += 1
+                tracked.append((rid, hi - 1, ex_id))
+            else:
+                n = hi - lo
+                state = self._state.get(rid)
+                # Example ids of the nodes of this tree (-1: not emitted).
+                node_id = np.full(n, -1, np.int64)
+                if state is not None:
+                    node_id[0] = next_id
+                    external.append(state.feature)
+                    next_id += 1
+                node_id[1:] = next_id + np.arange(n - 1)
+                next_id += n - 1
+                first = 0 if state is not None else 1
+                rows = np.arange(lo + first, hi)
+                node_rows.append(rows)
+                local_par = parents[lo + first:hi].astype(np.int64)
+                par_rows = lo + local_par
+                par_rows[local_par < 0] = -1  # the root: external feature
+                parent_rows.append(par_rows)
+                logit_rows.append(rows)
+                ids.append(node_id[first:])
+                par_ids = np.where(local_par >= 0, node_id[np.maximum(local_par, 0)], -1)
+                if state is not None:
+                    par_ids[0] = state.example
+                parent_ids.append(par_ids)
+                acc = record.accepted[b]
+                last = int(acc[-1]) if len(acc) else 0
+                tracked.append((rid, lo + last, int(node_id[last])))
+            emitted = record.emitted[b]
+            if len(emitted):
+                np.add.at(self.counts, np.asarray(emitted, np.int64) % self.vocab, 1)
+
+        hidden = record.hidden
+        k = self.topk
+        if node_rows:
+            node_rows_a = np.concatenate(node_rows)
+            parent_rows_a = np.concatenate(parent_rows)
+            logit_rows_a = np.concatenate(logit_rows)
+        else:
+            node_rows_a = parent_rows_a = logit_rows_a = np.zeros(0, np.int64)
+        n_ex = len(node_rows_a)
+        # One gather of every hidden row the examples and the tracking need.
+        want = np.concatenate([node_rows_a, np.maximum(parent_rows_a, 0),
+                               np.array([r for _, r, _ in tracked], np.int64)])
+        gathered = hidden[torch.from_numpy(want)].detach().to(torch.float32).cpu().numpy() \
+            if len(want) else np.zeros((0, hidden.shape[1]), np.float32)
+        feats = gathered[:n_ex]
+        par_feats = gathered[n_ex:2 * n_ex].copy()
+        if external:
+            par_feats[parent_rows_a < 0] = np.stack(external)
+        track_feats = gathered[2 * n_ex:]
+
+        if n_ex:
+            top_ids, top_p = topk_distribution(record.logits[torch.from_numpy(logit_rows_a)], k)
+            ids_a = np.concatenate(ids)
+            par_ids_a = np.concatenate(parent_ids)
+            back = np.where(par_ids_a >= 0, ids_a - par_ids_a, 0).astype(np.int64)
+            out = Examples(par_feats, tokens[node_rows_a].astype(np.int32), top_ids, top_p, feats, back)
+        else:
+            out = Examples.empty(hidden.shape[1], k)
+        self.examples = next_id
+
+        for i, (rid, _, ex_id) in enumerate(tracked):
+            self._state[rid] = _RequestState(track_feats[i].copy(), ex_id, self.records)
+        if self.records % 64 == 0:
+            stale = [rid for rid, s in self._state.items() if self.records - s.seen > MAX_IDLE_RECORDS]
+            for rid in stale:
+                del self._state[rid]
+        return out

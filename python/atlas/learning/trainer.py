@@ -1,0 +1,397 @@
+"""The background trainer: distils the target into a copy of the draft head
+and pushes better weights to the live speculator.
+
+Vocabulary:
+
+* **candidate**: the trainer's own PyTorch :class:`~atlas.learning.head.DraftHead`,
+  trained continuously with Adam on :func:`~atlas.learning.head.distillation_loss`
+  over replay-buffer samples;
+* **live**: the weight version the :class:`~atlas.speculators.LearnedSpeculator`
+  serves with (its native head);
+* **round**: ``steps_per_round`` training steps, then an evaluation of candidate
+  and live on the held-out slice of the buffer, then a push of the candidate if
+  it beats the live version by more than ``min_gain``;
+* **metric** (expected greedy acceptance at depth 1): the share of held-out
+  nodes at which the head's argmax token, given the true parent feature and
+  token, is the target's greedy choice (top-1 of the tapped distribution).
+  That is the probability that greedy verification accepts the head's first
+  draft token; a head that is better at depth 1 is better at every depth in
+  practice, because deeper drafts read its own feature prediction, which the
+  loss trains alongside. The live version is evaluated through its native
+  forward (what serves), the candidate through the twin.
+
+Each training step adds a second, *self-fed* term for the rows whose parent
+example is still in the buffer: the head's input feature is its own
+prediction at the parent node (from the parent example's inputs) instead of
+the target's, as drafting does below depth 1 (EAGLE's remedy for compounding
+feature error).
+
+Why a thread and not a process: the trainer needs the replay buffer, which
+the serving thread fills, and a process would need shared memory, a weight
+channel back, and a second copy of the 113 MB embedding. A thread shares all
+of that, and its CPU share can be limited without touching serving:
+
+* ``threads``: the trainer thread's own torch intra-op thread count (default 1).
+  ``torch.set_num_threads`` is not quite process-wide: called inside the
+  trainer thread it sets that thread's OpenMP team size, and threads torch
+  already initialised (the serving thread) keep theirs (measured). Threads
+  that first use torch while the trainer runs start from its value; the
+  trainer sets the process's value back when it stops;
+* ``nice`` (Linux): the trainer thread's scheduling niceness is raised by this
+  much (default 10, about a tenth of a core's weight when serving competes;
+  Linux applies ``setpriority`` to one thread given its id), so when serving
+  wants the CPU it gets it, and the trainer uses what is idle;
+* ``max_share``: duty cycle; after a step of t seconds the trainer sleeps
+  ``t * (1 - max_share) / max_share`` (default 0.5), which bounds its share
+  of a core even on an otherwise idle machine where niceness does nothing.
+
+Measured with ``bench/bench_learning.py`` on the shared 2-core development
+machine (SmolLM2-135M serving greedy requests on one torch thread while other
+jobs kept the load average at 6 to 8): with the defaults, serving steps took
+1.08 times as long while the trainer ran (the trainer-off runs alone varied by
+more than that) and the trainer managed 0.2 steps per second; unthrottled
+(``nice=0, max_share=1``), serving took 2.2 times as long and the trainer ran
+2 steps per second. The defaults favour serving; on an idle core the trainer
+gets its ``max_share``.
+
+Serving never waits on training: the buffer lock covers only row copies, the
+candidate is a separate module, and the live version is evaluated natively in
+chunks of ``EVAL_CHUNK`` rows (the native head's workspace lock is held for
+one chunk at a time: a drafting step waits 0.5 ms at most on SmolLM2, and
+only while an evaluation runs, once a round). A trainer that raises is logged,
+counted in :meth:`Trainer.stats`, and stops; serving goes on with the last
+good weights and :meth:`Trainer.start` restarts it. A push the native head
+refuses (wrong shapes, non-finite values) is counted as an error too, and the
+live version keeps serving.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .head import DraftHead, choose_draft_vocab
+from .replay import Batch, ReplayBuffer
+
+log = logging.getLogger("atlas.learning")
+
+# Rows per native forward when evaluating the live version: a drafting step
+# that needs the head's workspace lock meanwhile waits for one chunk at most,
+# 0.5 ms for SmolLM2's head with 4096 draft tokens (16 rows: 2.2 ms).
+EVAL_CHUNK = 4
+# Seconds between checks for enough data or a stop request while idle.
+POLL_SECONDS = 0.05
+
+
+def head_metric(head: DraftHead, batch: Batch) -> float:
+    """Expected greedy acceptance at depth 1 of a twin on a batch (see the
+    module docstring)."""
+    with torch.no_grad():
+        _, logits = head(batch.parent_feature, batch.token)
+        pred = head.draft_ids[logits.argmax(-1)]
+        return float((pred == batch.topk_ids[:, 0]).float().mean())
+
+
+def native_metric(native, batch: Batch) -> float:
+    """The same metric for the live version of a native ``DraftHead``."""
+    snap = native.snapshot()
+    if snap is None:
+        return 0.0
+    ids = snap.draft_ids.astype(np.int64)
+    feats = batch.parent_feature.numpy().astype(np.float32)
+    toks = batch.token.numpy().astype(np.int32)
+    hits = 0
+    for lo in range(0, len(toks), EVAL_CHUNK):
+        hi = min(lo + EVAL_CHUNK, len(toks))
+        f_hat = np.empty((hi - lo, native.hidden), np.float32)
+        logits = np.empty((hi - lo, native.draft_vocab), np.float32)
+        snap.forward(np.ascontiguousarray(feats[lo:hi]), np.ascontiguousarray(toks[lo:hi]), f_hat, logits)
+        hits += int((ids[logits.argmax(-1)] == batch.topk_ids[lo:hi, 0].numpy()).sum())
+    return hits / max(len(toks), 1)
+
+
+def _lower_thread_priority(nice: int) -> None:
+    if nice <= 0 or not sys.platform.startswith("linux") or not hasattr(threading, "get_native_id"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError as e:  # a sandbox may forbid it; the duty cycle still bounds the share
+        log.debug("could not raise the trainer thread's niceness: %s", e)
+
+
+class Trainer:
+    """Trains ``head`` (the candidate, a :class:`DraftHead`) on ``buffer`` and
+    pushes to ``speculator`` (a :class:`LearnedSpeculator`; None: train and
+    evaluate only, as :func:`atlas.learning.distill` does).
+
+    ``lm_head`` (``[vocab, H]``, the target's output layer) and ``counts`` (a
+    callable returning ``[vocab]`` token counts of traffic) enable re-choosing
+    the draft vocabulary before each round: when the most frequent tokens of
+    traffic differ from the candidate's draft vocabulary in at least
+    ``revocab_min_change`` of its entries, new tokens replace the least used
+    (their output rows start from ``lm_head``; kept tokens keep their trained
+    rows). ``on_push(version, weights, metric)`` is called after each push
+    (the learning loop writes its checkpoint there).
+    """
+
+    def __init__(self, head: DraftHead, buffer: ReplayBuffer, speculator=None, *,
+                 lm_head: Optional[torch.Tensor] = None, counts: Optional[Callable[[], np.ndarray]] = None,
+                 lr: float = 2e-3, batch_size: int = 256, steps_per_round: int = 50,
+                 feature_weight: float = 1.0, self_feed: bool = True, min_gain: float = 0.0,
+                 min_train: Optional[int] = None, min_held_out: int = 32, threads: int = 1, nice: int = 10,
+                 max_share: float = 0.5, revocab_min_change: float = 0.02,
+                 on_push: Optional[Callable[[int, dict, float], None]] = None, seed: int = 0):
+        if head.hidden != buffer.hidden:
+            raise ValueError(f"head hidden size {head.hidden} != buffer hidden size {buffer.hidden}")
+        if speculator is not None:
+            nat = speculator.native
+            if (nat.hidden, nat.intermediate, nat.draft_vocab) != (head.hidden, head.intermediate,
+                                                                   head.draft_vocab):
+                raise ValueError(
+                    f"head (hidden {head.hidden}, intermediate {head.intermediate}, draft_vocab "
+                    f"{head.draft_vocab}) does not match the speculator's native head (hidden {nat.hidden}, "
+                    f"intermediate {nat.intermediate}, draft_vocab {nat.draft_vocab})")
+        for name, v in (("batch_size", batch_size), ("steps_per_round", steps_per_round),
+                        ("min_held_out", min_held_out)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not 0.0 < max_share <= 1.0:
+            raise ValueError(f"max_share must be in (0, 1], got {max_share}")
+        if not isinstance(threads, int) or threads < 0:
+            raise ValueError(f"threads must be an int >= 0 (0: leave torch's setting), got {threads!r}")
+        if not float(lr) > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        self.head, self.buffer, self.speculator = head, buffer, speculator
+        self.lm_head, self.counts = lm_head, counts
+        self.lr, self.batch_size, self.steps_per_round = float(lr), batch_size, steps_per_round
+        self.feature_weight, self.self_feed, self.min_gain = float(feature_weight), self_feed, float(min_gain)
+        self.min_train = batch_size if min_train is None else int(min_train)
+        self.min_held_out = min_held_out
+        self.threads, self.nice, self.max_share = threads, int(nice), float(max_share)
+        self.revocab_min_change = float(revocab_min_change)
+        self.on_push = on_push
+        self.rng = np.random.default_rng(seed)
+        self.opt = torch.optim.Adam(head.parameters(), lr=self.lr)
+        # Counters (read by stats(); written by the one thread that trains).
+        self.steps_done = 0
+        self.skipped_steps = 0        # non-finite losses, not applied
+        self.rounds = 0
+        self.pushes = 0
+        self.refused = 0              # candidates that did not beat the live version
+        self.push_errors = 0          # pushes the native head refused
+        self.revocabs = 0
+        self.errors = 0               # every error, push refusals and trainer failures alike
+        self.last_error: Optional[str] = None
+        self.last_loss = float("nan")
+        self.candidate_metric: Optional[float] = None
+        self.live_metric: Optional[float] = None
+        self.seconds = 0.0            # wall time inside training steps
+        self.state = "idle"           # idle | running | stopped | error
+        self._thread: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+
+    # ---- training --------------------------------------------------------------------
+
+    def loss(self, batch: Batch):
+        """Distillation loss of the candidate on a batch, plus the self-fed term."""
+        head = self.head
+        target_logits = torch.log(batch.topk_probs.clamp_min(1e-30))
+        loss, info = head.loss(batch.parent_feature, batch.token, batch.feature, target_logits,
+                               batch.topk_ids, feature_weight=self.feature_weight)
+        if self.self_feed and bool(batch.has_parent.any()):
+            m = batch.has_parent
+            f_prev, _ = head(batch.parent_parent_feature[m], batch.parent_token[m])
+            loss2, _ = head.loss(f_prev, batch.token[m], batch.feature[m], target_logits[m],
+                                 batch.topk_ids[m], feature_weight=self.feature_weight)
+            loss = loss + loss2
+        return loss, info
+
+    def train_steps(self, n: int, throttle: bool = False) -> int:
+        """Up to n Adam steps on buffer samples (fewer if stopped or the buffer
+        has no training data); returns how many ran. ``throttle`` applies the
+        duty cycle."""
+        done = 0
+        for _ in range(n):
+            if throttle and self._stop.is_set():
+                break
+            batch = self.buffer.sample(self.batch_size, self.rng)
+            if batch is None:
+                break
+            t0 = time.perf_counter()
+            loss, _ = self.loss(batch)
+            if torch.isfinite(loss):
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self.opt.step()
+                self.last_loss = float(loss.detach())
+            else:
+                self.skipped_steps += 1
+            dt = time.perf_counter() - t0
+            self.seconds += dt
+            self.steps_done += 1
+            done += 1
+            if throttle and self.max_share < 1.0:
+                self._stop.wait(dt * (1.0 - self.max_share) / self.max_share)
+        return done
+
+    def ready(self) -> bool:
+        """Enough data for a round: a training region of min_train examples and
+        a held-out slice of min_held_out."""
+        return self.buffer.train_size >= self.min_train and self.buffer.held_out_size >= self.min_held_out
+
+    # ---- the vocabulary -----------------------------------------------------------------
+
+    def maybe_revocab(self) -> bool:
+        """Re-chooses the candidate's draft vocabulary from traffic counts (see
+        the class docstring); True when it changed."""
+        if self.counts is None or self.lm_head is None:
+            return False
+        head = self.head
+        counts = np.asarray(self.counts(), np.float64)
+        if counts.sum() == 0 or head.draft_vocab >= head.vocab:
+            return False
+        current = head.draft_ids.numpy()
+        # Half a count of credit to the current tokens: an unseen token never
+        # displaces one, and equal counts keep the current vocabulary.
+        score = counts.copy()
+        score[current] += 0.5
+        new = choose_draft_vocab(score, head.draft_vocab)
+        changed = head.draft_vocab - len(np.intersect1d(new, current, assume_unique=True))
+        if changed < max(1, self.revocab_min_change * head.draft_vocab):
+            return False
+        weights = head.export()
+        old_col = head.full_to_draft.numpy()[new]               # [Vd], -1 for new tokens
+        w_out = self.lm_head.detach().to(torch.float32)[torch.from_numpy(new.astype(np.int64))].numpy().copy()
+        kept = old_col >= 0
+        w_out[kept] = weights["w_out"][old_col[kept]]
+        weights["w_out"], weights["draft_ids"] = w_out, new
+        head.load_export(weights)
+        self.opt = torch.optim.Adam(head.parameters(), lr=self.lr)  # the moments of w_out rows moved
+        self.revocabs += 1
+        log.info("draft vocabulary: %d of %d tokens replaced by frequent traffic tokens", changed,
+                 head.draft_vocab)
+        return True
+
+    # ---- evaluation and pushes -------------------------------------------------------------
+
+    def evaluate(self, batch: Optional[Batch] = None):
+        """(candidate metric, live metric or None) on the held-out slice."""
+        batch = self.buffer.held_out_batch() if batch is None else batch
+        if batch is None:
+            return None, None
+        cand = head_metric(self.head, batch)
+        live = native_metric(self.speculator.native, batch) if self.speculator is not None else None
+        return cand, live
+
+    def push(self, weights: dict, metric: Optional[float]) -> Optional[int]:
+        """Pushes weights to the speculator; a refused push is counted and
+        logged, and returns None (the live version keeps serving)."""
+        try:
+            version = self.speculator.push(weights, metric)
+        except (ValueError, TypeError, RuntimeError) as e:
+            self.push_errors += 1
+            self._record_error(f"push refused: {e}")
+            return None
+        self.pushes += 1
+        if self.on_push is not None:
+            self.on_push(version, weights, metric)
+        return version
+
+    def round(self, throttle: bool = False) -> dict:
+        """One round: maybe re-choose the vocabulary, train, evaluate, push if
+        better. Returns what happened."""
+        self.maybe_revocab()
+        steps = self.train_steps(self.steps_per_round, throttle)
+        out = dict(steps=steps, candidate=None, live=None, pushed=None)
+        if throttle and self._stop.is_set():
+            return out
+        cand, live = self.evaluate()
+        self.rounds += 1
+        self.candidate_metric, self.live_metric = cand, live
+        out.update(candidate=cand, live=live)
+        if self.speculator is None or cand is None:
+            return out
+        live_version = self.speculator.version
+        if live_version > 0:
+            # The latest held-out measurement of the version serving now (a
+            # version pushed long ago may have left the history: nothing to record).
+            try:
+                self.speculator.native.set_metric(live_version, live)
+            except ValueError:
+                pass
+        if cand > live + self.min_gain:
+            out["pushed"] = self.push(self.head.export(), cand)
+        else:
+            self.refused += 1
+        return out
+
+    # ---- the background worker --------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Starts (or restarts, after an error or stop) the background worker."""
+        if self.running:
+            return
+        self._stop.clear()
+        self.state = "running"
+        self._thread = threading.Thread(target=self._run, name="atlas-trainer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: Optional[float] = 30.0) -> None:
+        """Asks the worker to stop after its current step and waits for it."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("the trainer did not stop within %s s", timeout)
+            else:
+                self._thread = None
+        if self.state == "running":
+            self.state = "stopped"
+
+    def _run(self) -> None:
+        process_threads = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        _lower_thread_priority(self.nice)
+        try:
+            while not self._stop.is_set():
+                if not self.ready():
+                    self._stop.wait(POLL_SECONDS)
+                    continue
+                self.round(throttle=True)
+        except Exception as e:  # noqa: BLE001 - any failure is reported; serving keeps its weights
+            log.exception("the learning loop's trainer failed; serving goes on with version %s",
+                          self.speculator.version if self.speculator is not None else None)
+            self._record_error(f"trainer failed: {type(e).__name__}: {e}")
+            self.state = "error"
+            return
+        finally:
+            if self.threads:
+                # Threads that first use torch later start from the last value set:
+                # give them the process's value back (this thread is ending).
+                torch.set_num_threads(process_threads)
+        self.state = "stopped"
+
+    def _record_error(self, msg: str) -> None:
+        self.errors += 1
+        self.last_error = msg
+        log.warning("atlas learning: %s", msg)
+
+    def stats(self) -> dict:
+        return dict(state=self.state, train_steps=self.steps_done, skipped_steps=self.skipped_steps,
+                    rounds=self.rounds, pushes=self.pushes, refused=self.refused,
+                    push_errors=self.push_errors,
+                    revocabs=self.revocabs, errors=self.errors, last_error=self.last_error,
+                    last_loss=self.last_loss, candidate_metric=self.candidate_metric,
+                    live_metric=self.live_metric, train_seconds=self.seconds)
