@@ -147,7 +147,10 @@ def full_atlas(target, *, learning: bool = True, cache_dir=None):
         head = DraftHead.from_target(target, np.arange(min(target.config.vocab_size, 4096)))
     if head is None:
         print("atlas: no static draft head for this model yet: distilling one (once; `atlas distill`)", flush=True)
-        distill(target, out=cache_dir, progress=lambda msg: print("  " + msg, flush=True))
+        # Lighter than `atlas distill`'s defaults so that a first run stays
+        # within minutes on a CPU; `atlas distill` makes a better one.
+        distill(target, out=cache_dir, tokens=8192, steps=300,
+                progress=lambda msg: print("  " + msg, flush=True))
         head = static_head(target, cache_dir)
         if head is None:
             raise RuntimeError("distillation wrote no usable static draft head")
