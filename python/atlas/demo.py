@@ -37,7 +37,7 @@ def run_demo(args) -> int:
     greedy = verifier(logits, flat.tokens, flat.parents)
     print(f"\ngreedy:   accepted nodes {greedy.accepted[0].tolist()}  emitted {greedy.emitted[0].tolist()}")
     sampled = verifier(logits, flat.tokens, flat.parents, temperature=0.8, top_k=50, top_p=0.9,
-                       seed=args.seed, offset=0)
+                       seed=args.seed, offset=40)  # offset: the root's position, committed_len
     print(f"sampling: accepted nodes {sampled.accepted[0].tolist()}  emitted {sampled.emitted[0].tolist()}")
     print(f"\n{len(greedy.emitted[0])} tokens from one target forward instead of 1.")
     return 0
