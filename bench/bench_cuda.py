@@ -121,7 +121,7 @@ def bench_verify(timer: Timer, copy_bw: float, quick: bool):
             prepass = mode == "greedy prepass"
 
             def run():
-                _native.verify_cuda(logits, tok, par, off, params, None, None, acc, emi, num, status, ws, stream,
+                _native.verify_cuda(logits, tok, par, off, params, None, acc, emi, num, status, ws, stream,
                                     prepass, False)
 
             us = timer(run)

@@ -374,8 +374,8 @@ std::vector<T> per_seq(py::handle obj, const char* name, int64_t batch) {
 
 void verify(py::handle logits_obj, py::handle tokens_obj, py::handle parents_obj, py::handle offsets_obj,
             py::handle temperature, py::handle top_k, py::handle top_p, py::handle seed, py::handle offset,
-            py::handle draft_obj, py::handle mult_obj, py::handle accepted_obj, py::handle emitted_obj,
-            py::handle num_obj, py::handle workspace_obj) {
+            py::handle draft_obj, py::handle accepted_obj, py::handle emitted_obj, py::handle num_obj,
+            py::handle workspace_obj) {
   View logits = view_of(logits_obj, "logits");
   logits.dtype({Elem::kF32, Elem::kBF16}).dims(2).cpu().inner_dense();
   View tokens = view_of(tokens_obj, "tokens");
@@ -399,8 +399,6 @@ void verify(py::handle logits_obj, py::handle tokens_obj, py::handle parents_obj
 
   View draft = optional_view(draft_obj, "draft_probs");
   if (draft.data) draft.dtype({Elem::kF32}).dims(2).cpu().inner_dense().dim(0, total, "logits.shape[0]").dim(1, vocab, "vocab");
-  View mult = optional_view(mult_obj, "multiplicity");
-  if (mult.data) mult.dtype({Elem::kI32}).dims(1).cpu().dense().dim(0, total, "logits.shape[0]");
 
   View accepted = view_of(accepted_obj, "accepted_out");
   accepted.dtype({Elem::kI32}).dims(2).cpu().dense().output().dim(0, batch, "batch");
@@ -434,7 +432,6 @@ void verify(py::handle logits_obj, py::handle tokens_obj, py::handle parents_obj
   p.draft_row_stride = draft.data ? (total > 1 ? draft.strides[0] : vocab) : 0;
   p.tokens = tokens.ptr<const int32_t>();
   p.parents = parents.ptr<const int32_t>();
-  p.multiplicity = mult.ptr<const int32_t>();
   p.tree_offsets = offsets.ptr<const int64_t>();
   p.batch = batch;
   p.params = params.data();
@@ -817,9 +814,9 @@ py::dict sampling_params_layout() {
 }
 
 void verify_cuda(py::handle logits_obj, py::handle tokens_obj, py::handle parents_obj, py::handle offsets_obj,
-                 py::handle params_obj, py::handle draft_obj, py::handle mult_obj, py::handle accepted_obj,
-                 py::handle emitted_obj, py::handle num_obj, py::handle status_obj, py::handle workspace_obj,
-                 py::handle stream, bool greedy_prepass, bool check) {
+                 py::handle params_obj, py::handle draft_obj, py::handle accepted_obj, py::handle emitted_obj,
+                 py::handle num_obj, py::handle status_obj, py::handle workspace_obj, py::handle stream,
+                 bool greedy_prepass, bool check) {
   View logits = view_of(logits_obj, "logits");
   logits.dtype({Elem::kF32, Elem::kBF16}).dims(2).inner_dense();
   if (!logits.on_cuda) fail("logits must be a CUDA tensor, got one in CPU memory");
@@ -852,11 +849,6 @@ void verify_cuda(py::handle logits_obj, py::handle tokens_obj, py::handle parent
     on_device(draft, dev);
     if (draft.strides[0] < vocab) fail("draft_probs rows must not overlap (row stride >= vocab)");
   }
-  View mult = optional_view(mult_obj, "multiplicity");
-  if (mult.data) {
-    mult.dtype({Elem::kI32}).dims(1).dense().dim(0, total, "logits.shape[0]");
-    on_device(mult, dev);
-  }
   View accepted = view_of(accepted_obj, "accepted_out");
   accepted.dtype({Elem::kI32}).dims(2).dense().output().dim(0, batch, "batch");
   on_device(accepted, dev);
@@ -884,7 +876,6 @@ void verify_cuda(py::handle logits_obj, py::handle tokens_obj, py::handle parent
   p.draft_row_stride = draft.data ? draft.strides[0] : 0;
   p.tokens = tokens.ptr<const int32_t>();
   p.parents = parents.ptr<const int32_t>();
-  p.multiplicity = mult.ptr<const int32_t>();
   p.tree_offsets = offsets.ptr<const int64_t>();
   p.batch = batch;
   p.params = params.ptr<const atlas::SamplingParams>();
@@ -903,24 +894,24 @@ void verify_cuda(py::handle logits_obj, py::handle tokens_obj, py::handle parent
   launch_and_check([&] { return atlas::verify_cuda(p, o, s); }, o.status_out, batch, "verify_cuda", s, check);
 }
 
-void philox_uniform_cuda(uint64_t seed, uint64_t offset, py::handle nodes_obj, py::handle attempts_obj,
+void philox_uniform_cuda(uint64_t seed, uint64_t position, py::handle streams_obj, py::handle js_obj,
                          py::handle out_obj, py::handle stream) {
-  View nodes = view_of(nodes_obj, "nodes");
-  nodes.dtype({Elem::kI32}).dims(1).dense();
-  if (!nodes.on_cuda) fail("nodes must be a CUDA tensor, got one in CPU memory");
-  const int dev = nodes.device_id;
-  View attempts = view_of(attempts_obj, "attempts");
-  attempts.dtype({Elem::kI32}).dims(1).dense().dim(0, nodes.shape[0], "len(nodes)");
-  on_device(attempts, dev);
+  View streams = view_of(streams_obj, "streams");
+  streams.dtype({Elem::kI32}).dims(1).dense();
+  if (!streams.on_cuda) fail("streams must be a CUDA tensor, got one in CPU memory");
+  const int dev = streams.device_id;
+  View js = view_of(js_obj, "js");
+  js.dtype({Elem::kI32}).dims(1).dense().dim(0, streams.shape[0], "len(streams)");
+  on_device(js, dev);
   View out = view_of(out_obj, "out");
-  out.dtype({Elem::kF32}).dims(1).dense().output().dim(0, nodes.shape[0], "len(nodes)");
+  out.dtype({Elem::kF64}).dims(1).dense().output().dim(0, streams.shape[0], "len(streams)");
   on_device(out, dev);
   void* s = stream_of(stream);
   DeviceGuard guard(dev);
-  // int32 bit patterns are read as the uint32 node and attempt indices.
+  // int32 bit patterns are read as the uint32 counter words.
   launch_and_check([&] {
-    return atlas::philox_uniform_cuda(seed, offset, nodes.ptr<const uint32_t>(),
-                                      attempts.ptr<const uint32_t>(), nodes.shape[0], out.ptr<float>(), s);
+    return atlas::philox_uniform_cuda(seed, position, streams.ptr<const uint32_t>(), js.ptr<const uint32_t>(),
+                                      streams.shape[0], out.ptr<double>(), s);
   }, nullptr, 0, "philox_uniform_cuda", s, false);
 }
 
@@ -1165,12 +1156,13 @@ PYBIND11_MODULE(_native, m) {
   }, py::arg("vocab"));
   m.def("verify", &verify, py::arg("logits"), py::arg("tokens"), py::arg("parents"), py::arg("tree_offsets"),
         py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("seed"), py::arg("offset"),
-        py::arg("draft_probs"), py::arg("multiplicity"), py::arg("accepted_out"), py::arg("emitted_out"),
-        py::arg("num_accepted_out"), py::arg("workspace"),
+        py::arg("draft_probs"), py::arg("accepted_out"), py::arg("emitted_out"), py::arg("num_accepted_out"),
+        py::arg("workspace"),
         "Verify a batch of flattened draft trees against target logits; writes the *_out arrays.");
-  m.def("philox_uniform", [](uint64_t seed, uint64_t offset, uint32_t node, uint32_t attempt) {
-    return atlas::philox_uniform(seed, offset, node, attempt);
-  }, py::arg("seed"), py::arg("offset"), py::arg("node"), py::arg("attempt"));
+  m.def("philox_uniform", [](uint64_t seed, uint64_t position, uint32_t stream, uint32_t j) {
+    return atlas::philox_uniform(seed, position, stream, j);
+  }, py::arg("seed"), py::arg("position"), py::arg("stream"), py::arg("j"),
+        "The verifier's uniform (53 bits in [0, 1)) for a position, stream and index (verify.h).");
 
   // -- KV cache
   py::class_<KVCache>(m, "PagedKVCache")
@@ -1332,12 +1324,11 @@ PYBIND11_MODULE(_native, m) {
         checked_int(total_nodes, "total_nodes", 1, std::numeric_limits<int32_t>::max()));
   }, py::arg("vocab"), py::arg("batch"), py::arg("total_nodes"));
   m.def("verify_cuda", &verify_cuda, py::arg("logits"), py::arg("tokens"), py::arg("parents"),
-        py::arg("tree_offsets"), py::arg("params"), py::arg("draft_probs"), py::arg("multiplicity"),
-        py::arg("accepted_out"), py::arg("emitted_out"), py::arg("num_accepted_out"), py::arg("status_out"),
+        py::arg("tree_offsets"), py::arg("params"), py::arg("draft_probs"), py::arg("accepted_out"), py::arg("emitted_out"), py::arg("num_accepted_out"), py::arg("status_out"),
         py::arg("workspace"), py::arg("stream"), py::arg("greedy_prepass") = false, py::arg("check") = true,
         "verify() on a CUDA device; writes the *_out tensors (check: wait and raise on a device error).");
-  m.def("philox_uniform_cuda", &philox_uniform_cuda, py::arg("seed"), py::arg("offset"), py::arg("nodes"),
-        py::arg("attempts"), py::arg("out"), py::arg("stream"),
+  m.def("philox_uniform_cuda", &philox_uniform_cuda, py::arg("seed"), py::arg("position"), py::arg("streams"),
+        py::arg("js"), py::arg("out"), py::arg("stream"),
         "The verifier's Philox uniforms computed on the device (tests).");
   m.def("kv_copy_slots_cuda", &kv_copy_slots_cuda, py::arg("cache"), py::arg("copies"), py::arg("status_out"),
         py::arg("stream"), py::arg("check") = true,

@@ -13,8 +13,10 @@ constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
 constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
 constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
 
-// The bonus draw at a node uses this attempt index, far above any child count.
-constexpr uint32_t kBonusAttempt = 0x80000000u;
+// The streams of verify.h: the third counter word.
+constexpr uint32_t kStreamOneHot = 0;      // the draw at a node of a one-hot tree (and the plain sampler)
+constexpr uint32_t kStreamDraft = 1;       // attempt j at a node with draft_probs
+constexpr uint32_t kStreamDraftBonus = 2;  // the bonus draw at a node with draft_probs
 
 __host__ __device__ __forceinline__ uint32_t mulhi32(uint32_t a, uint32_t b) {
 #ifdef __CUDA_ARCH__
@@ -24,9 +26,11 @@ __host__ __device__ __forceinline__ uint32_t mulhi32(uint32_t a, uint32_t b) {
 #endif
 }
 
-// Ten rounds; the key is bumped between rounds. Returns the first output word.
-__host__ __device__ __forceinline__ uint32_t philox4x32_10_first(uint32_t c0, uint32_t c1, uint32_t c2,
-                                                                uint32_t c3, uint32_t k0, uint32_t k1) {
+// Ten rounds; the key is bumped between rounds. Writes the first two output
+// words (the uniform needs no more).
+__host__ __device__ __forceinline__ void philox4x32_10_two(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                                                           uint32_t k0, uint32_t k1, uint32_t* w0,
+                                                           uint32_t* w1) {
 #pragma unroll
   for (int round = 0; round < 10; ++round) {
     if (round > 0) {
@@ -40,17 +44,19 @@ __host__ __device__ __forceinline__ uint32_t philox4x32_10_first(uint32_t c0, ui
     c2 = hi0 ^ c3 ^ k1;
     c3 = lo0;
   }
-  return c0;
+  *w0 = c0;
+  *w1 = c1;
 }
 
-// verify.h's uniform: key = seed, counter = {offset low, offset high, node,
-// attempt}; the top 24 bits of the first word, scaled to [0, 1) exactly.
-__host__ __device__ __forceinline__ float philox_uniform01(uint64_t seed, uint64_t offset, uint32_t node,
-                                                           uint32_t attempt) {
-  const uint32_t w = philox4x32_10_first(static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32),
-                                         node, attempt, static_cast<uint32_t>(seed),
-                                         static_cast<uint32_t>(seed >> 32));
-  return static_cast<float>(w >> 8) * (1.0f / 16777216.0f);
+// verify.h's uniform: key = seed, counter = {position low, position high,
+// stream, j}; 53 bits of the first two words, scaled to [0, 1) exactly.
+__host__ __device__ __forceinline__ double philox_uniform53(uint64_t seed, uint64_t position, uint32_t stream,
+                                                            uint32_t j) {
+  uint32_t w0, w1;
+  philox4x32_10_two(static_cast<uint32_t>(position), static_cast<uint32_t>(position >> 32), stream, j,
+                    static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), &w0, &w1);
+  const uint64_t bits = (static_cast<uint64_t>(w0) << 21) | (w1 >> 11);
+  return static_cast<double>(bits) * (1.0 / 9007199254740992.0);  // 2^-53
 }
 
 }  // namespace cuda

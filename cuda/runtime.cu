@@ -53,7 +53,6 @@ const char* device_error_message(int32_t code) {
     case DeviceError::kBadParent:
       return "parents must be -1 at the root (tree-local index 0) and in [0, i) for node i > 0";
     case DeviceError::kBadToken: return "a token id is outside [0, vocab)";
-    case DeviceError::kBadMultiplicity: return "multiplicity must be in [1, 1024]";
     case DeviceError::kTooDeep: return "a tree is deeper than max_accept";
     case DeviceError::kBadSamplingParams:
       return "sampling parameters out of range (temperature >= 0 and finite, top_k >= 0, top_p in (0, 1])";
@@ -61,7 +60,8 @@ const char* device_error_message(int32_t code) {
       return "a logit row the walk reads holds NaN or +inf (or overflows when divided by the temperature)";
     case DeviceError::kNoFiniteLogit: return "a logit row the walk reads is all -inf";
     case DeviceError::kBadDraftProbs:
-      return "draft_probs holds a negative, infinite or NaN value, or a residual distribution with no mass";
+      return "a draft_probs row the walk reads holds a negative, infinite or NaN value, or gives probability 0 to a "
+             "child drafted from it (siblings drawn without replacement must hold distinct tokens)";
     case DeviceError::kBadQueryOffsets:
       return "q_offsets must be non-decreasing from 0 to the number of queries";
     case DeviceError::kBadContextLength:

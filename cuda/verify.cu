@@ -2,9 +2,10 @@
 // cpp/src/verify.cpp; the rules are in verify.h and cuda_ops.h).
 //
 // One block of kThreads threads walks one tree. The walk is sequential, but
-// each step over a logit row (argmax; max, top-k, top-p, softmax; residual;
-// inverse-CDF draw) is a block-wide pass, and every reduction has a fixed
-// association order, so a run replays bit for bit.
+// each step over a logit row (argmax; max, top-k, top-p, softmax; inverse-CDF
+// draw; with draft rows, their mass and the residuals) is a block-wide pass,
+// and every reduction has a fixed association order, so a run replays bit for
+// bit.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -55,7 +56,6 @@ struct VerifyArgs {
   int64_t draft_stride;
   const int32_t* tokens;
   const int32_t* parents;
-  const int32_t* mult;
   const int64_t* offsets;
   int64_t batch;
   int64_t total_nodes;
@@ -78,6 +78,7 @@ struct Shared {
   int32_t dep[kMaxNodes];
   int32_t path[kMaxNodes];
   float fred[33];
+  double dred[33];
   int64_t ired[33];
   unsigned long long ured[33];
   unsigned long long hist_w[256];
@@ -285,17 +286,25 @@ __device__ int64_t find_nth(const T* row, int64_t V, unsigned long long n, Pred&
   return V - 1;  // not reached when n is within the count
 }
 
-// Inverse-CDF draw from the (unnormalised) distribution prow[0, V) with total
-// mass z: the first id whose running sum exceeds u * z; when rounding leaves
-// none, the last id with mass > 0.
-__device__ int64_t sample_row(const float* prow, int64_t V, float z, float u, Shared& sh) {
-  const float target = u * z;
-  float running = 0.0f;
+// Block-wide sum in double (the association order depends only on the block
+// shape); every thread gets it.
+__device__ __forceinline__ double block_sum_f64(double v, double* scratch) {
+  double total;
+  block_exclusive_scan<double>(v, scratch, &total);
+  return total;
+}
+
+// The draw from p at u (verify.h): the first id of prow[0, V) (unnormalised,
+// total mass z) whose running sum exceeds u * z, summed in double as the CPU
+// twin does; when rounding leaves none, the last id with mass > 0.
+__device__ int64_t sample_row(const float* prow, int64_t V, double z, double u, Shared& sh) {
+  const double target = u * z;
+  double running = 0.0;
   int64_t last = -1;
   for (int64_t tile = 0; tile < V; tile += static_cast<int64_t>(blockDim.x) * kScanItems) {
     const int64_t beg = tile + static_cast<int64_t>(threadIdx.x) * kScanItems;
     float vals[kScanItems];
-    float local = 0.0f;
+    double local = 0.0;
 #pragma unroll
     for (int k = 0; k < kScanItems; ++k) {
       const int64_t t = beg + k;
@@ -303,16 +312,16 @@ __device__ int64_t sample_row(const float* prow, int64_t V, float z, float u, Sh
       local += vals[k];
       if (vals[k] > 0.0f) last = t;
     }
-    float total;
-    const float excl = block_exclusive_scan<float>(local, sh.fred, &total);
-    const float base = running + excl;
+    double total;
+    const double excl = block_exclusive_scan<double>(local, sh.dred, &total);
+    const double base = running + excl;
     int64_t cand = INT64_MAX;
     if (base + local > target) {
-      float acc = 0.0f;
+      double acc = base;
 #pragma unroll
       for (int k = 0; k < kScanItems; ++k) {
         acc += vals[k];
-        if (cand == INT64_MAX && vals[k] > 0.0f && base + acc > target) cand = beg + k;
+        if (cand == INT64_MAX && vals[k] > 0.0f && acc > target) cand = beg + k;
       }
     }
     cand = block_min_i64(cand, sh.ired);
@@ -347,7 +356,7 @@ __device__ __forceinline__ bool kept(const Transform& tr, int64_t t, uint32_t ke
 // logits row `row` to prow and its sum to *z. Returns a DeviceError.
 template <typename T>
 __device__ int32_t sample_transform(const T* row, const VerifyArgs& a, const SamplingParams& sp, float* prow,
-                                    float* z, Shared& sh) {
+                                    double* z, Shared& sh) {
   const int64_t V = a.vocab;
   const float temp = sp.temperature;
   float mx = -INFINITY;
@@ -411,40 +420,54 @@ __device__ int32_t sample_transform(const T* row, const VerifyArgs& a, const Sam
     }
   }
 
-  float zs = 0.0f;
+  double zs = 0.0;
   for_each_elem<true>(row, 0, V, a.vec_rows, [&](int64_t t, float l) {
     const float x = l / temp;
     const float e = kept(tr, t, order_key(x)) ? expf(x - tr.max_x) : 0.0f;
     prow[t] = e;
     zs += e;
   });
-  *z = block_sum(zs, sh.fred);  // >= 1: the maximum is always kept
+  *z = block_sum_f64(zs, sh.dred);  // >= 1: the maximum is always kept
   return 0;
 }
 
-// p <- normalise(max(p - q, 0)) with p = prow / z; returns the new mass. q is
-// the draft row, or one-hot on x when qrow is null. If nothing is left, p = q.
-__device__ float residual(float* prow, int64_t V, float z, const float* qrow, int32_t x, bool* badq,
-                          Shared& sh) {
-  float zs = 0.0f;
-  bool bad = false;
+// The draft row's mass (double), and whether it holds a negative, NaN or
+// infinite entry.
+__device__ double draft_mass(const float* qrow, int64_t V, bool* bad, Shared& sh) {
+  double s = 0.0;
+  bool b = false;
   for (int64_t t = threadIdx.x; t < V; t += blockDim.x) {
-    const float q = qrow ? qrow[t] : (t == x ? 1.0f : 0.0f);
-    bad |= !(q >= 0.0f && q < INFINITY);
-    const float r = fmaxf(prow[t] / z - q, 0.0f);
+    const float q = qrow[t];
+    b |= !(q >= 0.0f && q < INFINITY);
+    s += q;
+  }
+  *bad = __syncthreads_or(b);
+  return block_sum_f64(s, sh.dred);
+}
+
+// p <- normalise(max(p - q / q_total, 0)) with p = prow / z, after the
+// rejection of token x, whose probability becomes exactly 0 (the CPU twin's
+// subtract_draft, operation for operation). Returns the new mass; when nothing
+// would be left (only through rounding) p stays as it was and so does z.
+__device__ double draft_residual(float* prow, int64_t V, double z, const float* qrow, double q_total, int32_t x,
+                                 Shared& sh) {
+  const double inv = 1.0 / z, inv_q = 1.0 / q_total;
+  auto residual = [&](int64_t t) {
+    // Rounded intrinsics: never fused into an FMA, so the CPU's bits.
+    const double r = __dsub_rn(__dmul_rn(prow[t], inv), __dmul_rn(qrow[t], inv_q));
+    return static_cast<float>(r > 0.0 ? r : 0.0);
+  };
+  double s = 0.0;
+  for (int64_t t = threadIdx.x; t < V; t += blockDim.x)
+    if (t != x) s += residual(t);
+  if (!(block_sum_f64(s, sh.dred) > 0.0)) return z;
+  s = 0.0;
+  for (int64_t t = threadIdx.x; t < V; t += blockDim.x) {
+    const float r = t == x ? 0.0f : residual(t);
     prow[t] = r;
-    zs += r;
+    s += r;
   }
-  *badq = __syncthreads_or(bad);
-  float nz = block_sum(zs, sh.fred);
-  if (nz > 0.0f) return nz;
-  zs = 0.0f;
-  for (int64_t t = threadIdx.x; t < V; t += blockDim.x) {
-    const float q = qrow ? qrow[t] : (t == x ? 1.0f : 0.0f);
-    prow[t] = q;
-    zs += q;
-  }
-  return block_sum(zs, sh.fred);
+  return block_sum_f64(s, sh.dred);
 }
 
 // ---- the kernels ------------------------------------------------------------------------------
@@ -465,7 +488,7 @@ __global__ void __launch_bounds__(kThreads) verify_kernel(VerifyArgs a) {
   const int64_t b = blockIdx.x;
   const int tid = threadIdx.x;
 
-  // -- the tree: offsets, parameters, parents, tokens, multiplicities, depth
+  // -- the tree: offsets, parameters, parents, tokens, depth
   const int64_t t0 = a.offsets[b], t1 = a.offsets[b + 1];
   const bool offsets_ok = t0 >= 0 && t0 < t1 && t1 <= a.total_nodes && (b != 0 || t0 == 0) &&
                           (b != a.batch - 1 || t1 == a.total_nodes);
@@ -477,7 +500,7 @@ __global__ void __launch_bounds__(kThreads) verify_kernel(VerifyArgs a) {
     return write_failure(a, b, static_cast<int32_t>(DeviceError::kBadSamplingParams));
   const int32_t n = static_cast<int32_t>(t1 - t0);
 
-  bool bad_parent = false, bad_token = false, bad_mult = false;
+  bool bad_parent = false, bad_token = false;
   for (int32_t c = tid; c < n; c += kThreads) {
     const int32_t p = a.parents[t0 + c], tok = a.tokens[t0 + c];
     sh.parent[c] = p;
@@ -486,15 +509,9 @@ __global__ void __launch_bounds__(kThreads) verify_kernel(VerifyArgs a) {
     sh.dep[c] = c == 0 ? 0 : 1;
     bad_parent |= c == 0 ? p != -1 : (p < 0 || p >= c);
     bad_token |= c > 0 && (tok < 0 || tok >= a.vocab);
-    if (a.mult) {
-      const int32_t m = a.mult[t0 + c];
-      bad_mult |= m < 1 || m > kMaxMultiplicity;
-    }
   }
   if (__syncthreads_or(bad_parent)) return write_failure(a, b, static_cast<int32_t>(DeviceError::kBadParent));
   if (__syncthreads_or(bad_token)) return write_failure(a, b, static_cast<int32_t>(DeviceError::kBadToken));
-  if (__syncthreads_or(bad_mult))
-    return write_failure(a, b, static_cast<int32_t>(DeviceError::kBadMultiplicity));
 
   // Depths by pointer jumping: after r rounds anc[c] is the 2^r-th ancestor
   // and dep[c] the distance to it (or to the root).
@@ -571,10 +588,31 @@ __global__ void __launch_bounds__(kThreads) verify_kernel(VerifyArgs a) {
       continue;
     }
 
-    float z = 0.0f;
+    double z = 0.0;
     err = sample_transform(row, a, sp, prow, &z, sh);
     if (err) break;
-    // The children of node, in index order, into sh.anc[0, nchild).
+    // Uniforms are keyed by the node's position, the root's plus its depth.
+    const uint64_t position = sp.offset + static_cast<uint64_t>(depth);
+    const float* qrow = a.draft ? a.draft + g * a.draft_stride : nullptr;
+    if (!qrow) {
+      // One-hot drafts: the position's draw, and the first child holding it.
+      const int64_t y = sample_row(prow, a.vocab, z, philox_uniform53(sp.seed, position, kStreamOneHot, 0), sh);
+      int64_t next = INT64_MAX;
+      for (int32_t c = node + 1 + tid; c < n; c += kThreads)
+        if (sh.parent[c] == node && sh.token[c] == y) next = min(next, static_cast<int64_t>(c));
+      next = block_min_i64(next, sh.ired);
+      if (next == INT64_MAX) {
+        bonus = y;
+        break;
+      }
+      if (tid == 0) sh.path[depth] = static_cast<int32_t>(next);
+      ++depth;
+      node = static_cast<int32_t>(next);
+      continue;
+    }
+
+    // draft_probs: recursive rejection sampling without replacement. The
+    // children of node, in index order, into sh.anc[0, nchild).
     int32_t nchild = 0;
     for (int32_t base = node + 1; base < n; base += kThreads) {
       const int32_t c = base + tid;
@@ -586,36 +624,43 @@ __global__ void __launch_bounds__(kThreads) verify_kernel(VerifyArgs a) {
     }
     __syncthreads();
     int32_t chosen = -1;
-    const float* qrow = a.draft ? a.draft + g * a.draft_stride : nullptr;
-    for (int32_t j = 0; j < nchild; ++j) {
-      const int32_t c = sh.anc[j];
-      const int32_t x = sh.token[c];
-      if (tid == 0) {
-        const float u =
-            philox_uniform01(sp.seed, sp.offset, static_cast<uint32_t>(node), static_cast<uint32_t>(j));
-        const float px = prow[x] / z;
-        const float qx = qrow ? qrow[x] : 1.0f;
-        sh.bc_badq = !(qx >= 0.0f && qx < INFINITY);
-        sh.bc_accept = u < px / qx;
-      }
-      __syncthreads();
-      const bool badq = sh.bc_badq, accept = sh.bc_accept;
-      __syncthreads();  // bc_* are rewritten by the next attempt
-      if (badq) {
+    double q_left = 0.0;  // the row's mass less that of the rejected children
+    if (nchild > 0) {
+      bool bad = false;
+      q_left = draft_mass(qrow, a.vocab, &bad, sh);
+      if (bad) {
         err = static_cast<int32_t>(DeviceError::kBadDraftProbs);
         break;
       }
+    }
+    for (int32_t j = 0; j < nchild; ++j) {
+      const int32_t c = sh.anc[j];
+      const int32_t x = sh.token[c];
+      // A sibling repeating a rejected token has q = 0 there: it cannot have
+      // been drafted (the CPU twin refuses it too).
+      bool dup = false;
+      for (int32_t k = tid; k < j; k += kThreads) dup |= sh.token[sh.anc[k]] == x;
+      dup = __syncthreads_or(dup);
+      const double qx = qrow[x];
+      const double q_total = fmax(q_left, qx);  // >= q(x) in exact arithmetic
+      if (dup || !(qx > 0.0)) {
+        err = static_cast<int32_t>(DeviceError::kBadDraftProbs);
+        break;
+      }
+      if (tid == 0) {
+        const double u = philox_uniform53(sp.seed, position, kStreamDraft, static_cast<uint32_t>(j));
+        // u < p_j(x) / q_j(x), multiplied through by q_total * z (as the CPU twin).
+        sh.bc_accept = u * qx * z < static_cast<double>(prow[x]) * q_total;
+      }
+      __syncthreads();
+      const bool accept = sh.bc_accept;
+      __syncthreads();  // bc_accept is rewritten by the next attempt
       if (accept) {
         chosen = c;
         break;
       }
-      const int32_t m = a.mult ? a.mult[t0 + c] : 1;
-      for (int32_t rep = 0; rep < m && !err; ++rep) {
-        bool bq = false;
-        z = residual(prow, a.vocab, z, qrow, x, &bq, sh);
-        if (bq || !(z > 0.0f)) err = static_cast<int32_t>(DeviceError::kBadDraftProbs);
-      }
-      if (err) break;
+      z = draft_residual(prow, a.vocab, z, qrow, q_total, x, sh);
+      q_left -= qx;
     }
     if (err) break;
     if (chosen >= 0) {
@@ -624,8 +669,7 @@ __global__ void __launch_bounds__(kThreads) verify_kernel(VerifyArgs a) {
       node = chosen;
       continue;
     }
-    const float u = philox_uniform01(sp.seed, sp.offset, static_cast<uint32_t>(node), kBonusAttempt);
-    bonus = sample_row(prow, a.vocab, z, u, sh);
+    bonus = sample_row(prow, a.vocab, z, philox_uniform53(sp.seed, position, kStreamDraftBonus, 0), sh);
     break;
   }
 
@@ -669,10 +713,10 @@ __global__ void __launch_bounds__(256) argmax_rows_kernel(const T* logits, int64
   }
 }
 
-__global__ void philox_kernel(uint64_t seed, uint64_t offset, const uint32_t* nodes, const uint32_t* attempts,
-                              int64_t n, float* out) {
+__global__ void philox_kernel(uint64_t seed, uint64_t position, const uint32_t* streams, const uint32_t* js,
+                              int64_t n, double* out) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) out[i] = philox_uniform01(seed, offset, nodes[i], attempts[i]);
+  if (i < n) out[i] = philox_uniform53(seed, position, streams[i], js[i]);
 }
 
 int64_t rows_stride_of(int64_t vocab) { return (vocab + 63) / 64 * 64; }  // 256-byte rows
@@ -725,7 +769,6 @@ Status verify_cuda(const VerifyProblem& p, const VerifyCudaOptions& o, void* str
   a.draft_stride = p.draft_row_stride;
   a.tokens = p.tokens;
   a.parents = p.parents;
-  a.mult = p.multiplicity;
   a.offsets = p.tree_offsets;
   a.batch = p.batch;
   a.total_nodes = o.total_nodes;
@@ -776,15 +819,15 @@ Status verify_cuda(const VerifyProblem& p, const VerifyCudaOptions& o, void* str
   return cuda::launch_status("verify_kernel");
 }
 
-Status philox_uniform_cuda(uint64_t seed, uint64_t offset, const uint32_t* nodes, const uint32_t* attempts,
-                           int64_t n, float* out, void* stream) {
+Status philox_uniform_cuda(uint64_t seed, uint64_t position, const uint32_t* streams, const uint32_t* js,
+                           int64_t n, double* out, void* stream) {
   if (n < 0) return Status::Invalid("philox_uniform_cuda: n must be >= 0");
   if (n == 0) return Status::Ok();
-  if (!nodes || !attempts || !out) return Status::Invalid("philox_uniform_cuda: arrays must not be null");
+  if (!streams || !js || !out) return Status::Invalid("philox_uniform_cuda: arrays must not be null");
   const int64_t blocks = (n + 255) / 256;
   if (blocks > INT32_MAX) return Status::Invalid("philox_uniform_cuda: n is too large");
-  cuda::philox_kernel<<<static_cast<unsigned>(blocks), 256, 0, cuda::as_stream(stream)>>>(seed, offset, nodes,
-                                                                                         attempts, n, out);
+  cuda::philox_kernel<<<static_cast<unsigned>(blocks), 256, 0, cuda::as_stream(stream)>>>(seed, position, streams,
+                                                                                         js, n, out);
   return cuda::launch_status("philox_kernel");
 }
 

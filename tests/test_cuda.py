@@ -140,16 +140,17 @@ def chi2_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
 
 def test_philox_bit_identical_to_cpu():
     rng = np.random.default_rng(1)
-    nodes = np.concatenate([rng.integers(0, 2**32, 997), [0, 1, 2**31, 2**32 - 1]]).astype(np.int64)
-    attempts = np.concatenate([rng.integers(0, 64, 997), [0x80000000, 0, 7, 0x80000000]]).astype(np.int64)
-    for seed, offset in [(0, 0), (12345, 6789), (2**64 - 1, 2**63 + 5)]:
-        gpu = ac.philox_uniform(seed, offset, nodes, attempts).cpu().numpy()
-        cpu = np.array([_native.philox_uniform(seed, offset, int(n), int(a)) for n, a in zip(nodes, attempts)],
-                       np.float32)
+    streams = np.concatenate([rng.integers(0, 2**32, 997), [0, 1, 2**31, 2**32 - 1]]).astype(np.int64)
+    js = np.concatenate([rng.integers(0, 64, 997), [0x80000000, 0, 7, 2**32 - 1]]).astype(np.int64)
+    for seed, position in [(0, 0), (12345, 6789), (2**64 - 1, 2**63 + 5)]:
+        gpu = ac.philox_uniform(seed, position, streams, js).cpu().numpy()
+        assert gpu.dtype == np.float64
+        cpu = np.array([_native.philox_uniform(seed, position, int(s), int(j)) for s, j in zip(streams, js)])
         np.testing.assert_array_equal(gpu, cpu)
         assert (gpu >= 0).all() and (gpu < 1).all()
-        # 24-bit uniforms on a 2^-24 grid
-        np.testing.assert_array_equal(gpu * 2**24, np.floor(gpu * 2**24))
+        # 53-bit uniforms on a 2^-53 grid, the low bits in use
+        np.testing.assert_array_equal(gpu * 2**53, np.floor(gpu * 2**53))
+        assert (np.floor(gpu * 2**53) % 2**29 != 0).mean() > 0.99
 
 
 # ---- greedy verification --------------------------------------------------------------------
@@ -226,20 +227,21 @@ def test_greedy_deep_chain_and_max_accept():
 def exact_sampling_batch(rng, batch, vocab, with_draft):
     """Trees whose probabilities are exact in float32 on any device: logits
     are 0 or -inf (p uniform on a support of 2^a tokens) and draft
-    probabilities are multiples of 1/64, so the CPU and the GPU must take the
-    same decisions from the same Philox draws."""
+    probabilities are multiples of 1/64 (at least 1/64 each, so that every
+    child could have been drafted; siblings are distinct), so the CPU and the
+    GPU must take the same decisions from the same Philox draws."""
     sizes = rng.integers(1, 12, size=batch)
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     total = int(offsets[-1])
     logits = np.full((total, vocab), -np.inf, np.float32)
     draft = np.zeros((total, vocab), np.float32)
-    toks, pars, mult = [], [], []
+    toks, pars = [], []
     for b in range(batch):
         n = int(sizes[b])
         for i in range(n):
             support = rng.choice(vocab, size=2 ** int(rng.integers(0, 5)), replace=False)
             logits[offsets[b] + i, support] = 0.0
-            q = rng.multinomial(64, np.ones(vocab) / vocab) / 64.0
+            q = (1 + rng.multinomial(64 - vocab, np.ones(vocab) / vocab)) / 64.0
             draft[offsets[b] + i] = q
         t, p = random_tree(rng, n, min(vocab, 16))
         # children drawn from the support half of the time, so that some are accepted
@@ -253,19 +255,18 @@ def exact_sampling_batch(rng, batch, vocab, with_draft):
                     t[c] = cand[0]
         toks.append(t)
         pars.append(p)
-        mult.append(rng.integers(1, 4, size=n).astype(np.int32))
     tokens, parents = np.concatenate(toks), np.concatenate(pars)
-    return (logits, tokens, parents, offsets, np.concatenate(mult), draft if with_draft else None)
+    return logits, tokens, parents, offsets, draft if with_draft else None
 
 
 @pytest.mark.parametrize("with_draft", [False, True])
 def test_sampling_decisions_bit_identical_to_cpu(with_draft):
     rng = np.random.default_rng(11 + with_draft)
     batch, vocab = 301, 37
-    logits, tokens, parents, offsets, mult, draft = exact_sampling_batch(rng, batch, vocab, with_draft)
+    logits, tokens, parents, offsets, draft = exact_sampling_batch(rng, batch, vocab, with_draft)
     seeds = rng.integers(0, 2**63, size=batch).astype(np.uint64)
     temps = np.where(rng.random(batch) < 0.2, 0.0, 1.0)  # a few greedy trees in the same batch
-    kw = dict(temperature=temps, top_k=0, top_p=1.0, seed=seeds, offset=5, multiplicity=mult)
+    kw = dict(temperature=temps, top_k=0, top_p=1.0, seed=seeds, offset=5)
     cpu = atlas.verify(logits, tokens, parents, offsets, draft_probs=draft, **kw)
     gpu = ac.verify(torch.from_numpy(logits).to(DEV), tokens, parents, offsets,
                     draft_probs=None if draft is None else torch.from_numpy(draft).to(DEV), **kw)
@@ -311,17 +312,24 @@ def test_sampling_distribution_is_the_targets(dtype, temperature, top_k, top_p):
 
 
 def exact_rule(p, q, children):
-    """The distribution of the first emitted token under verify.h's rule, in
-    float64: try each (token, multiplicity) child once, apply the residual
-    multiplicity times after a rejection, then the bonus."""
-    out, cur, reach = np.zeros_like(p), p.copy(), 1.0
-    for x, m in children:
-        acc = min(1.0, cur[x] / q[x]) if q[x] > 0 else float(cur[x] > 0)
+    """The distribution of the first emitted token under verify.h's rule for
+    draft distributions, in float64: children (distinct tokens) tried in order,
+    child x accepted with probability min(1, p(x) / q(x)); after a rejection
+    p <- normalise(max(p - q, 0)) and q <- normalise(q without x); the bonus
+    from the final p."""
+    out, cur, q, reach = np.zeros_like(p), p / p.sum(), q / q.sum(), 1.0
+    for x in children:
+        acc = min(1.0, cur[x] / q[x])
         out[x] += reach * acc
         reach *= 1 - acc
-        for _ in range(m):
-            r = np.maximum(cur - q, 0)
-            cur = r / r.sum() if r.sum() > 0 else q.copy()
+        r = np.maximum(cur - q, 0)
+        r[x] = 0.0
+        if r.sum() == 0:
+            break
+        cur = r / r.sum()
+        q = q.copy()
+        q[x] = 0.0
+        q /= q.sum()
     return out + reach * cur
 
 
@@ -346,45 +354,49 @@ def test_sampling_with_one_draft_sample_is_lossless():
     assert chi2_pvalue(np.bincount(first, minlength=vocab), p) > 1e-4
 
 
-def test_sampling_two_draft_samples_follow_the_rule():
-    """Two children drawn i.i.d. from q; equal draws merge into one child of
-    multiplicity 2. The emitted token follows the rule's exact distribution
-    (which, for merged draws, differs slightly from p: see bench/GPU.md)."""
+def test_sampling_two_draft_samples_are_lossless():
+    """Two children drawn from q without replacement: the emitted token is
+    distributed as the target p (the rule's exact distribution, enumerated
+    over the draws, is p to rounding; the counts are checked against it)."""
     rng = np.random.default_rng(21)
     vocab, n_trees = 7, 30000
     p_logits = rng.standard_normal(vocab) * 1.5
     p = np.exp(p_logits.astype(np.float32).astype(np.float64) - p_logits.max())
     p /= p.sum()
     q = rng.dirichlet(np.ones(vocab)).astype(np.float32)
-    qd = q.astype(np.float64)
-    draws = rng.choice(vocab, size=(n_trees, 2), p=qd / qd.sum())
-    toks, pars, mult, sizes = [], [], [], []
-    for x1, x2 in draws:
-        if x1 == x2:
-            toks += [0, x1]
-            pars += [-1, 0]
-            mult += [1, 2]
-            sizes.append(2)
-        else:
-            toks += [0, x1, x2]
-            pars += [-1, 0, 0]
-            mult += [1, 1, 1]
-            sizes.append(3)
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    total = int(offsets[-1])
-    logits = torch.from_numpy(np.tile(p_logits, (total, 1))).float().to(DEV)
-    draft = torch.from_numpy(np.tile(q, (total, 1))).to(DEV)
-    out = ac.verify(logits, np.array(toks, np.int32), np.array(pars, np.int32), offsets, temperature=1.0,
-                    draft_probs=draft, multiplicity=np.array(mult, np.int32),
+    qd = q.astype(np.float64) / q.astype(np.float64).sum()
+    draws = np.stack([rng.choice(vocab, size=2, replace=False, p=qd) for _ in range(n_trees)])
+    tokens = np.stack([np.zeros(n_trees, np.int64), draws[:, 0], draws[:, 1]], axis=1).ravel().astype(np.int32)
+    parents = np.tile(np.array([-1, 0, 0], np.int32), n_trees)
+    offsets = np.arange(0, 3 * n_trees + 1, 3, dtype=np.int64)
+    logits = torch.from_numpy(np.tile(p_logits, (3 * n_trees, 1))).float().to(DEV)
+    draft = torch.from_numpy(np.tile(q, (3 * n_trees, 1))).to(DEV)
+    out = ac.verify(logits, tokens, parents, offsets, temperature=1.0, draft_probs=draft,
                     seed=np.arange(n_trees, dtype=np.uint64) + 99, offset=0)
     first = out.emitted.cpu().numpy()[:, 0]
     expect = np.zeros(vocab)
     for x1 in range(vocab):
         for x2 in range(vocab):
-            children = [(x1, 2)] if x1 == x2 else [(x1, 1), (x2, 1)]
-            expect += qd[x1] * qd[x2] * exact_rule(p, qd, children)
-    expect /= expect.sum()
-    assert chi2_pvalue(np.bincount(first, minlength=vocab), expect) > 1e-4
+            if x1 != x2:
+                expect += qd[x1] * qd[x2] / (1 - qd[x1]) * exact_rule(p, qd, [x1, x2])
+    np.testing.assert_allclose(expect, p, atol=1e-12)
+    assert chi2_pvalue(np.bincount(first, minlength=vocab), p) > 1e-4
+
+
+def test_draft_siblings_must_be_distinct():
+    """A sibling repeating a rejected token has probability 0 under q: an error
+    (as on the CPU), not a second try."""
+    logits = torch.tensor([[0.0, -float("inf"), 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]], device=DEV)
+    q = torch.full((3, 3), 1 / 3, device=DEV)
+    tokens, parents = np.array([0, 1, 1], np.int32), np.array([-1, 0, 0], np.int32)
+    with pytest.raises(ValueError, match="draft_probs"):
+        ac.verify(logits, tokens, parents, temperature=1.0, draft_probs=q)
+    with pytest.raises(ValueError, match="repeats an earlier sibling"):
+        atlas.verify(logits.cpu().numpy(), tokens, parents, temperature=1.0, draft_probs=q.cpu().numpy())
+    # One-hot drafts may repeat a token: the first child holding the draw wins.
+    p0 = torch.tensor([[-float("inf"), 0.0, -float("inf")], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]], device=DEV)
+    out = ac.verify(p0, tokens, parents, temperature=1.0)
+    assert as_lists(out)[0][0].tolist() == [1]
 
 
 def test_top_p_ties_keep_lowest_ids():
@@ -456,28 +468,23 @@ def test_nan_in_visited_row_is_an_error_not_in_unvisited():
 
 
 @pytest.mark.parametrize("case,match", [
-    ("token", "token id"), ("parent", "parents"), ("forward_parent", "parents"), ("mult", "multiplicity"),
-    ("offsets", "tree_offsets"),
+    ("token", "token id"), ("parent", "parents"), ("forward_parent", "parents"), ("offsets", "tree_offsets"),
 ])
 def test_bad_tree_is_reported(case, match):
     logits, _, _ = small_problem()
     tokens = np.array([0, 1, 0, 2, 3], np.int32)
     parents = np.array([-1, 0, -1, 0, 0], np.int32)  # trees [0, 2) and [2, 5)
     offsets = np.array([0, 2, 5], np.int64)
-    mult = None
     if case == "token":
         tokens[3] = 20
     elif case == "parent":
         parents[3] = -1
     elif case == "forward_parent":
         parents[4] = 2  # tree-local node 2 naming itself
-    elif case == "mult":
-        mult = np.array([1, 1, 1, 0, 1], np.int32)
     elif case == "offsets":
         offsets = np.array([0, 2, 6], np.int64)  # past the last node
     with pytest.raises(ValueError, match=match):
-        ac.verify(logits.to(DEV), tokens, parents, offsets, multiplicity=mult, max_accept=4,
-                  temperature=0.5)
+        ac.verify(logits.to(DEV), tokens, parents, offsets, max_accept=4, temperature=0.5)
 
 
 def test_bad_params_and_arguments():
@@ -491,7 +498,7 @@ def test_bad_params_and_arguments():
            torch.empty(1, dtype=torch.int32, device=DEV), torch.empty(1, dtype=torch.int32, device=DEV)]
     ws = torch.empty(_native.verify_cuda_workspace_bytes(20, 1, 5), dtype=torch.uint8, device=DEV)
     args = [logits.to(DEV), torch.from_numpy(tokens).to(DEV), torch.from_numpy(parents).to(DEV),
-            torch.tensor([0, 5], dtype=torch.int64, device=DEV), params, None, None, *out, ws,
+            torch.tensor([0, 5], dtype=torch.int64, device=DEV), params, None, *out, ws,
             torch.cuda.current_stream().cuda_stream]
     with pytest.raises(ValueError, match="sampling parameters"):
         _native.verify_cuda(*args)
@@ -501,7 +508,7 @@ def test_bad_params_and_arguments():
     with pytest.raises(ValueError, match="CUDA tensor"):
         _native.verify_cuda(args[0], args[1].cpu(), *args[2:])
     with pytest.raises(ValueError, match="workspace"):
-        _native.verify_cuda(*args[:11], ws[:16], args[12])
+        _native.verify_cuda(*args[:10], ws[:16], args[11])
     with pytest.raises(ValueError, match="dtype"):
         _native.verify_cuda(args[0].double(), *args[1:])
 

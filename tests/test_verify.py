@@ -6,10 +6,16 @@
   logits of odd sizes (greedy exactly; sampling exactly up to decisions that sit
   on a probability boundary, see ``TOL``);
 * hand-worked tiny trees with exact expected outputs;
+* the exact distribution of recursive rejection sampling without replacement
+  (draft_probs), by enumerating every draw of the children on tiny
+  vocabularies;
+* tree independence: with one-hot drafts the emitted tokens are those of plain
+  sampling with the same seed, whatever the trees;
 * statistical losslessness: the emitted tokens follow the target distribution
   (chi-square, alpha = 1e-4 per test on a fixed seed set, so deterministic);
 * replay, agreement of every SIMD width, the plain sampler, and bad inputs.
 """
+import itertools
 import json
 import os
 import subprocess
@@ -23,7 +29,8 @@ from scipy import stats
 import atlas
 from atlas import _native
 
-BONUS = 0x80000000  # the attempt number of the bonus draw (verify.h)
+# The streams of verify.h's uniforms (the third Philox counter word).
+ONE_HOT, DRAFT, DRAFT_BONUS = 0, 1, 2
 
 # ---- the reference ---------------------------------------------------------------
 #
@@ -43,8 +50,8 @@ BONUS = 0x80000000  # the attempt number of the bonus draw (verify.h)
 MARGIN = 10.0
 
 
-def philox(seed, offset, node, attempt):
-    return float(_native.philox_uniform(int(seed), int(offset), int(node), int(attempt)))
+def philox(seed, position, stream, j):
+    return float(_native.philox_uniform(int(seed), int(position) % 2**64, int(stream), int(j)))
 
 
 def residual(p, err, r):
@@ -97,13 +104,37 @@ def children(parents, node):
     return [c for c in range(node + 1, len(parents)) if parents[c] == node]
 
 
-def ref_verify_tree(logits, tokens, parents, temperature, top_k, top_p, seed, offset,
-                    draft=None, mult=None):
+def ref_draw(p, err, u):
+    """The inverse-CDF draw from p at u: (token, near)."""
+    cdf = np.cumsum(p)
+    cerr = np.cumsum(err)
+    i = int(np.searchsorted(cdf, u, side="right"))
+    if i >= len(p):
+        i = int(np.nonzero(p > 0)[0][-1])
+    lo = cdf[i - 1] if i > 0 else 0.0
+    return i, min(u - lo, cdf[i] - u) < MARGIN * cerr[i]
+
+
+def draft_step(p, q, x):
+    """One attempt of recursive rejection sampling without replacement
+    (verify.h): child x against p and the normalised draft distribution q.
+    Returns (acceptance probability, p after a rejection (unnormalised, None if
+    no mass is left), q after a rejection (normalised))."""
+    accept = min(1.0, p[x] / q[x])
+    r = np.maximum(p - q, 0.0)
+    r[x] = 0.0
+    q_next = q.copy()
+    q_next[x] = 0.0
+    return accept, (r if r.sum() > 0 else None), q_next / q_next.sum() if q_next.sum() > 0 else q_next
+
+
+def ref_verify_tree(logits, tokens, parents, temperature, top_k, top_p, seed, offset, draft=None):
     """One tree, float64. Returns (accepted, emitted, near)."""
     node, path, near = 0, [], False
     while True:
         row = logits[node]
         kids = children(parents, node)
+        position = int(offset) + len(path)  # the node's position: the root's plus its depth
         if temperature == 0:
             best = int(np.argmax(row))
             nxt = next((c for c in kids if tokens[c] == best), None)
@@ -115,39 +146,29 @@ def ref_verify_tree(logits, tokens, parents, temperature, top_k, top_p, seed, of
         p, err, near_cut = ref_transform(row, temperature, top_k, top_p)
         near |= near_cut
         nxt = None
-        for attempt, c in enumerate(kids):
-            x = int(tokens[c])
-            q = None if draft is None else np.asarray(draft[node], np.float64)
-            qx = 1.0 if q is None else q[x]
-            u = philox(seed, offset, node, attempt)
-            if p[x] > 0 and abs(u * qx - p[x]) < MARGIN * err[x]:  # p(x) = 0 is exact in both
-                near = True
-            if u * qx < p[x]:
-                nxt = c
-                break
-            if q is None:
-                r = p.copy()
-                r[x] = 0.0
-                out = residual(p, err, r)
-                if out is not None:
-                    p, err = out
-            else:
-                for _ in range(1 if mult is None else int(mult[c])):
-                    out = residual(p, err, np.maximum(p - q, 0.0))
-                    if out is None:
-                        break
-                    p, err = out
-        if nxt is None:
-            u = philox(seed, offset, node, BONUS)
-            cdf = np.cumsum(p)
-            cerr = np.cumsum(err)
-            i = int(np.searchsorted(cdf, u, side="right"))
-            if i >= len(p):
-                i = int(np.nonzero(p > 0)[0][-1])
-            lo = cdf[i - 1] if i > 0 else 0.0
-            if min(u - lo, cdf[i] - u) < MARGIN * cerr[i]:
-                near = True
-            return path, [int(tokens[c]) for c in path] + [i], near
+        if draft is None:
+            y, near_draw = ref_draw(p, err, philox(seed, position, ONE_HOT, 0))
+            near |= near_draw
+            nxt = next((c for c in kids if tokens[c] == y), None)
+            if nxt is None:
+                return path, [int(tokens[c]) for c in path] + [y], near
+        else:
+            q = np.asarray(draft[node], np.float64)
+            q = q / q.sum()
+            for j, c in enumerate(kids):
+                x = int(tokens[c])
+                u = philox(seed, position, DRAFT, j)
+                if p[x] > 0 and abs(u * q[x] - p[x]) < MARGIN * err[x]:  # p(x) = 0 is exact in both
+                    near = True
+                if u * q[x] < p[x]:
+                    nxt = c
+                    break
+                _, r, q = draft_step(p, q, x)
+                if r is not None:
+                    p, err = residual(p, err, r)
+            if nxt is None:
+                y, near_draw = ref_draw(p, err, philox(seed, position, DRAFT_BONUS, 0))
+                return path, [int(tokens[c]) for c in path] + [y], near or near_draw
         path.append(nxt)
         node = nxt
 
@@ -164,7 +185,10 @@ def softmax64(x, t=1.0):
 def make_problem(rng, vocab, sizes, shape, dtype="float32", temperature=1.0, draft=False,
                  scale=2.5, masked=0.0):
     """Random trees (sizes[i] nodes each, 'chain', 'fan' or 'random' parents) whose
-    child tokens are often what the target would pick, so that paths get long."""
+    child tokens are often what the target would pick, so that paths get long.
+    With draft=True, siblings are draws without replacement from their parent's
+    draft row (a node whose row has nothing left to draw takes the newest node,
+    which has no children yet, as its parent)."""
     total = int(sum(sizes))
     base = rng.standard_normal((total, vocab)).astype(np.float32) * np.float32(scale)
     if masked:
@@ -188,11 +212,11 @@ def make_problem(rng, vocab, sizes, shape, dtype="float32", temperature=1.0, dra
         noisy[~np.isfinite(values)] = -np.inf
         q = np.stack([softmax64(r) for r in noisy]).astype(np.float32)
         q /= q.sum(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
-    mult = np.ones(total, np.int32)
     start = 0
     for b, n in enumerate(sizes):
         offsets[b + 1] = start + n
         parents[start] = -1
+        drawn = [set() for _ in range(n)]  # tokens each node's children hold
         for i in range(1, n):
             if shape == "chain":
                 par = i - 1
@@ -200,13 +224,18 @@ def make_problem(rng, vocab, sizes, shape, dtype="float32", temperature=1.0, dra
                 par = 0
             else:
                 par = int(rng.integers(0, i))
+            if q is not None:
+                left = q[start + par].astype(np.float64)
+                left[list(drawn[par])] = 0.0
+                if not left.sum() > 0:
+                    par = i - 1
+                    left = q[start + par].astype(np.float64)
             parents[start + i] = par
             row = values[start + par]
             pick = rng.random() * (0.45 if shape == "chain" else 1.0)  # chains: mostly the target's pick
             if q is not None:
-                tokens[start + i] = rng.choice(vocab, p=q[start + par].astype(np.float64) /
-                                               q[start + par].sum(dtype=np.float64))
-                mult[start + i] = int(rng.integers(1, 4))
+                tokens[start + i] = rng.choice(vocab, p=left / left.sum())
+                drawn[par].add(int(tokens[start + i]))
             elif pick < 0.4:
                 tokens[start + i] = int(np.argmax(row))
             elif pick < 0.8 and temperature > 0:
@@ -214,14 +243,13 @@ def make_problem(rng, vocab, sizes, shape, dtype="float32", temperature=1.0, dra
             else:
                 tokens[start + i] = int(rng.integers(0, vocab))
         start += n
-    return dict(logits=logits, values=values, tokens=tokens, parents=parents, offsets=offsets,
-                draft=q, mult=mult if draft else None)
+    return dict(logits=logits, values=values, tokens=tokens, parents=parents, offsets=offsets, draft=q)
 
 
 def run_native(prob, **params):
     ver = atlas.Verifier(prob["values"].shape[1])
     return ver(prob["logits"], prob["tokens"], prob["parents"], prob["offsets"],
-               draft_probs=prob["draft"], multiplicity=prob["mult"], **params)
+               draft_probs=prob["draft"], **params)
 
 
 def per_tree(value, b):
@@ -241,8 +269,7 @@ def compare(prob, temperature, top_k, top_p, seed, offset):
             prob["values"][lo:hi], prob["tokens"][lo:hi], prob["parents"][lo:hi],
             float(np.float32(per_tree(temperature, b))), int(per_tree(top_k, b)),
             float(per_tree(top_p, b)), per_tree(seed, b), per_tree(offset, b),
-            None if prob["draft"] is None else prob["draft"][lo:hi],
-            None if prob["mult"] is None else prob["mult"][lo:hi])
+            None if prob["draft"] is None else prob["draft"][lo:hi])
         near_total += near
         same = (list(res.accepted[b]) == acc and list(res.emitted[b]) == emit)
         if not same:
@@ -418,85 +445,299 @@ def test_hand_sampling_forced():
 
 
 def test_hand_sampling_one_coin():
-    # p = [1/2, 1/2] at the root; one deterministic draft of token 1. It is
-    # accepted iff u < 1/2, u the root's attempt-0 uniform. If rejected, the
-    # residual is one-hot on token 0, so the bonus is 0. If accepted, node 1's
-    # row (one-hot on token 1) gives the bonus 1.
+    # p = [1/2, 1/2] at the root; one deterministic draft of token 1. The root's
+    # draw y is token 0 if u < 1/2, else token 1 (inverse CDF), u the uniform
+    # of the root's position. y = 1 accepts the draft, and node 1's row (one-hot
+    # on token 1) gives the bonus 1; y = 0 is the bonus itself.
     logits = np.array([[0, 0], [NEG, 0]], np.float32)
     seen = set()
     for seed in range(40):
-        u = philox(seed, 9, 0, 0)
+        u = philox(seed, 9, ONE_HOT, 0)
         res = atlas.verify(logits, [0, 1], [-1, 0], temperature=1.0, seed=seed, offset=9)
-        if u < 0.5:
-            assert res.emitted[0].tolist() == [1, 1]
-        else:
-            assert res.emitted[0].tolist() == [0]
+        assert res.emitted[0].tolist() == ([0] if u < 0.5 else [1, 1])
+        # The plain sampler draws the same token at that position.
+        assert atlas.Verifier(2).sample(logits[:1], seed=seed, offset=9).tolist() == [int(u >= 0.5)]
         seen.add(u < 0.5)
     assert seen == {True, False}
 
 
-def test_hand_sampling_draft_probs_and_multiplicity():
+def test_hand_sampling_one_hot_uses_one_uniform_per_position():
+    # p = [0.2, 0.3, 0.5]: y = 0 for u < 0.2, 1 for u < 0.5, else 2. Two drafts,
+    # tokens 2 and 1, in either order: the accepted child is the one holding y,
+    # so order does not matter, and node 1's row (one-hot on 0) gives bonus 0.
+    p = np.array([0.2, 0.3, 0.5])
+    logits = np.log(p).astype(np.float32)[None].repeat(3, 0)
+    logits[1:] = [0, NEG, NEG]
+    for seed in range(30):
+        u = philox(seed, 4, ONE_HOT, 0)
+        y = 0 if u < 0.2 else 1 if u < 0.5 else 2
+        for toks in ([0, 2, 1], [0, 1, 2]):
+            res = atlas.verify(logits, toks, [-1, 0, 0], temperature=1.0, seed=seed, offset=4)
+            want = [y] if y == 0 else [y, 0]
+            assert res.emitted[0].tolist() == want
+            assert res.accepted[0].tolist() == ([] if y == 0 else [toks.index(y)])
+
+
+def test_hand_sampling_draft_probs():
     # p = [1/2, 1/2], q = [1/4, 3/4]; child token 1 is accepted iff u * 3/4 < 1/2,
     # i.e. u < 2/3; otherwise the residual max(p - q, 0) = [1/4, 0] is one-hot on 0.
     logits = np.array([[0, 0], [0, NEG]], np.float32)
     q = np.array([[0.25, 0.75], [0.5, 0.5]], np.float32)
     for seed in range(40):
-        u = philox(seed, 0, 0, 0)
+        u = philox(seed, 0, DRAFT, 0)
         res = atlas.verify(logits, [0, 1], [-1, 0], temperature=1.0, seed=seed, draft_probs=q)
         assert res.emitted[0].tolist() == ([1, 0] if u < 2 / 3 else [0])
-    # Three tokens, q uniform, p = [0.5, 0.3, 0.2]; child token 2 drawn twice
-    # (multiplicity 2). Rejected (u >= 0.6): residual applied twice,
-    # [0.5, 0.3, 0.2] -> [1/6, 0, 0] ... first: max(p - 1/3, 0) = [1/6, 0, 0] -> [1, 0, 0];
-    # second: max([1, 0, 0] - 1/3, 0) -> [1, 0, 0]. The bonus is 0.
+    # Three tokens, p = [0.5, 0.3, 0.2], q = [0.2, 0.2, 0.6]; children token 2,
+    # then token 1 (drawn without replacement). Token 2: accepted iff
+    # u1 * 0.6 < 0.2. Rejected: p2 = max(p - q, 0) = [0.3, 0.1, 0] -> [3/4, 1/4, 0],
+    # q2 = [0.2, 0.2, 0] -> [1/2, 1/2, 0]. Token 1: accepted iff u2 * 1/2 < 1/4.
+    # Rejected: p3 = max(p2 - q2, 0) = [1/4, 0, 0] -> the bonus is 0.
     p = np.array([0.5, 0.3, 0.2])
-    logits = np.log(p).astype(np.float32)[None].repeat(2, 0)
-    q = np.full((2, 3), 1 / 3, np.float32)
-    for seed in range(40):
-        u = philox(seed, 1, 0, 0)
-        res = atlas.verify(logits, [0, 2], [-1, 0], temperature=1.0, seed=seed, offset=1,
-                           draft_probs=q, multiplicity=[1, 2])
-        if u * (1 / 3) < 0.2:
-            assert res.accepted[0].tolist() == [1]
-        else:
-            assert res.emitted[0].tolist() == [0]
+    logits = np.log(p).astype(np.float32)[None].repeat(3, 0)
+    logits[1:] = [NEG, NEG, 0]  # after either child: bonus 2
+    q = np.tile(np.array([0.2, 0.2, 0.6], np.float32), (3, 1))
+    outcomes = set()
+    for seed in range(60):
+        u1, u2 = philox(seed, 7, DRAFT, 0), philox(seed, 7, DRAFT, 1)
+        res = atlas.verify(logits, [0, 2, 1], [-1, 0, 0], temperature=1.0, seed=seed, offset=7,
+                           draft_probs=q)
+        want = [2, 2] if u1 * 0.6 < 0.2 else [1, 2] if u2 * 0.5 < 0.25 else [0]
+        assert res.emitted[0].tolist() == want
+        outcomes.add(len(want) * 10 + want[0])
+    assert outcomes == {22, 21, 10}
 
 
 def test_rejecting_the_dominant_token():
-    """A draft of a token holding 99.94% of the mass, rejected (u >= p(x)): the
-    total left is a tiny difference of large sums, which the verifier must
-    recompute rather than subtract. The bonus then follows the rest of p."""
+    """A draft distribution that puts 99.999% of its mass on the token that holds
+    99.94% of the target's, rejected (u >= p(x) / q(x)): what is left of p and
+    of q are tiny differences of large sums, which the verifier must not lose
+    to cancellation. The second child and the bonus then follow the rest."""
     vocab = 5000  # three exp blocks; the dominant token sits in the last one
     rng = np.random.default_rng(2)
     row = rng.standard_normal(vocab).astype(np.float32)
     row[4500] = 16.0
-    logits = np.stack([row, row])
+    logits = np.stack([row, row, row])
     p = ref_transform(row, 1.0, 0, 1.0)[0]
     assert p[4500] > 0.999
-    offsets = [o for o in range(100000) if philox(5, o, 0, 0) >= p[4500]][:8]
+    q = np.full(vocab, 1e-5 / (vocab - 1))
+    q[4500] = 1 - 1e-5
+    q = np.tile(q.astype(np.float32), (3, 1))
+    toks, pars = [0, 4500, 17], [-1, 0, 0]
+    offsets = [o for o in range(100000) if philox(5, o, DRAFT, 0) * q[0, 4500] >= p[4500]][:8]
     assert len(offsets) >= 3
     for off in offsets:
-        res = atlas.verify(logits, [0, 4500], [-1, 0], temperature=1.0, seed=5, offset=off)
-        acc, emit, near = ref_verify_tree(logits.astype(np.float64), [0, 4500], [-1, 0], 1.0, 0, 1.0, 5, off)
-        assert acc == [] and emit[0] != 4500
-        assert near or res.emitted[0].tolist() == emit
+        res = atlas.verify(logits, toks, pars, temperature=1.0, seed=5, offset=off, draft_probs=q)
+        acc, emit, near = ref_verify_tree(logits.astype(np.float64), toks, pars, 1.0, 0, 1.0, 5, off, q)
+        assert acc != [1] and emit[0] != 4500
+        assert near or (res.emitted[0].tolist() == emit and res.accepted[0].tolist() == acc)
+
+
+# ---- the rule with draft distributions, exactly -------------------------------------
+
+def exact_first_token(p, q, xs, step=None):
+    """The distribution of the first emitted token when the children hold the
+    tokens xs (in index order), integrated exactly over the uniforms: child j is
+    reached with the probability that every earlier one was rejected, and then
+    accepted with draft_step's acceptance probability; the bonus takes the rest."""
+    step = step or draft_step
+    out = np.zeros_like(p)
+    reach = 1.0
+    p, q = p / p.sum(), q / q.sum()
+    for x in xs:
+        accept, r, q = step(p, q, x)
+        out[x] += reach * accept
+        reach *= 1.0 - accept
+        if r is None:  # p == q: the child was accepted for sure
+            break
+        p = r / r.sum()
+    return out + reach * p
+
+
+def without_replacement(q, k):
+    """Every ordered draw of k distinct tokens from q, with its probability."""
+    for xs in itertools.permutations(np.flatnonzero(q > 0).tolist(), k):
+        prob, left = 1.0, 1.0
+        for x in xs:
+            prob *= q[x] / left
+            left -= q[x]
+        yield xs, prob
+
+
+def emitted_first_token(p, q, k, step=None):
+    out = np.zeros_like(p)
+    for xs, prob in without_replacement(q, k):
+        out += prob * exact_first_token(p, q, xs, step)
+    return out
+
+
+def test_rule_without_replacement_is_exactly_lossless():
+    """Every ordered draw of k = 1..3 distinct children from q on vocabularies of
+    2 to 5 tokens, weighted by its probability: the first emitted token is
+    distributed exactly as p (to 1e-12), for p and q with zeros, equal p and q,
+    and q concentrated where p is not. draft_step is the step the reference
+    verifier above takes, which the native one matches decision for decision."""
+    rng = np.random.default_rng(31)
+    cases = []
+    for vocab in (2, 3, 4, 5):
+        for _ in range(12):
+            p, q = rng.dirichlet(np.ones(vocab) * 0.8), rng.dirichlet(np.ones(vocab) * 0.8)
+            cases.append((p, q))
+        p = rng.dirichlet(np.ones(vocab))
+        cases.append((p, p.copy()))
+        p0 = p.copy()
+        p0[0] = 0.0
+        cases.append((p0 / p0.sum(), rng.dirichlet(np.ones(vocab))))
+        q0 = rng.dirichlet(np.ones(vocab))
+        q0[-1] = 0.0
+        cases.append((p, q0 / q0.sum()))
+        qc = np.full(vocab, 1e-3)
+        qc[int(np.argmin(p))] = 1.0
+        cases.append((p, qc / qc.sum()))
+    worst = 0.0
+    for p, q in cases:
+        for k in range(1, min(3, int((q > 0).sum())) + 1):
+            worst = max(worst, float(np.abs(emitted_first_token(p, q, k) - p).max()))
+    assert worst < 1e-12
+
+    # The test has teeth: the same draws verified with replacement (q kept
+    # whole after a rejection) are biased.
+    def with_replacement(p, q, x):
+        accept, r, _ = draft_step(p, q, x)
+        return accept, (None if r is None else np.maximum(p - q, 0.0)), q
+    biased = max(float(np.abs(emitted_first_token(p, q, 3, with_replacement) - p).max())
+                 for p, q in cases if (q > 0).sum() >= 3)
+    assert biased > 1e-3
+
+
+# ---- tree independence of one-hot sampling ------------------------------------------
+
+def context_logits(context, vocab, scale=2.0):
+    """A stand-in for a model: logits that are a fixed function of the whole
+    token sequence, the same whichever forward (a tree's or a plain step's)
+    asks for them."""
+    rng = np.random.default_rng([vocab] + [int(t) for t in context])
+    x = (rng.standard_normal(vocab) * scale).astype(np.float32)
+    x[rng.integers(0, vocab)] += 3.0  # a likely token, so that drafts get accepted
+    return x
+
+
+def as_dtype(rows, dtype):
+    rows = np.asarray(rows, np.float32)
+    return torch.from_numpy(rows).bfloat16() if dtype == "bfloat16" else rows
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("params", [(1.0, 0, 1.0), (0.7, 20, 0.9), (1.3, 0, 0.8)])
+def test_one_hot_sampling_is_plain_sampling_whatever_the_trees(params, dtype):
+    """Several sequences decoded twice with the same seeds: plainly (a one-node
+    tree per token, offset = the position of the last token) and through random
+    trees of up to 16 nodes whose node logits are context_logits of the node's
+    whole path (offset = the root's position). The tokens are the same, one for
+    one: the tree decides only how many of them one verification emits."""
+    temperature, top_k, top_p = params
+    vocab, steps, batch = 53, 40, 4
+    rng = np.random.default_rng(int(temperature * 10) + top_k + (dtype == "bfloat16"))
+    prompts = [rng.integers(0, vocab, int(rng.integers(1, 6))).tolist() for _ in range(batch)]
+    seeds = rng.integers(0, 2**64, batch, dtype=np.uint64)
+    ver = atlas.Verifier(vocab, max_batch=batch)
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seeds)
+
+    plain = [list(p) for p in prompts]
+    for _ in range(steps):
+        rows = as_dtype([context_logits(c, vocab) for c in plain], dtype)
+        got = ver.sample(rows, offset=np.array([len(c) - 1 for c in plain], np.uint64), **kw)
+        for c, t in zip(plain, got):
+            c.append(int(t))
+
+    spec = [list(p) for p in prompts]
+    accepted = verifications = 0
+    while min(len(c) - len(p) for c, p in zip(spec, prompts)) < steps:
+        toks, pars, rows, offs = [], [], [], [0]
+        for c, want in zip(spec, plain):
+            # A trie: the true continuation (known from the plain run) with one
+            # token perhaps flipped, and random branches anywhere.
+            truth = want[len(c):len(c) + int(rng.integers(0, 6))]
+            if truth and rng.random() < 0.5:
+                truth[int(rng.integers(0, len(truth)))] = int(rng.integers(0, vocab))
+            paths = [[]]
+            kids = {(): set()}
+            for d in range(1, len(truth) + 1):
+                paths.append(truth[:d])
+                kids.setdefault(tuple(truth[:d - 1]), set()).add(truth[d - 1])
+                kids.setdefault(tuple(truth[:d]), set())
+            size = int(rng.integers(1, 17))
+            while len(paths) < size:
+                parent = paths[int(rng.integers(0, len(paths)))]
+                t = int(rng.integers(0, vocab))
+                if t not in kids[tuple(parent)]:
+                    kids[tuple(parent)].add(t)
+                    kids[tuple(parent + [t])] = set()
+                    paths.append(parent + [t])
+            paths.sort(key=len)  # parents before children
+            index = {tuple(q): i for i, q in enumerate(paths)}
+            for q in paths:
+                toks.append(q[-1] if q else c[-1])
+                pars.append(index[tuple(q[:-1])] if q else -1)
+                rows.append(context_logits(c + q, vocab))
+            offs.append(len(toks))
+        res = ver(as_dtype(rows, dtype), toks, pars, offs, offset=np.array([len(c) - 1 for c in spec], np.uint64),
+                  **kw)
+        for c, e, a in zip(spec, res.emitted, res.accepted):
+            c.extend(e.tolist())
+            accepted += len(a)
+        verifications += 1
+    for s, p in zip(spec, plain):
+        n = len(p)
+        assert s[:n] == p
+    assert accepted > steps  # the trees were used: many verifications emitted several tokens
+    assert verifications < steps
 
 
 # ---- replay and randomness ---------------------------------------------------------
 
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+
+
+def philox4x32_10(ctr, key):
+    """Philox-4x32-10 (Salmon et al., SC'11) in plain Python integers."""
+    c0, c1, c2, c3 = ctr
+    k0, k1 = key
+    for _ in range(10):
+        p0, p1 = PHILOX_M[0] * c0, PHILOX_M[1] * c2
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0, p1 & 0xFFFFFFFF, (p0 >> 32) ^ c3 ^ k1, p0 & 0xFFFFFFFF)
+        k0, k1 = (k0 + PHILOX_W[0]) & 0xFFFFFFFF, (k1 + PHILOX_W[1]) & 0xFFFFFFFF
+    return c0, c1, c2, c3
+
+
+def uniform53(seed, position, stream, j):
+    """verify.h's uniform from the reference generator, exactly."""
+    w = philox4x32_10((position & 0xFFFFFFFF, position >> 32, stream, j), (seed & 0xFFFFFFFF, seed >> 32))
+    return ((w[0] << 21) | (w[1] >> 11)) / 2.0**53
+
+
 def test_philox_known_answers():
-    # Random123's published Philox-4x32-10 vectors, first output word, top 24 bits.
-    cases = [((0, 0, 0, 0), (0, 0), 0x6627E8D5),
-             ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, 0x408F276D),
-             ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0), 0xD16CFE09)]
-    for ctr, key, word in cases:
+    # Random123's published Philox-4x32-10 vectors (tests/kat_vectors).
+    cases = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+             ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+             ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+              (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+    for ctr, key, words in cases:
+        assert philox4x32_10(ctr, key) == words
         seed = key[0] | (key[1] << 32)
-        offset = ctr[0] | (ctr[1] << 32)
-        u = _native.philox_uniform(seed, offset, ctr[2], ctr[3])
-        assert u == (word >> 8) / 2**24
+        position = ctr[0] | (ctr[1] << 32)
+        u = _native.philox_uniform(seed, position, ctr[2], ctr[3])
+        assert u == ((words[0] << 21) | (words[1] >> 11)) / 2.0**53
+    # Random inputs over the whole range of every word: 53 bits, bit for bit.
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        seed, position = (int(x) for x in rng.integers(0, 2**64, 2, dtype=np.uint64))
+        stream, j = (int(x) for x in rng.integers(0, 2**32, 2, dtype=np.uint64))
+        assert _native.philox_uniform(seed, position, stream, j) == uniform53(seed, position, stream, j)
 
 
 def test_philox_uniforms_look_uniform():
-    us = np.array([philox(7, off, node, att) for off in range(40) for node in range(10) for att in range(10)])
+    us = np.array([philox(7, pos, stream, j) for pos in range(40) for stream in range(10) for j in range(10)])
     assert 0.0 <= us.min() and us.max() < 1.0
     assert stats.kstest(us, "uniform").pvalue > 1e-4
     assert len(np.unique(us)) > 3990
@@ -633,66 +874,56 @@ def draft_dist(logits_row, kind):
     return softmax64(-1.5 * logits_row)
 
 
+def draws_without_replacement(rng, q, k):
+    """k distinct tokens drawn one after the other from q, each draw from what
+    is left of q renormalised (numpy's choice(replace=False) is exactly that)."""
+    return rng.choice(len(q), k, replace=False, p=q)
+
+
 def build_trials(n, l0, l1, l2, draft, rng):
     """n independent trees. One-hot drafts: 3 children at depth 1 (fixed tokens) and
-    2 below each. Sampled drafts: 3 draws from q at the root and 2 from q below
-    each distinct child, merged into a trie with multiplicities."""
-    toks, pars, rows, qs, mults, offs = [], [], [], [], [], [0]
-    l2 = l2
+    2 below each. Sampled drafts: 3 draws without replacement from q at the root
+    and 2 below each of them."""
+    toks, pars, rows, qs, offs = [], [], [], [], [0]
     for _ in range(n):
-        t_tok, t_par, t_rows, t_q, t_mult = [0], [-1], [l0], [], [1]
+        t_tok, t_par, t_rows = [0], [-1], [l0]
         if draft in ("good", "bad"):
             q0 = draft_dist(l0, draft)
-            t_q.append(q0)
-            first = {}
-            for x in rng.choice(V_STAT, 3, p=q0):
-                if x in first:
-                    t_mult[first[x]] += 1
-                else:
-                    first[x] = len(t_tok)
-                    t_tok.append(int(x)); t_par.append(0); t_rows.append(l1[x]); t_mult.append(1)
-            for a, node in list(first.items()):
+            t_q = [q0]
+            for a in draws_without_replacement(rng, q0, 3):
+                node = len(t_tok)
                 qa = draft_dist(l1[a], draft)
-                t_q.append(qa)
-                seen = {}
-                for y in rng.choice(V_STAT, 2, p=qa):
-                    if y in seen:
-                        t_mult[seen[y]] += 1
-                    else:
-                        seen[y] = len(t_tok)
-                        t_tok.append(int(y)); t_par.append(node); t_rows.append(l2[a, y]); t_mult.append(1)
-            # q rows in node order: the root, then the depth-1 nodes; depth-2 rows unused.
-            qrows = [t_q[0]] + [None] * (len(t_tok) - 1)
-            for i, (a, node) in enumerate(first.items()):
-                qrows[node] = t_q[1 + i]
-            qrows = [r if r is not None else np.full(V_STAT, 1 / V_STAT) for r in qrows]
-            qs.extend(qrows)
+                t_tok.append(int(a)); t_par.append(0); t_rows.append(l1[a]); t_q.append(qa)
+                for y in draws_without_replacement(rng, qa, 2):
+                    t_tok.append(int(y)); t_par.append(node); t_rows.append(l2[a, y])
+                    t_q.append(np.full(V_STAT, 1 / V_STAT))  # leaves: rows never read
+            qs.extend(t_q)
         else:
             order = np.argsort(-l0) if draft == "onehot_good" else np.argsort(l0)
             for a in order[:3]:
                 node = len(t_tok)
-                t_tok.append(int(a)); t_par.append(0); t_rows.append(l1[a]); t_mult.append(1)
+                t_tok.append(int(a)); t_par.append(0); t_rows.append(l1[a])
                 sub = np.argsort(-l1[a]) if draft == "onehot_good" else np.argsort(l1[a])
                 for y in sub[:2]:
-                    t_tok.append(int(y)); t_par.append(node); t_rows.append(l2[a, y]); t_mult.append(1)
-        toks += t_tok; pars += t_par; rows += t_rows; mults += t_mult
+                    t_tok.append(int(y)); t_par.append(node); t_rows.append(l2[a, y])
+        toks += t_tok; pars += t_par; rows += t_rows
         offs.append(offs[-1] + len(t_tok))
     q = None
     if qs:
         q = np.asarray(qs, np.float32)
         q /= q.sum(1, keepdims=True)
     return (np.asarray(rows, np.float32), np.asarray(toks, np.int32), np.asarray(pars, np.int32),
-            np.asarray(offs, np.int64), q, np.asarray(mults, np.int32) if qs else None)
+            np.asarray(offs, np.int64), q)
 
 
-def pair_counts(n, t, k, p, draft, seed, verifier_call=None):
+def pair_counts(n, t, k, p, draft, seed):
     l0, l1, l2 = target_tables(seed)
     rng = np.random.default_rng(seed + 1)
-    rows, toks, pars, offs, q, mult = build_trials(n, l0, l1, l2, draft, rng)
+    rows, toks, pars, offs, q = build_trials(n, l0, l1, l2, draft, rng)
     ver = atlas.Verifier(V_STAT, max_batch=n)
     res = ver(rows, toks, pars, offs, temperature=t, top_k=k, top_p=p,
               seed=np.arange(n, dtype=np.uint64) + np.uint64(seed) * np.uint64(1 << 32), offset=seed,
-              draft_probs=q, multiplicity=mult)
+              draft_probs=q)
     counts = np.zeros((V_STAT, V_STAT))
     second = rng.random(n)
     for b in range(n):
@@ -729,7 +960,7 @@ def test_lossless_first_two_tokens(case):
 # ---- bad inputs ---------------------------------------------------------------------------
 
 def call(logits=None, tokens=None, parents=None, offsets=None, accepted=None, emitted=None, num=None,
-         workspace=None, draft=None, mult=None, t=0.0, k=0, p=1.0, seed=0, offset=0):
+         workspace=None, draft=None, t=0.0, k=0, p=1.0, seed=0, offset=0):
     logits = np.zeros((3, 5), np.float32) if logits is None else logits
     n = logits.shape[0]
     tokens = np.array([0, 1, 2], np.int32) if tokens is None else tokens
@@ -740,8 +971,7 @@ def call(logits=None, tokens=None, parents=None, offsets=None, accepted=None, em
     emitted = np.full((batch, accepted.shape[1] + 1), 77, np.int32) if emitted is None else emitted
     num = np.full(batch, 77, np.int32) if num is None else num
     ws = np.empty(_native.verify_workspace_bytes(logits.shape[1]), np.uint8) if workspace is None else workspace
-    _native.verify(logits, tokens, parents, offsets, t, k, p, seed, offset, draft, mult, accepted,
-                   emitted, num, ws)
+    _native.verify(logits, tokens, parents, offsets, t, k, p, seed, offset, draft, accepted, emitted, num, ws)
     return accepted, emitted, num
 
 
@@ -775,8 +1005,7 @@ BAD_CASES = [
     (dict(p=float("nan")), "top_p"),
     (dict(seed=-1), "seed"),
     (dict(t=np.array([1.0, 1.0])), "temperature"),
-    (dict(mult=np.array([1, 0, 1], np.int32), t=1.0), "multiplicity"),
-    (dict(mult=np.array([1, 1], np.int32)), "multiplicity"),
+    (dict(offset=-1), "offset"),
     (dict(draft=np.zeros((3, 4), np.float32), t=1.0), "draft_probs"),
     (dict(draft=np.zeros((3, 5), np.float64), t=1.0), "draft_probs"),
 ]
@@ -875,6 +1104,17 @@ def test_bad_draft_rows():
     q = good.copy()
     q[0] = np.nan
     atlas.verify(logits, tokens, parents, draft_probs=q)
+    # Siblings drawn without replacement are distinct: the second token 1 would
+    # have probability 0 after the first's rejection (p(1) = 0 rejects it always).
+    logits = np.array([[0, NEG, 0], [0, 0, 0], [0, 0, 0]], np.float32)
+    q = np.full((3, 3), 1 / 3, np.float32)
+    for seed in range(5):
+        with pytest.raises(ValueError, match="repeats an earlier sibling"):
+            atlas.verify(logits, [0, 1, 1], [-1, 0, 0], temperature=1.0, draft_probs=q, seed=seed)
+    # One-hot drafts may repeat a token: the first such child is the one accepted.
+    res = atlas.verify(np.array([[NEG, 0, NEG], [0, 0, 0], [0, 0, 0]], np.float32), [0, 1, 1], [-1, 0, 0],
+                       temperature=1.0)
+    assert res.accepted[0].tolist() == [1]
 
 
 def test_depth_over_max_accept_and_tree_size():
@@ -915,9 +1155,9 @@ sys.path.insert(0, sys.argv[1])
 from atlas import _native
 import atlas
 ws = np.empty(_native.verify_workspace_bytes(5), np.uint8)
-def go(logits, tokens, parents, offsets, acc, emi, num, draft=None, mult=None, t=1.0, workspace=ws):
+def go(logits, tokens, parents, offsets, acc, emi, num, draft=None, t=1.0, workspace=ws, offset=0):
     try:
-        _native.verify(logits, tokens, parents, offsets, t, 0, 1.0, 0, 0, draft, mult, acc, emi, num, workspace)
+        _native.verify(logits, tokens, parents, offsets, t, 0, 1.0, 0, offset, draft, acc, emi, num, workspace)
     except (ValueError, TypeError, RuntimeError) as e:
         print("raised:", type(e).__name__, str(e)[:80])
 i32 = lambda *v: np.array(v, np.int32)
@@ -942,7 +1182,8 @@ big = np.full((3, 5), -np.finfo(np.float32).max, np.float32); big[:, 0] = np.fin
 go(big, i32(0, 1, 2), i32(-1, 0, 1), np.array([0, 3], np.int64), acc, emi, num)
 go(x, "abc", i32(-1, 0, 1), np.array([0, 3], np.int64), acc, emi, num)
 go(None, i32(0, 1, 2), i32(-1, 0, 1), np.array([0, 3], np.int64), acc, emi, num)
-go(x, i32(0, 1, 2), i32(-1, 0, 1), np.array([0, 3], np.int64), acc, emi, num, mult=i32(1, 2**31 - 1, 1), draft=np.full((3, 5), 0.2, np.float32))
+go(x, i32(0, 1, 2), i32(-1, 0, 1), np.array([0, 3], np.int64), acc, emi, num, draft=np.full((3, 5), 0.2, np.float32), offset=2**64 - 1)
+go(x, i32(0, 1, 1), i32(-1, 0, 0), np.array([0, 3], np.int64), acc, emi, num, draft=np.full((3, 5), 0.2, np.float32))
 for v in (1, 2, 3, 1000, 49152, 151936):
     atlas.Verifier(v).sample(np.random.randn(3, v).astype(np.float32), temperature=1e-30, seed=[1, 2, 3])
     atlas.Verifier(v).sample(np.random.randn(3, v).astype(np.float32), temperature=0.5, top_k=v + 5, top_p=1e-9, seed=[1, 2, 3])

@@ -31,6 +31,16 @@
 namespace atlas {
 namespace {
 
+// No multiply and add may fuse into an FMA where a result is specified to the
+// bit (the kernels, and the scalar arithmetic that the CUDA twin repeats
+// operation for operation): an FMA rounds once where the source rounds twice.
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#define ATLAS_NO_CONTRACT
+#else
+#define ATLAS_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#endif
+
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // Why 2^30: the row loops index tokens with int32 and step up to a few hundred
@@ -45,13 +55,20 @@ constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
 constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
 constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
 
-// The bonus draw at a node uses this attempt number; child attempts count up
-// from 0 and a node never has 2^31 children, so the two never collide.
-constexpr uint32_t kBonusAttempt = 0x80000000u;
+// The streams of verify.h: the third counter word, so that the uniforms of one
+// position never repeat across the three uses.
+constexpr uint32_t kStreamOneHot = 0;     // the draw at a node of a one-hot tree (and the plain sampler)
+constexpr uint32_t kStreamDraft = 1;      // attempt j at a node with draft_probs
+constexpr uint32_t kStreamDraftBonus = 2; // the bonus draw at a node with draft_probs
 
-uint32_t philox_first_word(uint64_t seed, uint64_t offset, uint32_t node, uint32_t attempt) {
-  uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32);
-  uint32_t c2 = node, c3 = attempt;
+struct PhiloxOut {
+  uint32_t w0, w1;
+};
+
+// The first two output words of Philox-4x32-10; the uniform needs no more.
+PhiloxOut philox_two_words(uint64_t seed, uint64_t position, uint32_t stream, uint32_t j) {
+  uint32_t c0 = static_cast<uint32_t>(position), c1 = static_cast<uint32_t>(position >> 32);
+  uint32_t c2 = stream, c3 = j;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int round = 0; round < 10; ++round) {
     const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0;
@@ -65,7 +82,7 @@ uint32_t philox_first_word(uint64_t seed, uint64_t offset, uint32_t node, uint32
     k0 += kPhiloxW0;
     k1 += kPhiloxW1;
   }
-  return c0;
+  return {c0, c1};
 }
 
 // ---- SIMD ---------------------------------------------------------------------------
@@ -531,6 +548,7 @@ struct Workspace {
   float* block_max = nullptr;    // [num_exp_blocks(vocab)] running maximum per exp block
   double* block_sum = nullptr;   // [num_exp_blocks(vocab)] weight sum per exp block
   int32_t* depth = nullptr;  // [kMaxTreeNodes] validation scratch
+  int32_t* rejected = nullptr;  // [kMaxTreeNodes] tokens rejected at the current node (draft_probs)
 };
 
 int64_t workspace_layout(int64_t vocab, char* base, Workspace* ws) {
@@ -547,6 +565,7 @@ int64_t workspace_layout(int64_t vocab, char* base, Workspace* ws) {
   char* bmax = take(num_exp_blocks(vocab) * static_cast<int64_t>(sizeof(float)));
   char* bsum = take(num_exp_blocks(vocab) * static_cast<int64_t>(sizeof(double)));
   char* depth = take(kMaxTreeNodes * static_cast<int64_t>(sizeof(int32_t)));
+  char* rejected = take(kMaxTreeNodes * static_cast<int64_t>(sizeof(int32_t)));
   if (ws) {
     ws->w = reinterpret_cast<float*>(w);
     ws->ids = reinterpret_cast<int32_t*>(ids);
@@ -555,6 +574,7 @@ int64_t workspace_layout(int64_t vocab, char* base, Workspace* ws) {
     ws->block_max = reinterpret_cast<float*>(bmax);
     ws->block_sum = reinterpret_cast<double*>(bsum);
     ws->depth = reinterpret_cast<int32_t*>(depth);
+    ws->rejected = reinterpret_cast<int32_t*>(rejected);
   }
   return at + kAlign;  // slack to align the caller's pointer
 }
@@ -609,77 +629,81 @@ struct Dist {
   }
 };
 
-// p <- normalise(max(p - onehot(t), 0)): token t leaves the distribution. If
-// nothing would be left (possible only through rounding), p stays as it was.
-void remove_token(Dist& d, int32_t t) {
-  if (d.block_max) {
-    // Untouched dense row: take the token out of its block sum and the total,
-    // and keep the factors pending (0 times a factor is 0).
-    if (d.w[t] == 0.0f) return;
-    const int32_t b = t / kExpBlock;
-    const double f = static_cast<double>(block_factor(d.block_max[b], d.row_max, d.scale));
-    const float old = d.w[t];
-    const double before = d.total;
-    d.w[t] = 0.0f;
-    d.block_sum[b] -= static_cast<double>(old);
-    d.total = before - static_cast<double>(old) * f;
-    if (d.total < 1e-3 * before) {  // cancellation: sum again (this block, then the blocks)
-      const int32_t b0 = b * kExpBlock;
-      d.block_sum[b] = sum_floats(d.w + b0, std::min(d.n, b0 + kExpBlock) - b0);
-      d.total = 0.0;
-      for (int32_t i = 0, i0 = 0; i0 < d.n; ++i, i0 += kExpBlock)
-        d.total += d.block_sum[i] * static_cast<double>(block_factor(d.block_max[i], d.row_max, d.scale));
-    }
-    if (!(d.total > 0.0)) {
-      d.w[t] = old;
-      d.block_sum[b] += static_cast<double>(old);
-      d.total = before;
-    }
-    return;
-  }
-  const int32_t i = d.find(t);
-  if (i < 0 || d.w[i] == 0.0f) return;
-  const float old = d.w[i];
-  const double before = d.total;
-  d.w[i] = 0.0f;
-  d.total = before - static_cast<double>(old);
-  // A subtraction that cancels most of the total loses its relative accuracy:
-  // sum again then.
-  if (d.total < 1e-3 * before) d.total = sum_floats(d.w, d.n);
-  if (!(d.total > 0.0)) {
-    d.w[i] = old;
-    d.total = before;
-  }
-}
-
-// p <- normalise(max(p - q, 0)) with q a draft row over the whole vocabulary.
-// Returns false (p unchanged) when nothing would be left, which for a rejected
-// draft happens only through rounding.
-bool subtract_draft(Dist& d, const float* __restrict q) {
+// p <- normalise(max(p - q / q_total, 0)) after the rejection of token x: the
+// residual of recursive rejection sampling, with q the draft row and q_total
+// the mass it has left (verify.h). p(x) becomes exactly 0 (the rejection says
+// p(x) < q(x); rounding could leave a trace, and x must never come out of
+// this node again). Returns false (p unchanged) when nothing would be left,
+// which for a rejected draft happens only through rounding.
+ATLAS_NO_CONTRACT bool subtract_draft(Dist& d, const float* __restrict q, double q_total, int32_t x) {
   d.materialize();
   const double inv = 1.0 / d.total;
+  const double inv_q = 1.0 / q_total;
+  const int32_t ix = d.find(x);
   float* __restrict w = d.w;
   auto residual = [&](int32_t i) {
-    const double r = static_cast<double>(w[i]) * inv - static_cast<double>(q[d.token(i)]);
+    const double r = static_cast<double>(w[i]) * inv - static_cast<double>(q[d.token(i)]) * inv_q;
     return static_cast<float>(r > 0.0 ? r : 0.0);
   };
+  const int32_t skip = ix >= 0 ? ix : d.n;
   double s = 0.0;
-  for (int32_t i = 0; i < d.n; ++i) s += static_cast<double>(residual(i));
+  for (int32_t i = 0; i < skip; ++i) s += static_cast<double>(residual(i));
+  for (int32_t i = skip + 1; i < d.n; ++i) s += static_cast<double>(residual(i));
   if (!(s > 0.0)) return false;
   for (int32_t i = 0; i < d.n; ++i) w[i] = residual(i);
+  if (ix >= 0) w[ix] = 0.0f;
   d.total = sum_floats(w, d.n);
   return true;
 }
 
-// Inverse CDF in ascending token order: the first token whose cumulative
-// weight exceeds u * total. Block sums find the block first so that the serial
-// scan covers one block.
-int32_t sample(Dist& d, float u) {
-  const double target = static_cast<double>(u) * d.total;
+// Weights are summed in chunks of this many before the one-at-a-time scan of
+// an inverse-CDF draw: the chunk sums do not depend on each other, so only one
+// add per chunk waits on the previous one.
+constexpr int32_t kScanChunk = 16;
+
+// The running sum *cum over the weights w[begin, end) (each brought to the
+// row maximum by f, as Dist::weight does): the first index at which it
+// exceeds target, or -1 with *cum advanced past the range. A chunk whose
+// pairwise sum crosses target but whose one-by-one sum falls short (rounding)
+// gives its last token with weight.
+ATLAS_NO_CONTRACT int32_t scan_weights(const float* w, int32_t begin, int32_t end, float f, double target,
+                                       double* cum) {
+  auto weight = [&](int32_t j) -> double { return f == 1.0f ? w[j] : Dist::rescaled(w[j], f); };
+  double c = *cum;
+  for (int32_t j0 = begin; j0 < end; j0 += kScanChunk) {
+    const int32_t j1 = std::min(end, j0 + kScanChunk);
+    double v[kScanChunk];
+    for (int32_t k = 0; k < kScanChunk; ++k) v[k] = j0 + k < j1 ? weight(j0 + k) : 0.0;
+    for (int32_t h = kScanChunk / 2; h > 0; h /= 2)
+      for (int32_t k = 0; k < h; ++k) v[k] += v[k + h];
+    if (!(c + v[0] > target)) {
+      c += v[0];
+      continue;
+    }
+    int32_t last = j0;
+    for (int32_t j = j0; j < j1; ++j) {
+      const double x = weight(j);
+      if (x > 0.0) last = j;
+      c += x;
+      if (c > target) return j;
+    }
+    return last;
+  }
+  *cum = c;
+  return -1;
+}
+
+// The draw from p at u (verify.h): the first token, in ascending id order,
+// whose cumulative weight exceeds u * total. Block sums find the block, chunk
+// sums the chunk, and only that chunk is scanned one weight at a time. When
+// rounding puts u * total past every cumulative sum, the last token with any
+// weight.
+ATLAS_NO_CONTRACT int32_t sample(Dist& d, double u) {
+  const double target = u * d.total;
+  double cum = 0.0;
   if (d.block_max) {
     // A dense row nothing has changed since exp_row: its block sums locate the
     // block, and only that block's weights are brought to the row maximum.
-    double cum = 0.0;
     for (int32_t b = 0, b0 = 0; b0 < d.n; ++b, b0 += kExpBlock) {
       const float f = block_factor(d.block_max[b], d.row_max, d.scale);
       const double bs = d.block_sum[b] * static_cast<double>(f);
@@ -687,31 +711,24 @@ int32_t sample(Dist& d, float u) {
         cum += bs;
         continue;
       }
-      const int32_t e = std::min(d.n, b0 + kExpBlock);
-      for (int32_t j = b0; j < e; ++j) {
-        cum += static_cast<double>(f == 1.0f ? d.w[j] : Dist::rescaled(d.w[j], f));
-        if (cum > target) return j;
-      }
+      const int32_t j = scan_weights(d.w, b0, std::min(d.n, b0 + kExpBlock), f, target, &cum);
+      if (j >= 0) return j;
     }
-    // Rounding put u * total past the last weight: the general path below settles it.
+    for (int32_t i = d.n - 1; i >= 0; --i)
+      if (d.weight(i) > 0.0f) return i;
+    return 0;
   }
-  d.materialize();
   constexpr int32_t kBlock = 1024;
-  double cum = 0.0;
   for (int32_t b = 0; b < d.n; b += kBlock) {
     const int32_t e = std::min(d.n, b + kBlock);
     const double bs = sum_floats(d.w + b, e - b);
-    if (cum + bs > target) {
-      for (int32_t i = b; i < e; ++i) {
-        cum += static_cast<double>(d.w[i]);
-        if (cum > target) return d.token(i);
-      }
-    } else {
+    if (!(cum + bs > target)) {
       cum += bs;
+      continue;
     }
+    const int32_t j = scan_weights(d.w, b, e, 1.0f, target, &cum);
+    if (j >= 0) return d.token(j);
   }
-  // u * total at or past the computed total (rounding): the last token with
-  // any weight.
   for (int32_t i = d.n - 1; i >= 0; --i)
     if (d.w[i] > 0.0f) return d.token(i);
   return d.token(0);
@@ -884,13 +901,6 @@ ATLAS_INLINE void bucket_keys_impl(const T* __restrict row, int32_t n, float max
 // (4, 8 or 16) caps the width; the tests use it to check that all widths give
 // the same bits.
 
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#define ATLAS_NO_CONTRACT
-#else
-#define ATLAS_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
-#endif
-
 #define ATLAS_DEFINE_KERNELS(NS, W, ATTR)                                                              \
   namespace NS {                                                                                        \
   ATTR double sum_floats(const float* w, int32_t n) { return sum_floats_impl<W>(w, n); }                \
@@ -974,7 +984,6 @@ struct TreeView {
   int32_t n = 0;      // nodes
   const int32_t* tokens = nullptr;
   const int32_t* parents = nullptr;
-  const int32_t* mult = nullptr;  // may be null
 };
 
 class Walker {
@@ -991,7 +1000,7 @@ class Walker {
   }
   template <class T>
   Status build(const TreeView& t, int32_t node, const SamplingParams& sp, Dist* d) const;
-  Status check_draft_row(const TreeView& t, int32_t node, const float* q) const;
+  Status check_draft_row(const TreeView& t, int32_t node, const float* q, double* sum) const;
 
   const VerifyProblem& p_;
   const Workspace& ws_;
@@ -1121,7 +1130,7 @@ Status Walker::build(const TreeView& t, int32_t node, const SamplingParams& sp, 
 // A draft row must be a distribution; checked when the walk first reads it.
 // Why 1e-3: a float32 softmax over 150k tokens sums to 1 within ~1e-5; a row
 // off by more is not a distribution (e.g. unnormalised or the wrong row).
-Status Walker::check_draft_row(const TreeView& t, int32_t node, const float* q) const {
+Status Walker::check_draft_row(const TreeView& t, int32_t node, const float* q, double* sum) const {
   double s = 0.0;
   int32_t bad = 0;
   for (int32_t j = 0; j < vocab_; ++j) {
@@ -1131,6 +1140,7 @@ Status Walker::check_draft_row(const TreeView& t, int32_t node, const float* q) 
   auto where = [&] { return "draft_probs " + node_name(t.first + node, node, t.tree); };
   if (bad) return Status::Invalid(where() + " must be finite and non-negative");
   if (!(std::fabs(s - 1.0) <= 1e-3)) return Status::Invalid(where() + " must sum to 1, sums to " + std::to_string(s));
+  *sum = s;
   return Status::Ok();
 }
 
@@ -1161,47 +1171,61 @@ Status Walker::run(const TreeView& t, const SamplingParams& sp, int32_t* path, i
     return Status::Ok();
   }
 
-  for (;;) {
+  for (uint64_t depth = 0;; ++depth) {
     Dist d;
     ATLAS_RETURN_IF_ERROR(build<T>(t, node, sp, &d));
-    const float* q = p_.draft_probs ? p_.draft_probs + (t.first + node) * p_.draft_row_stride : nullptr;
-    bool q_checked = false;
-    uint32_t attempt = 0;
+    const uint64_t position = sp.offset + depth;  // wraps modulo 2^64, as the counter does
     int32_t next = -1;
-    for (int32_t c = node + 1; c < t.n && next < 0; ++c) {
-      if (t.parents[c] != node) continue;
-      const int32_t x = t.tokens[c];
-      double qx = 1.0;
-      if (q) {
-        if (!q_checked) {
-          ATLAS_RETURN_IF_ERROR(check_draft_row(t, node, q));
-          q_checked = true;
+    if (!p_.draft_probs) {
+      // One draw per position; the tree only decides how many of them one
+      // forward checks.
+      const int32_t y = sample(d, philox_uniform(sp.seed, position, kStreamOneHot, 0));
+      for (int32_t c = node + 1; c < t.n; ++c) {
+        if (t.parents[c] == node && t.tokens[c] == y) {
+          next = c;
+          break;
         }
-        qx = static_cast<double>(q[x]);
-        if (!(qx > 0.0))
-          return Status::Invalid("draft_probs " + node_name(t.first + node, node, t.tree) +
-                                 " gives probability 0 to token " + std::to_string(x) + " of its child node " +
-                                 std::to_string(c) + ", which cannot have been drafted from it");
       }
-      const double u = static_cast<double>(philox_uniform(sp.seed, sp.offset, static_cast<uint32_t>(node), attempt++));
-      const int32_t i = d.find(x);
-      const double wx = i >= 0 ? static_cast<double>(d.weight(i)) : 0.0;
-      // u < p(x) / q(x), multiplied through by q(x) * total.
-      if (u * qx * d.total < wx) {
-        next = c;
+      if (next < 0) {
+        *bonus = y;
         break;
       }
-      if (q) {
-        const int32_t times = t.mult ? t.mult[c] : 1;
-        for (int32_t k = 0; k < times; ++k)
-          if (!subtract_draft(d, q)) break;
-      } else {
-        remove_token(d, x);  // max(p - onehot, 0) once is the same as any number of times
+    } else {
+      const float* q = p_.draft_probs + (t.first + node) * p_.draft_row_stride;
+      double q_left = 0.0;  // Q of verify.h: the row's mass less that of the rejected children
+      uint32_t tried = 0;
+      for (int32_t c = node + 1; c < t.n; ++c) {
+        if (t.parents[c] != node) continue;
+        if (tried == 0) ATLAS_RETURN_IF_ERROR(check_draft_row(t, node, q, &q_left));
+        const int32_t x = t.tokens[c];
+        auto where = [&] {
+          return "draft_probs " + node_name(t.first + node, node, t.tree) + ": child node " + std::to_string(c) +
+                 " (token " + std::to_string(x) + ")";
+        };
+        for (uint32_t k = 0; k < tried; ++k)
+          if (ws_.rejected[k] == x)
+            return Status::Invalid(where() + " repeats an earlier sibling's token; children drawn without "
+                                             "replacement are distinct");
+        const double qx = static_cast<double>(q[x]);
+        if (!(qx > 0.0)) return Status::Invalid(where() + " has probability 0: it cannot have been drafted from it");
+        // Q >= q(x) in exact arithmetic; the subtractions could leave it short.
+        const double q_total = std::max(q_left, qx);
+        const double u = philox_uniform(sp.seed, position, kStreamDraft, tried);
+        const int32_t i = d.find(x);
+        const double wx = i >= 0 ? static_cast<double>(d.weight(i)) : 0.0;
+        // u < p_j(x) / q_j(x), multiplied through by q_total * total.
+        if (u * qx * d.total < wx * q_total) {
+          next = c;
+          break;
+        }
+        subtract_draft(d, q, q_total, x);
+        q_left -= qx;
+        ws_.rejected[tried++] = x;
       }
-    }
-    if (next < 0) {
-      *bonus = sample(d, philox_uniform(sp.seed, sp.offset, static_cast<uint32_t>(node), kBonusAttempt));
-      break;
+      if (next < 0) {
+        *bonus = sample(d, philox_uniform(sp.seed, position, kStreamDraftBonus, 0));
+        break;
+      }
     }
     path[accepted++] = next;
     node = next;
@@ -1277,9 +1301,6 @@ Status validate(const VerifyProblem& p, const Workspace& ws) {
       if (tokens[i] < 0 || tokens[i] >= p.vocab)
         return Status::Invalid("tokens" + where() + " must be in [0, vocab = " + std::to_string(p.vocab) + "), got " +
                                std::to_string(tokens[i]));
-      if (p.multiplicity && p.multiplicity[first + i] < 1)
-        return Status::Invalid("multiplicity" + where() + " must be >= 1, got " +
-                               std::to_string(p.multiplicity[first + i]));
       ws.depth[i] = ws.depth[parents[i]] + 1;
       max_depth = std::max(max_depth, ws.depth[i]);
     }
@@ -1292,8 +1313,10 @@ Status validate(const VerifyProblem& p, const Workspace& ws) {
 
 }  // namespace
 
-float philox_uniform(uint64_t seed, uint64_t offset, uint32_t node, uint32_t attempt) {
-  return static_cast<float>(philox_first_word(seed, offset, node, attempt) >> 8) * (1.0f / 16777216.0f);
+double philox_uniform(uint64_t seed, uint64_t position, uint32_t stream, uint32_t j) {
+  const PhiloxOut out = philox_two_words(seed, position, stream, j);
+  const uint64_t bits = (static_cast<uint64_t>(out.w0) << 21) | (out.w1 >> 11);
+  return static_cast<double>(bits) * (1.0 / 9007199254740992.0);  // 2^-53
 }
 
 int64_t verify_workspace_bytes(int64_t vocab) {
@@ -1320,7 +1343,6 @@ Status verify(const VerifyProblem& p) {
     t.n = static_cast<int32_t>(p.tree_offsets[b + 1] - t.first);
     t.tokens = p.tokens + t.first;
     t.parents = p.parents + t.first;
-    t.mult = p.multiplicity ? p.multiplicity + t.first : nullptr;
     int32_t* path = p.accepted_out ? p.accepted_out + b * width : nullptr;
     int32_t* emitted = p.emitted_out + b * (width + 1);
     int32_t num = 0, bonus = 0;

@@ -139,7 +139,7 @@ def sampling_params(batch: int, temperature=0.0, top_k=0, top_p=1.0, seed=0, off
 
 
 def verify(logits: torch.Tensor, tokens, parents, tree_offsets=None, *, temperature=0.0, top_k=0,
-           top_p=1.0, seed=0, offset=0, draft_probs: Optional[torch.Tensor] = None, multiplicity=None,
+           top_p=1.0, seed=0, offset=0, draft_probs: Optional[torch.Tensor] = None,
            max_accept: Optional[int] = None, greedy_prepass: Optional[bool] = None, check: bool = True,
            workspace: Optional[torch.Tensor] = None) -> VerifyOutput:
     """``atlas.verify`` on the GPU, one block per tree.
@@ -147,7 +147,10 @@ def verify(logits: torch.Tensor, tokens, parents, tree_offsets=None, *, temperat
     ``logits`` (``[total_nodes, vocab]``, float32 or bfloat16, CUDA) is read in
     place, rows 16-byte aligned for vector loads. ``tokens``, ``parents``
     (``[total_nodes]``) and ``tree_offsets`` (``[batch + 1]``; omitted: one
-    tree) may be host or device arrays. ``max_accept`` (the width of
+    tree) may be host or device arrays. ``offset`` is the position of each
+    tree's root and ``draft_probs`` (``[total_nodes, vocab]`` float32, CUDA,
+    optional) the rows the children were drawn from without replacement, as
+    for the CPU verifier. ``max_accept`` (the width of
     ``accepted``) defaults to the largest tree's size, which reads
     ``tree_offsets`` on the host. ``greedy_prepass`` (see ``cuda_ops.h``)
     defaults to on for all-greedy batches too small to fill the GPU.
@@ -190,7 +193,6 @@ def verify(logits: torch.Tensor, tokens, parents, tree_offsets=None, *, temperat
         if not isinstance(draft_probs, torch.Tensor) or draft_probs.device != device:
             raise ValueError(f"draft_probs must be a tensor on {device}")
         draft = draft_probs
-    mult = None if multiplicity is None else _on(multiplicity, torch.int32, device, "multiplicity")
     need = _native.verify_cuda_workspace_bytes(vocab, batch, max(total, 1))
     if workspace is None or workspace.numel() < need:
         workspace = torch.empty(need, dtype=torch.uint8, device=device)
@@ -198,26 +200,27 @@ def verify(logits: torch.Tensor, tokens, parents, tree_offsets=None, *, temperat
                        torch.empty((batch, max_accept + 1), dtype=torch.int32, device=device),
                        torch.empty(batch, dtype=torch.int32, device=device),
                        torch.empty(batch, dtype=torch.int32, device=device))
-    _native.verify_cuda(logits, tok, par, offsets, params, draft, mult, out.accepted, out.emitted,
+    _native.verify_cuda(logits, tok, par, offsets, params, draft, out.accepted, out.emitted,
                         out.num_accepted, out.status, workspace, _stream(device), bool(greedy_prepass),
                         bool(check))
     return out
 
 
-def philox_uniform(seed: int, offset: int, nodes, attempts, device="cuda") -> torch.Tensor:
-    """The verifier's uniforms for (node, attempt) pairs, computed on the device."""
+def philox_uniform(seed: int, position: int, streams, js, device="cuda") -> torch.Tensor:
+    """The verifier's uniforms for (stream, j) pairs at one position, computed on
+    the device: ``[n]`` float64 with 53 random bits each (see verify.h)."""
     _require()
     device = torch.device(device)
-    n = _on(nodes, torch.int64, device, "nodes")
-    a = _on(attempts, torch.int64, device, "attempts")
-    for name, t in (("nodes", n), ("attempts", a)):
+    st = _on(streams, torch.int64, device, "streams")
+    j = _on(js, torch.int64, device, "js")
+    for name, t in (("streams", st), ("js", j)):
         if t.numel() and (int(t.min()) < 0 or int(t.max()) > 0xFFFFFFFF):
             raise ValueError(f"{name} must be in [0, 2^32)")
     # uint32 values cross as their int32 bit patterns.
-    n32 = (n - (n >= 2**31).to(torch.int64) * 2**32).to(torch.int32).contiguous()
-    a32 = (a - (a >= 2**31).to(torch.int64) * 2**32).to(torch.int32).contiguous()
-    out = torch.empty(n32.shape[0], dtype=torch.float32, device=device)
-    _native.philox_uniform_cuda(int(seed), int(offset), n32, a32, out, _stream(device))
+    st32 = (st - (st >= 2**31).to(torch.int64) * 2**32).to(torch.int32).contiguous()
+    j32 = (j - (j >= 2**31).to(torch.int64) * 2**32).to(torch.int32).contiguous()
+    out = torch.empty(st32.shape[0], dtype=torch.float64, device=device)
+    _native.philox_uniform_cuda(int(seed), int(position), st32, j32, out, _stream(device))
     return out
 
 

@@ -108,7 +108,6 @@ class _Request:
     seq: int = -1
     generated: List[int] = field(default_factory=list)
     finish_reason: Optional[str] = None
-    offset: int = 0                   # Philox offset: one per verification
     blocks_needed: int = 0
     stats: RequestStats = field(default_factory=RequestStats)
 
@@ -392,11 +391,16 @@ class Engine:
                 s.finish(r.rid)
 
     def _params(self, reqs: List[_Request]) -> dict:
+        """The verifier's sampling parameters. ``offset`` is the position of the
+        tree's root, the request's last token (the last prompt token at the
+        prefill): the verifier keys each position's uniforms on it, so plain
+        and speculative decoding draw the token at a given position with the
+        same uniform and, with the same seed, emit the same text."""
         return dict(temperature=np.array([r.temperature for r in reqs], np.float32),
                     top_k=np.array([r.top_k for r in reqs], np.int64),
                     top_p=np.array([r.top_p for r in reqs], np.float32),
                     seed=np.array([r.seed for r in reqs], np.uint64),
-                    offset=np.array([r.offset for r in reqs], np.uint64))
+                    offset=np.array([len(r.tokens) - 1 for r in reqs], np.uint64))
 
     def _prefill(self, reqs: List[_Request]):
         t0 = time.perf_counter()
@@ -424,7 +428,6 @@ class Engine:
                 s.start(r.rid, r.prompt)
         committed = []
         for b, r in enumerate(reqs):
-            r.offset += 1
             r.stats.prompt_tokens = len(r.prompt)
             r.stats.steps += 1
             r.stats.time_prefill += dt
@@ -532,7 +535,6 @@ class Engine:
             keep[0] = 0
             keep[1:] = acc
             self.cache.commit(r.seq, keep)
-            r.offset += 1
             st = r.stats
             st.steps += 1
             st.drafted += sizes[b] - 1

@@ -5,16 +5,21 @@ Vocabulary (see ``cpp/include/atlas/verify.h`` for the exact rules):
 
 * **accepted** nodes: the draft nodes on the path the target keeps;
 * **bonus** token: what the target emits after the accepted path (its argmax,
-  or a sample of what remains of its distribution);
+  or a sample of its distribution there);
 * **emitted** tokens: the accepted tokens followed by the bonus.
 
 Sampling parameters (``temperature``, ``top_k``, ``top_p``, ``seed``,
 ``offset``) are numbers or per-tree arrays of length ``batch``;
-``temperature=0`` is greedy. Randomness is counter based: the same inputs with
-the same ``(seed, offset)`` give the same tokens, bit for bit; the engine
-advances ``offset`` by one per step. Trees (or rows, for :meth:`Verifier.sample`)
-that share a ``(seed, offset)`` share their uniforms, so give each sequence its
-own seed.
+``temperature=0`` is greedy. ``offset`` is the position of the tree's root in
+its sequence (the engine passes the position of the last committed token);
+a node at depth ``d`` draws its uniforms from ``(seed, offset + d)``.
+Randomness is counter based: the same inputs with the same ``(seed, offset)``
+give the same tokens, bit for bit. With deterministic (one-hot) drafts each
+position's token is the one plain sampling (:meth:`Verifier.sample` with
+``offset`` = that position) would draw, whatever the tree, so a seeded run
+replays however its trees were chosen. Trees (or rows, for
+:meth:`Verifier.sample`) that share a ``(seed, offset)`` share their uniforms,
+so give each sequence its own seed.
 """
 from __future__ import annotations
 
@@ -64,9 +69,9 @@ class Verifier:
     ``tokens`` and ``parents`` (``[total_nodes]``) describe the flattened trees,
     ``tree_offsets`` (``[batch + 1]``) splits the nodes into trees; omitted, all
     nodes form one tree. ``draft_probs`` (``[total_nodes, vocab]`` float32,
-    optional) is the distribution each node's children were drawn from, and
-    ``multiplicity`` (``[total_nodes]``, optional) how many draws merged into
-    each node; without them drafts are deterministic (one-hot).
+    optional) is the distribution each node's children were drawn from,
+    without replacement (siblings hold distinct tokens); without it drafts are
+    deterministic (one-hot).
     """
 
     def __init__(self, vocab: int, max_batch: int = 64, max_accept: int = 64):
@@ -93,8 +98,7 @@ class Verifier:
                              f"got shape {tuple(shape)}")
 
     def __call__(self, logits, tokens, parents, tree_offsets=None, *, temperature=0.0, top_k=0,
-                 top_p=1.0, seed=0, offset=0, draft_probs=None,
-                 multiplicity=None) -> VerifyResult:
+                 top_p=1.0, seed=0, offset=0, draft_probs=None) -> VerifyResult:
         self._check_vocab(logits)
         tok = _ids(tokens, "tokens")
         par = _ids(parents, "parents")
@@ -106,10 +110,8 @@ class Verifier:
         # The deepest tree is at most as deep as it is large.
         max_tree = int(np.diff(offsets).max()) if offsets.ndim == 1 and offsets.shape[0] > 1 else 1
         accepted, emitted, num = self._buffers(batch, max(max_tree, 1))
-        mult = None if multiplicity is None else _ids(multiplicity, "multiplicity")
         _native.verify(logits, tok, par, offsets, _param(temperature), _param(top_k), _param(top_p),
-                       _param(seed), _param(offset), draft_probs, mult, accepted, emitted, num,
-                       self._workspace)
+                       _param(seed), _param(offset), draft_probs, accepted, emitted, num, self._workspace)
         return VerifyResult([accepted[b, : num[b]].copy() for b in range(batch)],
                             [emitted[b, : num[b] + 1].copy() for b in range(batch)])
 
@@ -118,10 +120,11 @@ class Verifier:
         """Plain (non-speculative) sampling of one token per row.
 
         ``logits``: ``[batch, vocab]``; returns ``[batch]`` int32 tokens. Each row
-        is verified as a tree of one node, so the token is the bonus draw with
-        exactly the transforms (temperature, top_k, top_p) and the uniforms that
-        speculative verification uses: the baseline that speculative decoding
-        must match in distribution. ``temperature=0`` is the argmax.
+        is verified as a tree of one node, so the token is the draw with exactly
+        the transforms (temperature, top_k, top_p) and the uniforms that
+        speculative verification uses: row ``b`` is the token that follows
+        position ``offset[b]``, and speculative decoding with one-hot drafts
+        emits the same token there. ``temperature=0`` is the argmax.
         """
         self._check_vocab(logits)
         shape = getattr(logits, "shape", None)
@@ -135,8 +138,8 @@ class Verifier:
         offsets = np.arange(batch + 1, dtype=np.int64)
         accepted, emitted, num = self._buffers(batch, 1)
         _native.verify(logits, tokens, parents, offsets, _param(temperature), _param(top_k),
-                       _param(top_p), _param(seed), _param(offset), None, None, accepted, emitted,
-                       num, self._workspace)
+                       _param(top_p), _param(seed), _param(offset), None, accepted, emitted, num,
+                       self._workspace)
         return emitted[:, 0].copy()
 
 

@@ -44,12 +44,12 @@ enum class DeviceError : int32_t {
   kTreeTooLarge = 2,      // a tree of more than kMaxTreeNodes nodes
   kBadParent = 3,         // parents[root] != -1, or parents[c] not in [0, c) for c > 0 (tree-local)
   kBadToken = 4,          // a non-root token outside [0, vocab)
-  kBadMultiplicity = 5,   // a multiplicity outside [1, kMaxMultiplicity]
+  // 5 is retired (it was a bad multiplicity, which verification no longer reads)
   kTooDeep = 6,           // a tree deeper than max_accept
   kBadSamplingParams = 7, // temperature < 0 or not finite, top_k < 0, top_p outside (0, 1]
   kNonFiniteLogits = 8,   // NaN or +inf in a row the walk reads (or logits / temperature overflows)
   kNoFiniteLogit = 9,     // a row the walk reads is all -inf
-  kBadDraftProbs = 10,    // a negative or NaN draft probability read by the walk
+  kBadDraftProbs = 10,    // a draft row the walk reads holds a negative, NaN or inf value, or q(child) = 0
   // tree_attention_cuda
   kBadQueryOffsets = 11,  // q_offsets not 0 = o[0] <= ... <= o[batch] = total_q
   kBadContextLength = 12, // context_lens[b] < 0 or > max_context, or the sequence overflows its block table
@@ -69,14 +69,8 @@ Status device_status_check(const int32_t* status, int64_t n, const char* op, voi
 
 // ---- verification (twin of verify.h) -------------------------------------------------
 
-// Why 1024: a child merges at most one proposal per speculator per step; the
-// cap only bounds the work a corrupt multiplicity array can cause (each unit
-// is one pass over the vocabulary after a rejection).
-constexpr int32_t kMaxMultiplicity = 1024;
-
 struct VerifyCudaOptions {
-  // Rows of logits (= length of tokens, parents, multiplicity): tree_offsets
-  // must end at it.
+  // Rows of logits (= length of tokens and parents): tree_offsets must end at it.
   int64_t total_nodes = 0;
   // [batch] int32, device, written: a DeviceError per tree.
   int32_t* status_out = nullptr;
@@ -93,31 +87,32 @@ int64_t verify_cuda_workspace_bytes(int64_t vocab, int64_t batch, int64_t total_
 // verify() on the GPU: every pointer of the problem is device memory, params
 // included ([batch] SamplingParams, the struct as declared in verify.h), and
 // the workspace is verify_cuda_workspace_bytes() bytes, 256-byte aligned. One
-// block walks one tree. Decisions follow verify.h; where it leaves a choice
-// open the kernel does this (the CPU verifier must agree for bit-identical
-// replay):
-//   - the uniform of the j-th child tried at node i (j = 0, 1, ... in child
-//     order) is philox_uniform(seed, offset, i, j): Philox-4x32-10 with key
-//     {seed low, seed high} and counter {offset low, offset high, i, j}; the
-//     uniform is (first output word >> 8) * 2^-24. The bonus at i uses
-//     j = 0x80000000.
-//   - child x is accepted iff u < p(x) / q(x) (IEEE division; q(x) = 0 and
-//     p(x) > 0 accepts). A child of multiplicity m is tried once; a rejection
-//     applies the residual m times. A residual with no mass left (possible
-//     only through rounding or an unnormalised q) makes p = q.
+// block walks one tree. Decisions follow verify.h, with the same uniforms
+// (philox_uniform(seed, root position + depth, stream, j)) and the same
+// arithmetic where the header fixes it: the acceptance test
+// u * q[x] * P < w[x] * Q and the residual w * (1 / P) - q * (1 / Q) in double,
+// inverse-CDF draws summed in double. Where verify.h leaves a choice open the
+// kernel does this (the CPU verifier must agree for bit-identical replay):
 //   - top-k keeps x >= the k-th largest x = logits / temperature; top-p keeps
 //     the smallest prefix in order of decreasing x (ties: lower token id first)
 //     whose probability mass, summed in 2^-40 fixed point, reaches top_p.
-//   - the bonus is the first token, in id order, whose running sum of p
-//     exceeds u * sum(p); if rounding leaves none, the last token with p > 0.
+//   - a draw whose running sums never exceed u * total (rounding) gives the
+//     last token with p > 0.
+// p itself is computed with expf in float, not with the CPU's polynomial, so
+// decisions agree with the CPU bit for bit where p is exact on both (e.g.
+// uniform over a support of 2^a tokens) and otherwise differ only where a
+// uniform falls within rounding of a threshold. Draft rows are checked for
+// negative, NaN and infinite values and for q(child) = 0 (a sibling repeating
+// a rejected token included), not for their sum: Q normalises them.
 // Unlike the CPU twin, a tree that fails its checks does not stop the others:
 // its status is set and its outputs are -1 / 0.
 Status verify_cuda(const VerifyProblem& problem, const VerifyCudaOptions& options, void* stream);
 
-// The Philox uniforms above for n (node, attempt) pairs (device arrays), so
-// that tests can compare the GPU generator with philox_uniform() bit for bit.
-Status philox_uniform_cuda(uint64_t seed, uint64_t offset, const uint32_t* nodes, const uint32_t* attempts,
-                           int64_t n, float* out, void* stream);
+// verify.h's uniforms philox_uniform(seed, position, streams[i], js[i]) for n
+// pairs (device arrays; out: [n] float64, device), so that tests can compare
+// the GPU generator with the CPU's bit for bit.
+Status philox_uniform_cuda(uint64_t seed, uint64_t position, const uint32_t* streams, const uint32_t* js,
+                           int64_t n, double* out, void* stream);
 
 // ---- KV cache --------------------------------------------------------------------------
 

@@ -6,8 +6,8 @@
 //   node       one draft token: its token id, its parent node, its depth
 //              (root = 0), the speculator's confidence that the target would
 //              produce it, a bit mask of the speculators that proposed it, and
-//              its multiplicity (how many proposals merged into it; the lossless
-//              sampler needs it when drafts are samples of a draft distribution).
+//              its multiplicity (how many proposals merged into it; a statistic:
+//              the verifier does not read it).
 //   committed_len  number of tokens of the sequence whose keys/values are in
 //              the cache; a node's position is committed_len + depth.
 //
