@@ -9,24 +9,25 @@ the prefill is followed by ``update`` and ``observe`` too.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import List, Sequence
 
 from ..tree import DraftTree
 
 
-class Speculator:
-    """Base class; a speculator overrides ``propose`` and whatever it needs."""
+class Speculator(ABC):
+    """Base class; a speculator implements ``propose`` and whatever else it needs."""
 
     name = "speculator"
 
     def start(self, rid: int, prompt: Sequence[int]) -> None:
         """A request begins with this prompt."""
 
+    @abstractmethod
     def propose(self, rids: List[int], contexts: List[List[int]], trees: List[DraftTree],
                 proposer: int) -> None:
         """Adds draft nodes to trees[i] for the request rids[i] whose tokens
         so far (prompt + generated, the root last) are contexts[i]."""
-        raise NotImplementedError
 
     def update(self, rid: int, tokens: Sequence[int]) -> None:
         """Tokens just emitted for the request (it may learn from them)."""
