@@ -1199,15 +1199,16 @@ Status Walker::run(const TreeView& t, const SamplingParams& sp, int32_t* path, i
         if (tried == 0) ATLAS_RETURN_IF_ERROR(check_draft_row(t, node, q, &q_left));
         const int32_t x = t.tokens[c];
         auto where = [&] {
-          return "draft_probs " + node_name(t.first + node, node, t.tree) + ": child node " + std::to_string(c) +
-                 " (token " + std::to_string(x) + ")";
+          return "draft_probs " + node_name(t.first + node, node, t.tree) + ": child node " +
+                 std::to_string(c) + " (token " + std::to_string(x) + ")";
         };
         for (uint32_t k = 0; k < tried; ++k)
           if (ws_.rejected[k] == x)
             return Status::Invalid(where() + " repeats an earlier sibling's token; children drawn without "
                                              "replacement are distinct");
         const double qx = static_cast<double>(q[x]);
-        if (!(qx > 0.0)) return Status::Invalid(where() + " has probability 0: it cannot have been drafted from it");
+        if (!(qx > 0.0))
+          return Status::Invalid(where() + " has probability 0: it cannot have been drafted from it");
         // Q >= q(x) in exact arithmetic; the subtractions could leave it short.
         const double q_total = std::max(q_left, qx);
         const double u = philox_uniform(sp.seed, position, kStreamDraft, tried);
