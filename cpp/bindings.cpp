@@ -1324,7 +1324,8 @@ PYBIND11_MODULE(_native, m) {
         checked_int(total_nodes, "total_nodes", 1, std::numeric_limits<int32_t>::max()));
   }, py::arg("vocab"), py::arg("batch"), py::arg("total_nodes"));
   m.def("verify_cuda", &verify_cuda, py::arg("logits"), py::arg("tokens"), py::arg("parents"),
-        py::arg("tree_offsets"), py::arg("params"), py::arg("draft_probs"), py::arg("accepted_out"), py::arg("emitted_out"), py::arg("num_accepted_out"), py::arg("status_out"),
+        py::arg("tree_offsets"), py::arg("params"), py::arg("draft_probs"), py::arg("accepted_out"),
+        py::arg("emitted_out"), py::arg("num_accepted_out"), py::arg("status_out"),
         py::arg("workspace"), py::arg("stream"), py::arg("greedy_prepass") = false, py::arg("check") = true,
         "verify() on a CUDA device; writes the *_out tensors (check: wait and raise on a device error).");
   m.def("philox_uniform_cuda", &philox_uniform_cuda, py::arg("seed"), py::arg("position"), py::arg("streams"),

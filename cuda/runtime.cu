@@ -60,8 +60,8 @@ const char* device_error_message(int32_t code) {
       return "a logit row the walk reads holds NaN or +inf (or overflows when divided by the temperature)";
     case DeviceError::kNoFiniteLogit: return "a logit row the walk reads is all -inf";
     case DeviceError::kBadDraftProbs:
-      return "a draft_probs row the walk reads holds a negative, infinite or NaN value, or gives probability 0 to a "
-             "child drafted from it (siblings drawn without replacement must hold distinct tokens)";
+      return "a draft_probs row the walk reads holds a negative, infinite or NaN value, or gives "
+             "probability 0 to a child drafted from it (siblings drawn without replacement must be distinct)";
     case DeviceError::kBadQueryOffsets:
       return "q_offsets must be non-decreasing from 0 to the number of queries";
     case DeviceError::kBadContextLength:

@@ -449,8 +449,8 @@ __device__ double draft_mass(const float* qrow, int64_t V, bool* bad, Shared& sh
 // rejection of token x, whose probability becomes exactly 0 (the CPU twin's
 // subtract_draft, operation for operation). Returns the new mass; when nothing
 // would be left (only through rounding) p stays as it was and so does z.
-__device__ double draft_residual(float* prow, int64_t V, double z, const float* qrow, double q_total, int32_t x,
-                                 Shared& sh) {
+__device__ double draft_residual(float* prow, int64_t V, double z, const float* qrow, double q_total,
+                                 int32_t x, Shared& sh) {
   const double inv = 1.0 / z, inv_q = 1.0 / q_total;
   auto residual = [&](int64_t t) {
     // Rounded intrinsics: never fused into an FMA, so the CPU's bits.
@@ -596,7 +596,8 @@ __global__ void __launch_bounds__(kThreads) verify_kernel(VerifyArgs a) {
     const float* qrow = a.draft ? a.draft + g * a.draft_stride : nullptr;
     if (!qrow) {
       // One-hot drafts: the position's draw, and the first child holding it.
-      const int64_t y = sample_row(prow, a.vocab, z, philox_uniform53(sp.seed, position, kStreamOneHot, 0), sh);
+      const double u = philox_uniform53(sp.seed, position, kStreamOneHot, 0);
+      const int64_t y = sample_row(prow, a.vocab, z, u, sh);
       int64_t next = INT64_MAX;
       for (int32_t c = node + 1 + tid; c < n; c += kThreads)
         if (sh.parent[c] == node && sh.token[c] == y) next = min(next, static_cast<int64_t>(c));
@@ -826,8 +827,8 @@ Status philox_uniform_cuda(uint64_t seed, uint64_t position, const uint32_t* str
   if (!streams || !js || !out) return Status::Invalid("philox_uniform_cuda: arrays must not be null");
   const int64_t blocks = (n + 255) / 256;
   if (blocks > INT32_MAX) return Status::Invalid("philox_uniform_cuda: n is too large");
-  cuda::philox_kernel<<<static_cast<unsigned>(blocks), 256, 0, cuda::as_stream(stream)>>>(seed, position, streams,
-                                                                                         js, n, out);
+  cuda::philox_kernel<<<static_cast<unsigned>(blocks), 256, 0, cuda::as_stream(stream)>>>(seed, position,
+                                                                                         streams, js, n, out);
   return cuda::launch_status("philox_kernel");
 }
 

@@ -680,8 +680,8 @@ def test_one_hot_sampling_is_plain_sampling_whatever_the_trees(params, dtype):
                 pars.append(index[tuple(q[:-1])] if q else -1)
                 rows.append(context_logits(c + q, vocab))
             offs.append(len(toks))
-        res = ver(as_dtype(rows, dtype), toks, pars, offs, offset=np.array([len(c) - 1 for c in spec], np.uint64),
-                  **kw)
+        roots = np.array([len(c) - 1 for c in spec], np.uint64)  # the position of each tree's root
+        res = ver(as_dtype(rows, dtype), toks, pars, offs, offset=roots, **kw)
         for c, e, a in zip(spec, res.emitted, res.accepted):
             c.extend(e.tolist())
             accepted += len(a)

@@ -31,16 +31,6 @@
 namespace atlas {
 namespace {
 
-// No multiply and add may fuse into an FMA where a result is specified to the
-// bit (the kernels, and the scalar arithmetic that the CUDA twin repeats
-// operation for operation): an FMA rounds once where the source rounds twice.
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#define ATLAS_NO_CONTRACT
-#else
-#define ATLAS_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
-#endif
-
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // Why 2^30: the row loops index tokens with int32 and step up to a few hundred
@@ -634,8 +624,11 @@ struct Dist {
 // the mass it has left (verify.h). p(x) becomes exactly 0 (the rejection says
 // p(x) < q(x); rounding could leave a trace, and x must never come out of
 // this node again). Returns false (p unchanged) when nothing would be left,
-// which for a rejected draft happens only through rounding.
-ATLAS_NO_CONTRACT bool subtract_draft(Dist& d, const float* __restrict q, double q_total, int32_t x) {
+// which for a rejected draft happens only through rounding. The CUDA twin
+// repeats w * (1 / P) - q * (1 / Q) with separately rounded products; so does
+// this code wherever the compiler has no FMA to contract them into (x86-64 at
+// the SSE4.2 baseline this project builds for).
+bool subtract_draft(Dist& d, const float* __restrict q, double q_total, int32_t x) {
   d.materialize();
   const double inv = 1.0 / d.total;
   const double inv_q = 1.0 / q_total;
@@ -661,31 +654,64 @@ ATLAS_NO_CONTRACT bool subtract_draft(Dist& d, const float* __restrict q, double
 // add per chunk waits on the previous one.
 constexpr int32_t kScanChunk = 16;
 
+// A weight brought to the row maximum by the block factor f (kRescale), as
+// Dist::weight does.
+template <bool kRescale>
+ATLAS_INLINE float weight_at(const float* w, int32_t j, float f) {
+  if constexpr (kRescale) return Dist::rescaled(w[j], f);
+  return w[j];
+}
+
+// The sum of 16 weights in double, pairwise: element k with k + 8, then with
+// k + 4, k + 2, k + 1 (a fixed order, on 4-float vectors whatever the CPU).
+template <bool kRescale>
+ATLAS_INLINE double chunk_sum(const float* w, float f) {
+  using F = Simd<4>::F;
+  using D = Simd<4>::D;
+  F a[4];
+  for (int q = 0; q < 4; ++q) {
+    a[q] = load<4>(w + 4 * q);
+    if constexpr (kRescale) {
+      const F r = a[q] * f;
+      a[q] = r >= splat<4>(std::numeric_limits<float>::min()) ? r : F{};
+    }
+  }
+  const D z = (__builtin_convertvector(a[0], D) + __builtin_convertvector(a[2], D)) +
+              (__builtin_convertvector(a[1], D) + __builtin_convertvector(a[3], D));
+  return (z[0] + z[2]) + (z[1] + z[3]);
+}
+
 // The running sum *cum over the weights w[begin, end) (each brought to the
-// row maximum by f, as Dist::weight does): the first index at which it
-// exceeds target, or -1 with *cum advanced past the range. A chunk whose
-// pairwise sum crosses target but whose one-by-one sum falls short (rounding)
-// gives its last token with weight.
-ATLAS_NO_CONTRACT int32_t scan_weights(const float* w, int32_t begin, int32_t end, float f, double target,
-                                       double* cum) {
-  auto weight = [&](int32_t j) -> double { return f == 1.0f ? w[j] : Dist::rescaled(w[j], f); };
+// row maximum by f): the first index at which it exceeds target, or -1 with
+// *cum advanced past the range. Whole chunks are summed first (chunk_sum; no
+// chunk waits on another), so only one add per chunk is serial; the chunk
+// where the sum crosses target is then scanned one weight at a time. If that
+// scan falls short of target (rounding), the chunk's last token with weight is
+// the draw.
+template <bool kRescale>
+int32_t scan_weights_impl(const float* w, int32_t begin, int32_t end, float f, double target, double* cum) {
+  static_assert(kScanChunk == 16, "chunk_sum sums 16 weights");
   double c = *cum;
   for (int32_t j0 = begin; j0 < end; j0 += kScanChunk) {
-    const int32_t j1 = std::min(end, j0 + kScanChunk);
-    double v[kScanChunk];
-    for (int32_t k = 0; k < kScanChunk; ++k) v[k] = j0 + k < j1 ? weight(j0 + k) : 0.0;
-    for (int32_t h = kScanChunk / 2; h > 0; h /= 2)
-      for (int32_t k = 0; k < h; ++k) v[k] += v[k + h];
-    if (!(c + v[0] > target)) {
-      c += v[0];
+    const int32_t len = std::min(kScanChunk, end - j0);
+    double sum;
+    if (len == kScanChunk) {
+      sum = chunk_sum<kRescale>(w + j0, f);
+    } else {
+      float tail[kScanChunk] = {};
+      std::copy(w + j0, w + j0 + len, tail);
+      sum = chunk_sum<kRescale>(tail, f);
+    }
+    if (!(c + sum > target)) {
+      c += sum;
       continue;
     }
     int32_t last = j0;
-    for (int32_t j = j0; j < j1; ++j) {
-      const double x = weight(j);
-      if (x > 0.0) last = j;
+    for (int32_t k = 0; k < len; ++k) {
+      const double x = weight_at<kRescale>(w, j0 + k, f);
+      if (x > 0.0) last = j0 + k;
       c += x;
-      if (c > target) return j;
+      if (c > target) return j0 + k;
     }
     return last;
   }
@@ -693,12 +719,17 @@ ATLAS_NO_CONTRACT int32_t scan_weights(const float* w, int32_t begin, int32_t en
   return -1;
 }
 
+int32_t scan_weights(const float* w, int32_t begin, int32_t end, float f, double target, double* cum) {
+  return f == 1.0f ? scan_weights_impl<false>(w, begin, end, f, target, cum)
+                   : scan_weights_impl<true>(w, begin, end, f, target, cum);
+}
+
 // The draw from p at u (verify.h): the first token, in ascending id order,
 // whose cumulative weight exceeds u * total. Block sums find the block, chunk
 // sums the chunk, and only that chunk is scanned one weight at a time. When
 // rounding puts u * total past every cumulative sum, the last token with any
 // weight.
-ATLAS_NO_CONTRACT int32_t sample(Dist& d, double u) {
+int32_t sample(Dist& d, double u) {
   const double target = u * d.total;
   double cum = 0.0;
   if (d.block_max) {
@@ -900,6 +931,13 @@ ATLAS_INLINE void bucket_keys_impl(const T* __restrict row, int32_t n, float max
 // the widest the CPU supports runs. The environment variable ATLAS_SIMD_WIDTH
 // (4, 8 or 16) caps the width; the tests use it to check that all widths give
 // the same bits.
+
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#define ATLAS_NO_CONTRACT
+#else
+#define ATLAS_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#endif
 
 #define ATLAS_DEFINE_KERNELS(NS, W, ATTR)                                                              \
   namespace NS {                                                                                        \
@@ -1199,15 +1237,16 @@ Status Walker::run(const TreeView& t, const SamplingParams& sp, int32_t* path, i
         if (tried == 0) ATLAS_RETURN_IF_ERROR(check_draft_row(t, node, q, &q_left));
         const int32_t x = t.tokens[c];
         auto where = [&] {
-          return "draft_probs " + node_name(t.first + node, node, t.tree) + ": child node " + std::to_string(c) +
-                 " (token " + std::to_string(x) + ")";
+          return "draft_probs " + node_name(t.first + node, node, t.tree) + ": child node " +
+                 std::to_string(c) + " (token " + std::to_string(x) + ")";
         };
         for (uint32_t k = 0; k < tried; ++k)
           if (ws_.rejected[k] == x)
             return Status::Invalid(where() + " repeats an earlier sibling's token; children drawn without "
                                              "replacement are distinct");
         const double qx = static_cast<double>(q[x]);
-        if (!(qx > 0.0)) return Status::Invalid(where() + " has probability 0: it cannot have been drafted from it");
+        if (!(qx > 0.0))
+          return Status::Invalid(where() + " has probability 0: it cannot have been drafted from it");
         // Q >= q(x) in exact arithmetic; the subtractions could leave it short.
         const double q_total = std::max(q_left, qx);
         const double u = philox_uniform(sp.seed, position, kStreamDraft, tried);
