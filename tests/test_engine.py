@@ -227,7 +227,8 @@ def test_speculative_sampling_emits_the_plain_tokens(temperature, top_k, top_p):
     prompts = random_prompts(target.config.vocab_size, 3, seed=6)
     kw = dict(max_new_tokens=40, temperature=temperature, top_k=top_k, top_p=top_p)
     seed = 100
-    plain = [o.token_ids for o in atlas.Engine(target, max_batch=3).generate(prompts, seed=seed, **kw)]
+    plain_engine = atlas.Engine(target, speculators=None, max_batch=3)
+    plain = [o.token_ids for o in plain_engine.generate(prompts, seed=seed, **kw)]
     truth = {tuple(p): t for p, t in zip(prompts, plain)}
     for specs, controller in (([OracleDrafts(truth, depth=4)], None),
                               ([DraftModelSpeculator(target, depth=3, branch=2)],
