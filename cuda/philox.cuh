@@ -4,19 +4,19 @@
 
 #include <cstdint>
 
+#include "atlas/philox.h"
+
 namespace atlas {
 namespace cuda {
 
-// The multipliers and Weyl increments of the published Philox-4x32 rounds.
-constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
-constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
-constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
-constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
-
-// The streams of verify.h: the third counter word.
-constexpr uint32_t kStreamOneHot = 0;      // the draw at a node of a one-hot tree (and the plain sampler)
-constexpr uint32_t kStreamDraft = 1;       // attempt j at a node with draft_probs
-constexpr uint32_t kStreamDraftBonus = 2;  // the bonus draw at a node with draft_probs
+// Constants and streams: atlas/philox.h, shared with the CPU verifier.
+constexpr uint32_t kPhiloxM0 = philox::kM0;
+constexpr uint32_t kPhiloxM1 = philox::kM1;
+constexpr uint32_t kPhiloxW0 = philox::kW0;
+constexpr uint32_t kPhiloxW1 = philox::kW1;
+using philox::kStreamDraft;
+using philox::kStreamDraftBonus;
+using philox::kStreamOneHot;
 
 __host__ __device__ __forceinline__ uint32_t mulhi32(uint32_t a, uint32_t b) {
 #ifdef __CUDA_ARCH__

@@ -26,6 +26,7 @@
 #include <limits>
 #include <string>
 
+#include "atlas/philox.h"
 #include "atlas/tree.h"
 
 namespace atlas {
@@ -39,17 +40,14 @@ constexpr int64_t kMaxVocab = int64_t{1} << 30;
 
 // ---- Philox-4x32-10 (Salmon et al., SC'11), as in Random123 ---------------------
 
-// The multipliers and Weyl key increments of the published generator.
-constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
-constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
-constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
-constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
-
-// The streams of verify.h: the third counter word, so that the uniforms of one
-// position never repeat across the three uses.
-constexpr uint32_t kStreamOneHot = 0;     // the draw at a node of a one-hot tree (and the plain sampler)
-constexpr uint32_t kStreamDraft = 1;      // attempt j at a node with draft_probs
-constexpr uint32_t kStreamDraftBonus = 2; // the bonus draw at a node with draft_probs
+// Constants and streams: atlas/philox.h, shared with the CUDA twin.
+constexpr uint32_t kPhiloxM0 = philox::kM0;
+constexpr uint32_t kPhiloxM1 = philox::kM1;
+constexpr uint32_t kPhiloxW0 = philox::kW0;
+constexpr uint32_t kPhiloxW1 = philox::kW1;
+using philox::kStreamDraft;
+using philox::kStreamDraftBonus;
+using philox::kStreamOneHot;
 
 struct PhiloxOut {
   uint32_t w0, w1;
