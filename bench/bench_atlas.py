@@ -7,6 +7,13 @@ head alone serve its first and last quarter. All greedy on the default model
 (SmolLM2-135M-Instruct). Prints tokens per second and tau for each, as ratios
 to plain decoding, and writes the learning curve as a PNG.
 
+It also measures what learning bought, on requests the learner had not seen:
+the adaptive head's weights live when the first three quarters of the stream
+had been served are frozen, and after the stream both that head and the static
+head are scored teacher-forced on the last quarter's requests (prompt and
+greedy output through the target): the share of output positions where the
+head's greedy draft equals the target's next token (depth-1 acceptance).
+
     python bench/bench_atlas.py [--prompts 164] [--new-tokens 128] [--out bench_atlas.png]
 
 With ``--shift N``: a domain shift instead. Full atlas serves N code prompts,
@@ -17,11 +24,16 @@ from __future__ import annotations
 
 import argparse
 import pydoc
+import shutil
 import sys
 import tempfile
 
+import numpy as np
+import torch
+
 import atlas
-from atlas.demo import humaneval_prompts, plot_learning_curve, quarter_stats, serve
+from atlas.demo import humaneval_prompts, plot_learning_curve, serve
+from atlas.learning.checkpoint import STATIC, model_dir
 from atlas.learning.distill import static_head
 from atlas.speculators import LearnedSpeculator, SuffixSpeculator
 
@@ -42,11 +54,59 @@ def prose_prompts(n):
     return out[:n]
 
 
-def run(engine, prompts, new_tokens, label):
-    served = serve(engine, prompts, new_tokens,
-                   lambda s, o: print(f"  {label} {s.index + 1:>3}/{len(prompts)}: {s.tokens_per_second:6.1f} "
-                                      f"tokens/s, tau {s.tau:4.2f}", flush=True))
-    return served
+def run(engine, prompts, new_tokens, label, after=None):
+    def report(s, o):
+        print(f"  {label} {s.index + 1:>3}/{len(prompts)}: {s.tokens_per_second:6.1f} tokens/s, tau {s.tau:4.2f}",
+              flush=True)
+        if after is not None:
+            after(s, o)
+    return serve(engine, prompts, new_tokens, report)
+
+
+def totals(part):
+    """tokens per second and tau over a list of served requests."""
+    tokens = sum(s.tokens for s in part)
+    return tokens / sum(s.seconds for s in part), tokens / sum(s.steps for s in part)
+
+
+def fresh_cache_with(target, head_path):
+    """A fresh checkpoint folder (no adaptive head yet) holding the static head."""
+    cache = tempfile.mkdtemp(prefix="atlas-bench-")
+    dest = model_dir(target, cache)
+    dest.mkdir(parents=True)
+    shutil.copy(head_path, dest / STATIC)
+    return cache
+
+
+def depth1_acceptance(target, snapshot, sequences):
+    """Teacher-forced depth-1 greedy acceptance of a native head version over
+    (prompt ids, output ids) pairs: output positions where the head's argmax
+    equals the target's."""
+    hits = total = 0
+    cache = target.new_cache(-(-max(len(p) + len(o) for p, o in sequences) // 16) + 1, block_size=16, max_seqs=1)
+    ids = snapshot.draft_ids.astype(np.int64)
+    for prompt, out in sequences:
+        toks = np.asarray(prompt + out, np.int64)
+        L = len(toks)
+        seq = cache.create()
+        try:
+            slots = cache.reserve(seq, L)
+            logits, hidden = target.forward(cache, np.array([seq], np.int32), torch.from_numpy(toks),
+                                            torch.arange(L), np.arange(-1, L - 1, dtype=np.int32),
+                                            np.array([0, L], np.int64), torch.from_numpy(slots))
+        finally:
+            cache.release(seq)
+        # Drafting token t + 1 (an output token) reads the feature at t - 1 and token t.
+        first = len(prompt) - 1
+        feats = np.ascontiguousarray(hidden[first - 1:L - 2].float().numpy())
+        tok = np.ascontiguousarray(toks[first:L - 1].astype(np.int32))
+        want = logits[first:L - 1].argmax(-1).numpy()
+        f_hat = np.empty_like(feats)
+        d_logits = np.empty((len(tok), len(ids)), np.float32)
+        snapshot.forward(feats, tok, f_hat, d_logits)
+        hits += int((ids[d_logits.argmax(-1)] == want).sum())
+        total += len(tok)
+    return hits / max(total, 1)
 
 
 def main():
@@ -58,18 +118,19 @@ def main():
     args = ap.parse_args()
 
     target = atlas.load(atlas.default_model())
-    cache = tempfile.mkdtemp(prefix="atlas-bench-")  # a fresh adaptive head; the static one is shared
     head = static_head(target, None)
     if head is None:
         from atlas.learning.distill import distill
         distill(target, progress=print)
         head = static_head(target, None)
+    # Full atlas starts from a fresh adaptive head and the same static head.
+    cache = fresh_cache_with(target, model_dir(target, None) / STATIC)
 
     if args.shift:
         code = humaneval_prompts(args.shift)
         prose = prose_prompts(args.shift)
         static_engine = atlas.Engine(target, speculators=[LearnedSpeculator(head)], max_batch=1)
-        with atlas.Engine(target, max_batch=1) as engine:
+        with atlas.Engine(target, max_batch=1, cache_dir=cache) as engine:
             served = run(engine, code + prose, args.new_tokens, "atlas")
         ref = run(static_engine, code[-len(code) // 4:] + prose[:len(prose) // 4] + prose[-len(prose) // 4:],
                   args.new_tokens, "static")
@@ -96,14 +157,25 @@ def main():
                         ("static head alone", [LearnedSpeculator(head)])):
         print(f"\n{name}: first and last quarter ({2 * q} requests)", flush=True)
         served = run(atlas.Engine(target, speculators=specs, max_batch=1), ends, args.new_tokens, name)
-        rows[name] = (quarter_stats(served[:q], "first"), quarter_stats(served[q:], "first"))
+        rows[name] = (totals(served[:q]), totals(served[q:]))
     print(f"\nfull atlas: the whole stream ({len(prompts)} requests, learning on)", flush=True)
+    frozen, outputs = {}, []
     with atlas.Engine(target, max_batch=1, cache_dir=cache) as engine:
-        served = run(engine, prompts, args.new_tokens, "atlas")
+        adaptive = engine.speculators[1].native
+
+        def keep(s, o):
+            outputs.append(o.token_ids)
+            if s.index + 1 == len(prompts) - q:   # three quarters served: freeze the adaptive head
+                frozen["adaptive"] = adaptive.snapshot()
+                frozen["version"] = adaptive.version
+        served = run(engine, prompts, args.new_tokens, "atlas", keep)
         summary = engine.controller.summary()
         loop = engine.observers[0]
         learn = loop.stats()
-    rows["full atlas"] = (quarter_stats(served, "first"), quarter_stats(served, "last"))
+    rows["full atlas"] = (totals(served[:q]), totals(served[-q:]))
+    unseen = [(target.tokenizer.encode(p), out) for p, out in zip(prompts[-q:], outputs[-q:])]
+    static_acc = depth1_acceptance(target, LearnedSpeculator(head).native.snapshot(), unseen)
+    adaptive_acc = depth1_acceptance(target, frozen["adaptive"], unseen)
 
     base_first, base_last = rows["plain"][0][0], rows["plain"][1][0]
     print("\n| decoder | first quarter tokens/s | tau | vs plain | last quarter tokens/s | tau | vs plain |")
@@ -111,6 +183,10 @@ def main():
     for name, ((f_tps, f_tau), (l_tps, l_tau)) in rows.items():
         print(f"| {name} | {f_tps:.1f} | {f_tau:.2f} | {f_tps / base_first:.2f}x | {l_tps:.1f} | {l_tau:.2f} | "
               f"{l_tps / base_last:.2f}x |")
+    print(f"\nlearning on vs off, on the last {q} requests (unseen by the adaptive head frozen after "
+          f"{len(prompts) - q}, version {frozen['version']}): depth-1 greedy acceptance, teacher-forced")
+    print(f"| static head (learning off) | {static_acc:.3f} |\n| adaptive head (learning on) | {adaptive_acc:.3f} |"
+          f"\n| ratio | {adaptive_acc / max(static_acc, 1e-9):.2f}x |")
     print(f"\ncontroller: {summary}\nlearning: {learn}")
     plot_learning_curve(served, (base_first + base_last) / 2, args.out,
                         f"atlas on SmolLM2-135M, {len(prompts)} HumanEval requests, learning on")

@@ -24,6 +24,14 @@ expected tokens per second: nodes are taken in decreasing path probability
 that order is a valid set of trees) and the prefix with the best ratio wins.
 No tree size or depth is fixed; ``max_nodes`` is only a memory bound.
 
+Per step, speculators run in order and each one after the first is asked for
+only if it pays *given what the ones before it drafted*: the controller keeps,
+per speculator and per bin of the expected tokens already on the table
+(``CONTEXT_EDGES``), the tokens it added that no earlier speculator proposed,
+and skips it when those are worth less than its drafting time. A long,
+confident suffix match thus goes to the target alone, while the draft heads
+are asked where the suffix speculator has nothing to say.
+
 Fallback: given a pair (adaptive, static) of speculator indices, the
 controller runs only the one whose recent acceptance is higher, trying the
 other on a small share of steps so that a recovering adaptive speculator is
@@ -53,6 +61,15 @@ DECAY = 1.0 - 1.0 / 5000
 # Share of steps on which the speculator not currently trusted (fallback pair)
 # still runs, so that its acceptance estimate stays current.
 EXPLORE_EVERY = 10
+# Bins of the expected tokens (sum of calibrated path probabilities) that the
+# speculators run earlier in a step already proposed, per request: the context
+# in which a later speculator's added value is learnt and judged.
+CONTEXT_EDGES = (0.25, 0.5, 1.0, 2.0, 4.0)
+# Observations per context bin before its estimate is trusted over running.
+MIN_CONTEXT_OBS = 5
+# Optimism (tokens) added to a speculator's estimated added value, divided by
+# the square root of its observations in the context bin.
+EXPLORE_BONUS = 0.05
 
 
 @dataclass
@@ -87,7 +104,10 @@ class _Calibration:
 class CostModel:
     """Target forward time as a function of verified nodes: medians of recent
     measurements per size, linearly interpolated, extrapolated by a least
-    squares line through the measured sizes."""
+    squares line through the measured sizes, and never above ``nodes`` times
+    the one-node time (n separate forwards would do the same work; a larger
+    figure is a measurement that stalled, e.g. on a loaded machine, and would
+    otherwise keep the controller from ever trying that size again)."""
 
     def __init__(self):
         self._obs: Dict[int, List[float]] = {}
@@ -105,6 +125,12 @@ class CostModel:
     def __call__(self, nodes: int) -> float:
         if not self._obs:
             return 1.0 * nodes  # unmeasured: any increasing cost gives a valid (small) tree
+        t = self._estimate(nodes)
+        if nodes > 1 and 1 in self._obs:
+            t = min(t, nodes * float(np.median(self._obs[1])))
+        return t
+
+    def _estimate(self, nodes: int) -> float:
         sizes = self.known_sizes
         med = {n: float(np.median(self._obs[n])) for n in sizes}
         if nodes in med:
@@ -161,24 +187,24 @@ class Controller:
         self.cost = CostModel()
         self.draft_time = np.zeros(num_speculators)   # EWMA seconds per step, per speculator
         self._draft_seen = np.zeros(num_speculators, bool)
+        # Tokens a speculator added beyond the earlier ones, per context bin (EWMA).
+        self.marginal = np.zeros((num_speculators, len(CONTEXT_EDGES) + 1))
+        self.marginal_n = np.zeros((num_speculators, len(CONTEXT_EDGES) + 1))
+        self._context: List[Optional[int]] = [None] * num_speculators
+        self.skipped = np.zeros(num_speculators, np.int64)   # steps skipped by the context rule
         self.steps = 0
         self.trusted: Optional[int] = None if fallback is None else fallback[1]
 
     # ---- which speculators run this step -------------------------------------------
 
     def active(self) -> List[bool]:
-        """Which speculators propose this step (all, except the untrusted one
-        of the fallback pair on most steps)."""
+        """Which speculators may propose this step (all, except the untrusted
+        one of the fallback pair on most steps); :meth:`worth_running` then
+        decides for each in turn."""
         run = [True] * self.num_speculators
         if self.select_mode == "all":
             return run
         explore = self.steps % EXPLORE_EVERY == 0
-        # A speculator pays when the tokens it adds (each worth a plain decode
-        # step's time) outweigh its drafting time.
-        token_time = self.cost(1)
-        for s in range(self.num_speculators):
-            if self.gain_n[s] >= 5 and self.gain[s] * token_time < self.draft_time[s]:
-                run[s] = explore
         if self.fallback is not None:
             adaptive, static = self.fallback
             ca, cs = self.calib[adaptive], self.calib[static]
@@ -187,6 +213,45 @@ class Controller:
             other = static if self.trusted == adaptive else adaptive
             run[other] = run[other] and explore
         return run
+
+    def expected_tokens(self, speculator: int, tree: Optional[DraftTree]) -> float:
+        """Sum of the calibrated path probabilities of a candidate tree's
+        nodes: the tokens it would add if all were verified."""
+        if tree is None or len(tree) <= 1:
+            return 0.0
+        cal = self.calib[speculator]
+        par, dep, conf = tree.parents, tree.depths, tree.confidences
+        pp = np.ones(len(par))
+        for i in range(1, len(par)):
+            pp[i] = pp[par[i]] * cal.prob(int(dep[i]), float(conf[i]))
+        return float(pp[1:].sum())
+
+    def worth_running(self, speculator: int, earlier: Sequence[Sequence[Optional[DraftTree]]],
+                      batch: int) -> bool:
+        """Whether ``speculator`` should draft this step, given the candidate
+        trees ``earlier[b][s]`` that the speculators before it drafted (None
+        where one did not run): yes unless, in this context, the tokens it
+        added beyond them have been worth less than its drafting time. Call it
+        for every speculator that :meth:`active` lets run, in order."""
+        if self.select_mode == "all":
+            return True
+        e = 0.0
+        for trees in earlier:
+            e += max((self.expected_tokens(s, t) for s, t in enumerate(trees) if t is not None), default=0.0)
+        b = int(np.searchsorted(CONTEXT_EDGES, e / max(len(earlier), 1), side="right"))
+        self._context[speculator] = b
+        n = self.marginal_n[speculator, b]
+        if n < MIN_CONTEXT_OBS or self.steps % EXPLORE_EVERY == 0 or not self._draft_seen[speculator]:
+            return True
+        # Tokens it adds (each worth a step's time), with an optimism that
+        # shrinks as evidence grows, against its drafting time: a speculator
+        # that costs next to nothing is never skipped on a run of bad luck.
+        value = self.marginal[speculator, b] + EXPLORE_BONUS / math.sqrt(n)
+        if value * self.cost(batch) >= self.draft_time[speculator]:
+            return True
+        self._context[speculator] = None
+        self.skipped[speculator] += 1
+        return False
 
     def candidate_budget(self, batch: int) -> int:
         """Nodes each speculator may propose per request: enough to exceed
@@ -307,10 +372,20 @@ class Controller:
         ``ran`` says which speculators proposed this step (default: all)."""
         self.steps += 1
         credit = np.zeros(self.num_speculators)
+        added = np.zeros(self.num_speculators)   # accepted, and proposed by no earlier speculator
         for orig, acc in zip(origins, accepted):
             for i in acc:
+                first = min((s for s, _ in orig[int(i)]), default=None)
+                if first is not None:
+                    added[first] += 1
                 for s, _ in orig[int(i)]:
                     credit[s] += 1
+        for s, b in enumerate(self._context):
+            if b is not None and (ran is None or ran[s]):
+                self.marginal_n[s, b] = min(self.marginal_n[s, b] + 1, 1 / (1 - DECAY))
+                self.marginal[s, b] += (added[s] / max(len(trees), 1) - self.marginal[s, b]) / \
+                    min(self.marginal_n[s, b], 50)
+        self._context = [None] * self.num_speculators
         for s in range(self.num_speculators):
             if ran is None or ran[s]:
                 self.gain_n[s] = min(self.gain_n[s] + 1, 1 / (1 - DECAY))
@@ -348,4 +423,5 @@ class Controller:
             "trusted": self.trusted,
             "forward_seconds": {n: round(self.cost(n), 5) for n in self.cost.known_sizes},
             "draft_seconds": [round(float(t), 6) for t in self.draft_time],
+            "skipped_in_context": self.skipped.tolist(),
         }

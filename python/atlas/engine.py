@@ -179,13 +179,18 @@ class Engine:
     ``max_batch`` caps how many requests share a step; ``kv_cache_tokens`` sizes
     the paged KV cache (tokens of all requests together). Requests that do not
     fit wait for earlier ones to finish; one that cannot fit even alone raises
-    :class:`atlas.CacheFullError`.
+    :class:`atlas.CacheFullError`. ``threads``: torch threads while serving
+    (set for the duration of each ``generate`` / ``stream``); the default is
+    torch's own count less the cores the learning loop's trainer takes (its
+    ``threads``), so that serving and training each keep a core of their own
+    instead of stalling each other's thread pools.
     """
 
     def __init__(self, target, speculators="auto", *, max_tree_nodes: int = 32, max_batch: int = 8,
                  kv_cache_tokens: Optional[int] = None, block_size: int = 16,
                  controller: Optional[Controller] = None, fallback: Optional[tuple] = None,
-                 observers: Sequence = (), learning: bool = True, cache_dir=None):
+                 observers: Sequence = (), learning: bool = True, cache_dir=None,
+                 threads: Optional[int] = None):
         self._owned_observers = []
         if isinstance(speculators, str):
             if speculators != "auto":
@@ -220,6 +225,12 @@ class Engine:
         self._cost_measured = False
         # Objects with observe(StepRecord) that see every forward (the learning loop's tap).
         self.observers = list(observers)
+        if threads is None:
+            trainer_threads = sum(getattr(getattr(o, "trainer", None), "threads", 0) or 0 for o in self.observers)
+            threads = max(1, torch.get_num_threads() - trainer_threads)
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+            raise ValueError(f"threads must be a positive int, got {threads!r}")
+        self.threads = threads
         self._next_seed = 0
         self._next_rid = 0
 
@@ -350,6 +361,16 @@ class Engine:
     def _run(self, requests: List[_Request]) -> Iterator[tuple]:
         """Runs requests to completion with continuous batching; yields
         (request, newly committed token ids) after every step."""
+        outer_threads = torch.get_num_threads()
+        if outer_threads != self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            yield from self._serve(requests)
+        finally:
+            if outer_threads != self.threads:
+                torch.set_num_threads(outer_threads)
+
+    def _serve(self, requests: List[_Request]) -> Iterator[tuple]:
         if self.controller is not None and not self._cost_measured and self.max_tree_nodes > 1:
             self.measure_forward_cost()
         waiting = deque(requests)
@@ -491,6 +512,9 @@ class Engine:
         spent = 0.0
         for pid, s in enumerate(self.speculators):
             if not run[pid]:
+                continue
+            if not ctl.worth_running(pid, candidates, len(reqs)):
+                run[pid] = False
                 continue
             t0 = time.perf_counter()
             trees = [DraftTree(root, min(cand_budget, budget), self.config.vocab_size)

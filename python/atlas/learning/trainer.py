@@ -146,7 +146,7 @@ class Trainer:
                  lr: float = 2e-3, batch_size: int = 256, steps_per_round: int = 50,
                  feature_weight: float = 1.0, self_feed: bool = True, min_gain: float = 0.0,
                  min_train: Optional[int] = None, min_held_out: int = 32, threads: int = 1, nice: int = 10,
-                 max_share: float = 0.5, revocab_min_change: float = 0.02,
+                 max_share: float = 0.25, revocab_min_change: float = 0.02,
                  on_push: Optional[Callable[[int, dict, float], None]] = None, seed: int = 0):
         if head.hidden != buffer.hidden:
             raise ValueError(f"head hidden size {head.hidden} != buffer hidden size {buffer.hidden}")
