@@ -59,7 +59,7 @@ def main():
         return (time.perf_counter() - t0) / out.stats.steps
 
     with tempfile.TemporaryDirectory() as tmp:
-        for label, kw in (("default (threads=1, nice=10, max_share=0.5)", {}),
+        for label, kw in (("default (threads=1, nice=10, max_share=0.25)", {}),
                           ("unthrottled (threads=1, nice=0, max_share=1)", dict(nice=0, max_share=1.0))):
             spec = LearnedSpeculator(head)
             loop = LearningLoop(target, spec, head=head, cache_dir=tmp, checkpoint=False, held_out=128,

@@ -42,8 +42,15 @@ of that, and its CPU share can be limited without touching serving:
   Linux applies ``setpriority`` to one thread given its id), so when serving
   wants the CPU it gets it, and the trainer uses what is idle;
 * ``max_share``: duty cycle; after a step of t seconds the trainer sleeps
-  ``t * (1 - max_share) / max_share`` (default 0.5), which bounds its share
+  ``t * (1 - max_share) / max_share`` (default 0.25), which bounds its share
   of a core even on an otherwise idle machine where niceness does nothing.
+
+The engine serves on the cores the trainer leaves (``Engine(threads=)``
+defaults to torch's thread count less the trainer's ``threads``): on two cores
+serving keeps one OpenMP thread and the trainer the other core. Two torch
+thread pools contending for the same cores stall each other badly (a 2-row
+forward measured at 30 ms to seconds instead of 75 ms), which is worse for
+both than a core each.
 
 Measured with ``bench/bench_learning.py`` on the shared 2-core development
 machine (SmolLM2-135M serving greedy requests on one torch thread while other
