@@ -3,7 +3,7 @@ model's bound, and which speculators it asks to draft in which context."""
 import numpy as np
 import pytest
 
-from atlas.controller import EXPLORE_EVERY, Controller, CostModel
+from atlas.controller import EXPLORE_EVERY, STALE_RECORDS, Controller, CostModel
 from atlas.tree import DraftTree
 
 VOCAB = 100
@@ -25,6 +25,21 @@ def test_cost_model_never_exceeds_separate_forwards():
     assert cost(8) == pytest.approx(0.09)
     assert cost(2) <= 0.1
     assert cost(1) == pytest.approx(0.05)
+
+
+def test_cost_model_forgets_stale_sizes():
+    """A size measured while the machine was busy is tried again later: once
+    its measurement is stale, the cost beyond the fresh sizes is assumed flat."""
+    cost = CostModel()
+    for n, t in ((1, 0.05), (2, 0.1), (8, 0.4)):   # measured under load: no tree pays
+        cost.record(n, t)
+    assert cost(8) == pytest.approx(0.4)
+    for _ in range(STALE_RECORDS + 1):
+        cost.record(1, 0.05)                        # only plain steps since
+    assert cost.known_sizes == [1]
+    assert cost(8) == pytest.approx(0.05)
+    cost.record(8, 0.07)                            # tried again, measured anew
+    assert cost(8) == pytest.approx(0.07) and cost(4) < 0.07
 
 
 def step(ctl, first, second_tokens, accepted_first, accepted_second, draft_second=0.01):

@@ -295,3 +295,14 @@ def test_bad_input_is_a_clear_error_and_the_engine_stays_usable():
     assert engine.cache.num_free_blocks == engine.num_blocks
     out = engine.generate([[1, 2, 3]], max_new_tokens=8)[0]
     assert_same_greedy(model, [1, 2, 3], hf_greedy(model, [1, 2, 3], 8), out.token_ids)
+
+
+def test_device_must_be_one_atlas_can_run_on(tiny):
+    _, target = tiny
+    with pytest.raises(ValueError, match="device"):
+        atlas.Engine(target, speculators=None, device="meta")
+    if not atlas.build_info()["cuda"] or not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            atlas.Engine(target, speculators=None, device="cuda")
+    assert target.model.device.type == "cpu"   # left where it was
+    assert atlas.Engine(target, speculators=None, device="cpu").device.type == "cpu"

@@ -70,6 +70,8 @@ MIN_CONTEXT_OBS = 5
 # Optimism (tokens) added to a speculator's estimated added value, divided by
 # the square root of its observations in the context bin.
 EXPLORE_BONUS = 0.05
+# Forwards after which a tree size's measured cost is forgotten (see CostModel).
+STALE_RECORDS = 400
 
 
 @dataclass
@@ -107,26 +109,39 @@ class CostModel:
     squares line through the measured sizes, and never above ``nodes`` times
     the one-node time (n separate forwards would do the same work; a larger
     figure is a measurement that stalled, e.g. on a loaded machine, and would
-    otherwise keep the controller from ever trying that size again)."""
+    otherwise keep the controller from ever trying that size again).
+
+    Measurements go stale: a size last measured more than ``STALE_RECORDS``
+    forwards ago is forgotten while fresher ones exist, and with a single fresh
+    size the cost is assumed flat beyond it (a memory-bound decode), so that
+    the controller tries larger trees again and measures them anew. A machine
+    that was busy when a size was measured is not believed forever."""
 
     def __init__(self):
         self._obs: Dict[int, List[float]] = {}
+        self._last: Dict[int, int] = {}
+        self._clock = 0
 
     def record(self, nodes: int, seconds: float) -> None:
+        self._clock += 1
         buf = self._obs.setdefault(int(nodes), [])
+        if buf and self._clock - self._last[int(nodes)] > STALE_RECORDS:
+            buf.clear()   # measured anew: the stale figures go
         buf.append(float(seconds))
         if len(buf) > 16:
             del buf[0]
+        self._last[int(nodes)] = self._clock
 
     @property
     def known_sizes(self) -> List[int]:
-        return sorted(self._obs)
+        fresh = sorted(n for n in self._obs if self._clock - self._last[n] <= STALE_RECORDS)
+        return fresh or sorted(self._obs)
 
     def __call__(self, nodes: int) -> float:
         if not self._obs:
             return 1.0 * nodes  # unmeasured: any increasing cost gives a valid (small) tree
         t = self._estimate(nodes)
-        if nodes > 1 and 1 in self._obs:
+        if nodes > 1 and 1 in self.known_sizes:
             t = min(t, nodes * float(np.median(self._obs[1])))
         return t
 
@@ -141,7 +156,7 @@ class CostModel:
             w = (nodes - lo) / (hi - lo)
             return med[lo] * (1 - w) + med[hi] * w
         if len(sizes) == 1:
-            return med[sizes[0]] * max(nodes, 1) / max(sizes[0], 1) if nodes > sizes[0] else med[sizes[0]]
+            return med[sizes[0]] * max(nodes, 1) / max(sizes[0], 1) if nodes < sizes[0] else med[sizes[0]]
         x = np.array(sizes, float)
         y = np.array([med[n] for n in sizes])
         slope, icpt = np.polyfit(x, y, 1)

@@ -206,6 +206,30 @@ def verify(logits: torch.Tensor, tokens, parents, tree_offsets=None, *, temperat
     return out
 
 
+class Verifier:
+    """The engine's verifier on a CUDA device: the call of
+    :class:`atlas.Verifier` (logits on the device, tree arrays and sampling
+    parameters on the host), with a reused workspace; the result comes back to
+    the host, which is the step's one wait for the device."""
+
+    def __init__(self, vocab: int, device):
+        _require()
+        self.vocab = int(vocab)
+        self.device = torch.device(device)
+        self._workspace: Optional[torch.Tensor] = None
+
+    def __call__(self, logits: torch.Tensor, tokens, parents, tree_offsets, *, temperature=0.0, top_k=0,
+                 top_p=1.0, seed=0, offset=0) -> VerifyResult:
+        offsets = np.asarray(tree_offsets, np.int64)
+        batch, total = len(offsets) - 1, int(offsets[-1])
+        need = _native.verify_cuda_workspace_bytes(self.vocab, batch, max(total, 1))
+        if self._workspace is None or self._workspace.numel() < need:
+            self._workspace = torch.empty(need, dtype=torch.uint8, device=self.device)
+        out = verify(logits, tokens, parents, offsets, temperature=temperature, top_k=top_k, top_p=top_p,
+                     seed=seed, offset=offset, workspace=self._workspace)
+        return out.to_result()
+
+
 def philox_uniform(seed: int, position: int, streams, js, device="cuda") -> torch.Tensor:
     """The verifier's uniforms for (stream, j) pairs at one position, computed on
     the device: ``[n]`` float64 with 53 random bits each (see verify.h)."""
@@ -309,6 +333,7 @@ def tree_attention(cache, layer: int, q: torch.Tensor, block_tables: torch.Tenso
 
 __all__ = [
     "VerifyOutput",
+    "Verifier",
     "apply_pending_copies",
     "available",
     "device_error_message",

@@ -183,15 +183,23 @@ class Engine:
     (set for the duration of each ``generate`` / ``stream``); the default is
     torch's own count less the cores the learning loop's trainer takes (its
     ``threads``), so that serving and training each keep a core of their own
-    instead of stalling each other's thread pools.
+    instead of stalling each other's thread pools. ``device`` (e.g.
+    ``"cuda"``) moves the target's weights there (in place) and runs its
+    forward, the KV cache, tree attention and verification on that device;
+    speculators draft on the host from host copies of what they read.
     """
 
     def __init__(self, target, speculators="auto", *, max_tree_nodes: int = 32, max_batch: int = 8,
                  kv_cache_tokens: Optional[int] = None, block_size: int = 16,
                  controller: Optional[Controller] = None, fallback: Optional[tuple] = None,
                  observers: Sequence = (), learning: bool = True, cache_dir=None,
-                 threads: Optional[int] = None):
+                 threads: Optional[int] = None, device=None):
         self._owned_observers = []
+        if device is not None:
+            device = torch.device(device)
+            if target.model.device != device:
+                target.model.to(device)   # raises when the device cannot run atlas
+        self.device = target.model.device
         if isinstance(speculators, str):
             if speculators != "auto":
                 raise ValueError(f"speculators must be 'auto', None or a list of speculators, got {speculators!r}")
@@ -217,7 +225,11 @@ class Engine:
         self.num_blocks = -(-kv_cache_tokens // block_size)
         # One sequence more than the batch: measure_forward_cost's scratch sequence.
         self.cache = target.new_cache(self.num_blocks, block_size=block_size, max_seqs=max_batch + 1)
-        self.verifier = Verifier(self.config.vocab_size, max_batch=max_batch, max_accept=self.max_tree_nodes)
+        if self.device.type == "cuda":
+            from . import cuda
+            self.verifier = cuda.Verifier(self.config.vocab_size, self.device)
+        else:
+            self.verifier = Verifier(self.config.vocab_size, max_batch=max_batch, max_accept=self.max_tree_nodes)
         self.controller = None
         if self.speculators:
             self.controller = controller or Controller(len(self.speculators), max_nodes=self.max_tree_nodes,
@@ -490,6 +502,8 @@ class Engine:
                     self.target.forward(self.cache, np.array([seq], np.int32), toks,
                                         torch.full((n,), ctx) + torch.from_numpy((parents >= 0).astype(np.int64)),
                                         parents, np.array([0, n], np.int64), torch.from_numpy(slots))
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
                     times.append(time.perf_counter() - t0)
                     self.cache.commit(seq, np.zeros(0, np.int32))
                 self.controller.record_forward(n, min(times))
@@ -552,6 +566,10 @@ class Engine:
             torch.from_numpy(positions), parents, q_offsets, torch.from_numpy(np.concatenate(slots)))
         t_fwd = time.perf_counter() - tf
         res = self.verifier(logits, tokens, parents, q_offsets, **self._params(reqs))
+        if self.device.type != "cpu":
+            # The forward ran asynchronously; the verifier's result is the
+            # first wait for the device, so time the two together.
+            t_fwd = time.perf_counter() - tf
         out = []
         for b, r in enumerate(reqs):
             acc = res.accepted[b]

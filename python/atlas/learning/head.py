@@ -118,7 +118,9 @@ class DraftHead(nn.Module):
         if embed.shape[1] != target.config.hidden_size:
             raise ValueError("target.model.embed does not match target.config.hidden_size")
         kwargs.setdefault("eps", float(target.config.rms_norm_eps))
-        return cls(embed, lm_head, draft_ids, **kwargs)
+        # The twin trains on the host (the replay buffer lives there), whatever
+        # device the target runs on.
+        return cls(embed.cpu(), lm_head.cpu(), draft_ids, **kwargs)
 
     @property
     def draft_vocab(self) -> int:

@@ -80,7 +80,7 @@ def topk_distribution(logits: torch.Tensor, k: int):
     logits = logits.float()
     vals, ids = torch.topk(logits, min(k, logits.shape[-1]), dim=-1)
     probs = torch.exp(vals - torch.logsumexp(logits, dim=-1, keepdim=True))
-    return ids.to(torch.int32).numpy(), probs.numpy()
+    return ids.to(torch.int32).cpu().numpy(), probs.cpu().numpy()
 
 
 @dataclass

@@ -167,6 +167,33 @@ class LlamaModel:
         m._grow_rope(min(c.max_position_embeddings, _INITIAL_ROPE_ROWS))
         return m
 
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    def to(self, device) -> "LlamaModel":
+        """Moves every weight and the RoPE tables to ``device`` (in place);
+        returns self. On a CUDA device the forward runs atlas's CUDA tree
+        attention over a cache from :meth:`new_cache` (on the same device)."""
+        device = torch.device(device)
+        if device.type == "cuda":
+            from .. import cuda
+            if not cuda.available():
+                raise RuntimeError("a CUDA device needs atlas built with CUDA (atlas.build_info()['cuda']) "
+                                   "and a visible GPU; neither is optional")
+        elif device.type != "cpu":
+            raise ValueError(f"device must be 'cpu' or a CUDA device, got {device}")
+        tied = self.lm_head is self.embed
+        self.embed = self.embed.to(device)
+        self.lm_head = self.embed if tied else self.lm_head.to(device)
+        self.norm = self.norm.to(device)
+        for L in self.layers:
+            for name in _Layer.__slots__:
+                t = getattr(L, name)
+                setattr(L, name, None if t is None else t.to(device))
+        self.cos, self.sin = self.cos.to(device), self.sin.to(device)
+        return self
+
     def _grow_rope(self, rows: int) -> None:
         # float32 angles, cos and sin as transformers computes them, then cast to the
         # model dtype. Rotate-half: out = x * cos + cat(-x2, x1) * sin; the sign of
@@ -176,15 +203,16 @@ class LlamaModel:
         emb = torch.cat((freqs, freqs), dim=-1)
         half = self.config.head_dim // 2
         sign = torch.cat((-torch.ones(half), torch.ones(half)))
-        self.cos = emb.cos().to(self.dtype).contiguous()
-        self.sin = (emb.sin() * sign).to(self.dtype).contiguous()
+        device = self.embed.device
+        self.cos = emb.cos().to(self.dtype).contiguous().to(device)
+        self.sin = (emb.sin() * sign).to(self.dtype).contiguous().to(device)
 
     # ---- forward ---------------------------------------------------------------------
 
     def new_cache(self, num_blocks: int, block_size: int = 16, max_seqs: int = 256) -> KVCache:
         c = self.config
         return KVCache(c.num_layers, c.num_kv_heads, c.head_dim, num_blocks, block_size, max_seqs,
-                       dtype=self.dtype)
+                       dtype=self.dtype, device=self.device)
 
     @torch.inference_mode()
     def forward(self, cache: KVCache, seq_ids: np.ndarray, tokens: torch.Tensor, positions: torch.Tensor,
@@ -227,10 +255,28 @@ class LlamaModel:
             self._grow_rope(max(top + 1, 2 * self.cos.shape[0]))
 
         H, KH, D = c.num_heads, c.num_kv_heads, c.head_dim
+        device = self.device
+        if cache.storage.device != device:
+            raise ValueError(f"cache is on {cache.storage.device}, the model on {device}")
+        gpu = None
+        if device.type == "cuda":
+            from .. import cuda as gpu
+            # Rows that commits and copy-on-write left pending move first (no wait).
+            gpu.apply_pending_copies(cache, check=False)
+            tokens, positions, slots = (t.to(device, non_blocking=True) for t in (tokens, positions, slots))
+            if logit_rows is not None:
+                logit_rows = logit_rows.to(device, non_blocking=True)
+            # Block tables and committed lengths from the host metadata; the
+            # grid bounds from host values, so that nothing waits for the device.
+            tables, lens = gpu.paged_inputs(cache, seq_ids)
+            max_context = max(int(cache.length(int(s))) for s in seq_ids)
+            max_q = int(np.diff(np.asarray(q_offsets)).max())
+            q_off_dev = torch.from_numpy(np.asarray(q_offsets, np.int64)).to(device, non_blocking=True)
+            parents_dev = torch.from_numpy(np.asarray(parents, np.int32)).to(device, non_blocking=True)
         cos = self.cos[positions].unsqueeze(1)  # [total, 1, D]
         sin = self.sin[positions].unsqueeze(1)
         x = self.embed[tokens]                   # [total, hidden]
-        attn = torch.empty((total, H, D), dtype=self.dtype)
+        attn = torch.empty((total, H, D), dtype=self.dtype, device=device)
         for i, L in enumerate(self.layers):
             h = rms_norm(x, L.attn_norm, c.rms_norm_eps)
             qkv = linear(h, L.qkv, L.qkv_bias).view(total, H + 2 * KH, D)
@@ -239,7 +285,12 @@ class LlamaModel:
             qk = qk * cos + qk.view(total, H + KH, 2, D // 2).flip(2).view(total, H + KH, D) * sin
             cache.keys(i).index_copy_(0, slots, qk[:, H:])
             cache.values(i).index_copy_(0, slots, qkv[:, H + KH:])
-            _native.tree_attention(cache, i, qk[:, :H], attn, seq_ids, q_offsets, parents, self.scale)
+            if gpu is None:
+                _native.tree_attention(cache, i, qk[:, :H], attn, seq_ids, q_offsets, parents, self.scale)
+            else:
+                gpu.tree_attention(cache, i, qk[:, :H].contiguous(), tables, lens, q_off_dev, parents_dev,
+                                   scale=self.scale, out=attn, max_context=max_context, max_q_per_seq=max_q,
+                                   check=False)
             x = x + linear(attn.view(total, H * D), L.o, L.o_bias)
             h = rms_norm(x, L.mlp_norm, c.rms_norm_eps)
             gu = linear(h, L.gate_up, L.gate_up_bias)
