@@ -9,6 +9,7 @@ where that run happens to be exact), and with bfloat16 storage at most twice the
 error of rounding the float64 result to bfloat16.
 """
 import math
+import os
 import subprocess
 import sys
 
@@ -319,3 +320,16 @@ print("survived")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "survived" in r.stdout, r.stderr
+
+
+def test_baseline_simd_width_matches_reference():
+    """The kernels exist for 4- and 8-float vectors (SSE, AVX2); the widest the CPU
+    has runs in the tests above. ATLAS_SIMD_WIDTH=4 forces the baseline: the same
+    reference checks must pass with it."""
+    env = dict(os.environ, ATLAS_SIMD_WIDTH="4")
+    pkg = os.path.dirname(os.path.dirname(atlas.__file__))
+    env["PYTHONPATH"] = pkg + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                        "(matches_reference or branch_equals or strided or prefill_chain) and not baseline"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
