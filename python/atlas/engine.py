@@ -180,10 +180,9 @@ class Engine:
     the paged KV cache (tokens of all requests together). Requests that do not
     fit wait for earlier ones to finish; one that cannot fit even alone raises
     :class:`atlas.CacheFullError`. ``threads``: torch threads while serving
-    (set for the duration of each ``generate`` / ``stream``); the default is
-    torch's own count less the cores the learning loop's trainer takes (its
-    ``threads``), so that serving and training each keep a core of their own
-    instead of stalling each other's thread pools. ``device`` (e.g.
+    (set for the duration of each ``generate`` / ``stream``; default: torch's
+    count when the engine is made). The learning loop's trainer runs beside
+    serving at a low priority (see :mod:`atlas.learning.trainer`). ``device`` (e.g.
     ``"cuda"``) moves the target's weights there (in place) and runs its
     forward, the KV cache, tree attention and verification on that device;
     speculators draft on the host from host copies of what they read.
@@ -238,8 +237,7 @@ class Engine:
         # Objects with observe(StepRecord) that see every forward (the learning loop's tap).
         self.observers = list(observers)
         if threads is None:
-            trainer_threads = sum(getattr(getattr(o, "trainer", None), "threads", 0) or 0 for o in self.observers)
-            threads = max(1, torch.get_num_threads() - trainer_threads)
+            threads = torch.get_num_threads()
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise ValueError(f"threads must be a positive int, got {threads!r}")
         self.threads = threads

@@ -45,21 +45,15 @@ of that, and its CPU share can be limited without touching serving:
   ``t * (1 - max_share) / max_share`` (default 0.25), which bounds its share
   of a core even on an otherwise idle machine where niceness does nothing.
 
-The engine serves on the cores the trainer leaves (``Engine(threads=)``
-defaults to torch's thread count less the trainer's ``threads``): on two cores
-serving keeps one OpenMP thread and the trainer the other core. Two torch
-thread pools contending for the same cores stall each other badly (a 2-row
-forward measured at 30 ms to seconds instead of 75 ms), which is worse for
-both than a core each.
-
-Measured with ``bench/bench_learning.py`` on the shared 2-core development
-machine (SmolLM2-135M serving greedy requests on one torch thread while other
-jobs kept the load average at 6 to 8): with the defaults, serving steps took
-1.08 times as long while the trainer ran (the trainer-off runs alone varied by
-more than that) and the trainer managed 0.2 steps per second; unthrottled
-(``nice=0, max_share=1``), serving took 2.2 times as long and the trainer ran
-2 steps per second. The defaults favour serving; on an idle core the trainer
-gets its ``max_share``.
+On two cores there is no share that is free for serving. Measured on this
+2-core machine (12 HumanEval requests, SmolLM2-135M, second half): serving on
+two torch threads with the trainer at these defaults ran at 36.8 tokens/s
+(learning off: 35.7) and the trainer got about 5 steps a minute, because it
+can only run while serving leaves a core idle and does not hold the GIL;
+serving on one thread so that the trainer has a core of its own
+(``Engine(threads=1)``) let the trainer run 20 steps a minute but served at
+22.6 tokens/s (one-thread decode steps also slowed from 35 to 53 ms beside
+the busy trainer). A trainer in its own process would lift the GIL part.
 
 Serving never waits on training: the buffer lock covers only row copies, the
 candidate is a separate module, and the live version is evaluated natively in
