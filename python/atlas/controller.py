@@ -121,6 +121,10 @@ class CostModel:
         self._obs: Dict[int, List[float]] = {}
         self._last: Dict[int, int] = {}
         self._clock = 0
+        # Estimates since the last record: the controller asks for the same
+        # few sizes hundreds of times a step.
+        self._memo: Dict[int, float] = {}
+        self._fit = None   # (sizes, medians, slope) since the last record
 
     def record(self, nodes: int, seconds: float) -> None:
         self._clock += 1
@@ -131,6 +135,8 @@ class CostModel:
         if len(buf) > 16:
             del buf[0]
         self._last[int(nodes)] = self._clock
+        self._memo.clear()
+        self._fit = None
 
     @property
     def known_sizes(self) -> List[int]:
@@ -140,14 +146,28 @@ class CostModel:
     def __call__(self, nodes: int) -> float:
         if not self._obs:
             return 1.0 * nodes  # unmeasured: any increasing cost gives a valid (small) tree
-        t = self._estimate(nodes)
-        if nodes > 1 and 1 in self.known_sizes:
-            t = min(t, nodes * float(np.median(self._obs[1])))
+        t = self._memo.get(nodes)
+        if t is None:
+            sizes, med, _ = self._table()
+            t = self._estimate(nodes)
+            if nodes > 1 and 1 in med:
+                t = min(t, nodes * med[1])
+            self._memo[nodes] = t
         return t
 
+    def _table(self):
+        if self._fit is None:
+            sizes = self.known_sizes
+            med = {n: float(np.median(self._obs[n])) for n in sizes}
+            slope = 0.0
+            if len(sizes) > 1:
+                slope = max(float(np.polyfit(np.array(sizes, float), np.array([med[n] for n in sizes]), 1)[0]),
+                            0.0)
+            self._fit = (sizes, med, slope)
+        return self._fit
+
     def _estimate(self, nodes: int) -> float:
-        sizes = self.known_sizes
-        med = {n: float(np.median(self._obs[n])) for n in sizes}
+        sizes, med, slope = self._table()
         if nodes in med:
             return med[nodes]
         if sizes[0] < nodes < sizes[-1]:
@@ -157,10 +177,6 @@ class CostModel:
             return med[lo] * (1 - w) + med[hi] * w
         if len(sizes) == 1:
             return med[sizes[0]] * max(nodes, 1) / max(sizes[0], 1) if nodes < sizes[0] else med[sizes[0]]
-        x = np.array(sizes, float)
-        y = np.array([med[n] for n in sizes])
-        slope, icpt = np.polyfit(x, y, 1)
-        slope = max(slope, 0.0)
         edge = sizes[0] if nodes < sizes[0] else sizes[-1]
         return max(med[edge] + slope * (nodes - edge), 1e-9)
 

@@ -63,8 +63,9 @@ def model_key(target) -> str:
     # 64 evenly spaced rows of the embedding and of the LM head, and the final
     # norm: a few hundred KB at most, and any retraining changes them.
     rows = torch.linspace(0, c.vocab_size - 1, min(64, c.vocab_size)).long()
+    rows = rows.to(m.embed.device)
     for t in (m.embed[rows], m.lm_head[rows], m.norm):
-        h.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

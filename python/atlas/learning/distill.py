@@ -79,7 +79,7 @@ def window_examples(tokens: np.ndarray, hidden: torch.Tensor, logits: torch.Tens
     hidden ``[L, H]``, logits ``[L, vocab]``."""
     L = len(tokens)
     ids, probs = topk_distribution(logits[1:], k)
-    h = hidden.detach().to(torch.float32).numpy()
+    h = hidden.detach().to("cpu", torch.float32).numpy()
     back = np.ones(L - 1, np.int64)
     back[0] = 0
     return Examples(h[:-1].copy(), tokens[1:].astype(np.int32), ids, probs, h[1:].copy(), back)

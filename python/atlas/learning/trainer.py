@@ -269,7 +269,8 @@ class Trainer:
             return False
         weights = head.export()
         old_col = head.full_to_draft.numpy()[new]               # [Vd], -1 for new tokens
-        w_out = self.lm_head.detach().to(torch.float32)[torch.from_numpy(new.astype(np.int64))].numpy().copy()
+        rows = torch.from_numpy(new.astype(np.int64)).to(self.lm_head.device)
+        w_out = self.lm_head.detach()[rows].to("cpu", torch.float32).numpy().copy()
         kept = old_col >= 0
         w_out[kept] = weights["w_out"][old_col[kept]]
         weights["w_out"], weights["draft_ids"] = w_out, new
