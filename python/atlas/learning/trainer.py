@@ -144,7 +144,7 @@ class Trainer:
 
     def __init__(self, head: DraftHead, buffer: ReplayBuffer, speculator=None, *,
                  lm_head: Optional[torch.Tensor] = None, counts: Optional[Callable[[], np.ndarray]] = None,
-                 lr: float = 2e-3, batch_size: int = 256, steps_per_round: int = 50,
+                 lr: float = 2e-3, batch_size: int = 256, steps_per_round: int = 20,
                  feature_weight: float = 1.0, self_feed: bool = True, min_gain: float = 0.0,
                  min_train: Optional[int] = None, min_held_out: int = 32, threads: int = 1, nice: int = 10,
                  max_share: float = 0.25, revocab_min_change: float = 0.02,
