@@ -55,3 +55,23 @@ def test_speculative_decoding_matches_transformers(smollm2):
     check(hf, prompts, truth, batched)
     check(hf, prompts[:3], truth, [engine.generate([p], max_new_tokens=NEW_TOKENS)[0] for p in prompts[:3]])
     assert sum(o.stats.accepted for o in batched) > 0
+
+
+def test_the_demo_runs_end_to_end(tmp_path):
+    """The README's first command, shortened: `atlas demo` on the default model
+    from an empty cache (so it distils the static head first), ending with
+    its table and the learning-curve PNG."""
+    import subprocess
+    import sys
+
+    png = tmp_path / "curve.png"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (os.path.dirname(atlas.__path__[0]),
+                                                                  os.environ.get("PYTHONPATH")) if p))
+    run = subprocess.run([sys.executable, "-m", "atlas", "demo", "--requests", "4", "--new-tokens", "16",
+                          "--plain-requests", "1", "--cache-dir", str(tmp_path / "cache"), "--out", str(png)],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "| atlas, last quarter |" in run.stdout
+    assert "distilling" in run.stdout
+    assert png.stat().st_size > 1000
+    assert list((tmp_path / "cache").glob("*/static.npz"))
