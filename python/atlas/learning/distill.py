@@ -85,6 +85,20 @@ def window_examples(tokens: np.ndarray, hidden: torch.Tensor, logits: torch.Tens
     return Examples(h[:-1].copy(), tokens[1:].astype(np.int32), ids, probs, h[1:].copy(), back)
 
 
+def teacher_forced(target, cache, tokens: np.ndarray):
+    """One plain forward of ``tokens`` (a fresh sequence in ``cache``, released
+    after): (logits ``[L, vocab]``, final-norm hidden ``[L, H]``)."""
+    L = len(tokens)
+    seq = cache.create()
+    try:
+        slots = cache.reserve(seq, L)
+        return target.forward(cache, np.array([seq], np.int32), torch.from_numpy(np.asarray(tokens, np.int64)),
+                              torch.arange(L), np.arange(-1, L - 1, dtype=np.int32), np.array([0, L], np.int64),
+                              torch.from_numpy(slots))
+    finally:
+        cache.release(seq)
+
+
 @dataclass
 class DistillResult:
     head: DraftHead
@@ -147,15 +161,7 @@ def distill(target=None, *, model: Optional[str] = None, tokens: int = 16384, st
     block = 16
     cache = target.new_cache(-(-seq_len // block) + 1, block_size=block, max_seqs=1)
     for i, w in enumerate(windows):
-        seq = cache.create()
-        try:
-            L = len(w)
-            slots = cache.reserve(seq, L)
-            logits, hidden = target.forward(cache, np.array([seq], np.int32), torch.from_numpy(w),
-                                            torch.arange(L), np.arange(-1, L - 1, dtype=np.int32),
-                                            np.array([0, L], np.int64), torch.from_numpy(slots))
-        finally:
-            cache.release(seq)
+        logits, hidden = teacher_forced(target, cache, w)
         buffer.add(window_examples(w, hidden, logits, topk))
         if (i + 1) % max(1, len(windows) // 10) == 0 or i + 1 == len(windows):
             say(f"distill: forward {i + 1}/{len(windows)} ({time.perf_counter() - t0:.0f} s)")
