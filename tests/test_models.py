@@ -330,6 +330,40 @@ def test_batched_equals_alone(tiny):
     assert hidden.shape == (total, target.config.hidden_size)
 
 
+def test_packed_matrices_give_the_dense_result(tiny):
+    """With oneDNN, CPU float32 models carry packed copies of their matrices
+    for products of several rows; a tree step gives the same logits with and
+    without them, and moving the model keeps them where they apply."""
+    _, model, _ = tiny
+    target = atlas.load(model)
+    m = target.model
+    if not torch.backends.mkldnn.is_available():
+        assert not m.packed
+        pytest.skip("this torch build has no oneDNN")
+    assert m.packed and all(set(L.packed) == {"qkv", "o", "gate_up", "down"} for L in m.layers)
+    assert not atlas.load(model, dtype=torch.bfloat16).model.packed
+    rng = np.random.default_rng(3)
+    V = target.vocab_size
+    prompt = [int(x) for x in rng.integers(0, V, 9)]
+    tree = random_tree(rng, int(rng.integers(0, V)), 8, V)
+
+    def run():
+        cache = target.new_cache(num_blocks=8, block_size=4)
+        s = cache.create()
+        (lp,), _ = step(target, cache, [(s, prompt, chain(len(prompt)))])
+        (lt,), _ = step(target, cache, [(s, *tree)])
+        return lp, lt
+
+    packed = run()
+    m.unpack()
+    assert not m.packed
+    dense = run()
+    for a, b in zip(packed, dense):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    m.to("cpu")
+    assert m.packed
+
+
 def test_config_schemas_agree():
     """config.json written by transformers 4 (rope_scaling + rope_theta) and 5
     (rope_parameters) read the same."""

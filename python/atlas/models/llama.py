@@ -24,18 +24,32 @@ from .config import ModelConfig
 # reaches a later position, so a model with a 128k context does not pay for
 # tables it never reads.
 _INITIAL_ROPE_ROWS = 4096
-# Up to a few rows, CPU float32 products run as ``W @ x^T`` (the weight as the
-# left operand) rather than ``x @ W^T``: for the rows of a decode step or a
-# small draft tree MKL's sgemm streams the weight at up to twice the
-# bandwidth that way. SmolLM2-135M forward at 250 tokens of context, ms:
-#   rows              1    2    4    8   12   16
-#   x @ W^T, 1 thread 51  101   75   83   96  111
-#   W @ x^T, 1 thread 35   36   56   89  154  122
-#   x @ W^T, 2 threads 53  92   76   74   80   87
-#   W @ x^T, 2 threads 25  25   33   50   88   74
-# hence the switch-over below (rows <= limit use W @ x^T), by torch threads.
+# CPU float32 matrices also get a copy *packed* for oneDNN (``torch.ops.mkldnn``:
+# the blocked layout its matmul kernels read, made once when the model is
+# built) whenever this torch build has oneDNN, and products of
+# ``_PACKED_MIN_ROWS`` rows or more use it. For the few rows of a draft tree,
+# MKL's sgemm does not stream the weight at the memory's bandwidth and its
+# time grows with the rows, while oneDNN's packed kernels stay near their
+# one-row time. One or two rows (plain decoding) run as ``W @ x^T`` (the
+# weight as the left operand, one row padded to two), which MKL streams
+# faster than ``x @ W^T`` and, in a whole forward, faster than oneDNN. The
+# packed copies double the weights' memory (270 MB more for SmolLM2-135M).
+# SmolLM2-135M forward at 250 tokens of context, 2 torch threads, best of 5,
+# ms, measured with a throwaway script on the 2-core development machine:
+#   rows                  1    2    3    4    6    8   12   16   32
+#   W @ x^T / x @ W^T    24   25   40   34   46   50   73   80  112
+#   oneDNN, packed       30   35   30   31   31   36   39   44   71
+# Without oneDNN, products of up to ``_SMALL_ROWS`` rows (by torch threads)
+# run as ``W @ x^T`` and larger ones as ``F.linear``.
+_PACKED_MIN_ROWS = 3
 _SMALL_ROWS = {1: 6}
 _SMALL_ROWS_DEFAULT = 8
+
+
+def _packing_available() -> bool:
+    ops = getattr(torch.ops, "mkldnn", None)
+    return bool(torch.backends.mkldnn.is_available() and ops is not None
+                and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise"))
 
 
 def rope_inv_freq(config: ModelConfig, freq_factors: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -64,11 +78,23 @@ def rope_inv_freq(config: ModelConfig, freq_factors: Optional[torch.Tensor] = No
     return inv
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear`` for ``[rows, in]`` inputs, as ``W @ x^T`` for a few CPU
-    float32 rows (see ``_SMALL_ROWS``; one row is padded to two: MKL's gemv
-    is as slow as ``x @ W^T``)."""
+def pack_weight(weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """A copy of ``weight`` ``[out, in]`` (CPU float32) in oneDNN's packed
+    layout, for :func:`linear`; None when it cannot be packed."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not _packing_available():
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           packed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear`` for ``[rows, in]`` inputs: oneDNN's matmul on ``packed``
+    (:func:`pack_weight` of ``weight``) from ``_PACKED_MIN_ROWS`` rows, else
+    ``W @ x^T`` for a few CPU float32 rows (see ``_SMALL_ROWS``; one row is
+    padded to two: MKL's gemv is as slow as ``x @ W^T``), else ``F.linear``."""
     m = x.shape[0]
+    if packed is not None and m >= _PACKED_MIN_ROWS:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
     if x.dim() != 2 or x.device.type != "cpu" or x.dtype != torch.float32 or \
             m > _SMALL_ROWS.get(torch.get_num_threads(), _SMALL_ROWS_DEFAULT):
         return F.linear(x, weight, bias)
@@ -88,7 +114,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 class _Layer:
     __slots__ = ("attn_norm", "qkv", "qkv_bias", "o", "o_bias", "mlp_norm", "gate_up", "gate_up_bias",
-                 "down", "down_bias")
+                 "down", "down_bias", "packed")
+    WEIGHTS = __slots__[:-1]
+
+    # The matrices that LlamaModel.pack packs, and where the packed copies go.
+    PACKED = ("qkv", "o", "gate_up", "down")
+
+    def __init__(self):
+        self.packed: dict = {}   # name -> packed copy (see pack_weight); empty when not packed
 
 
 class LlamaModel:
@@ -105,6 +138,7 @@ class LlamaModel:
         self.embed: torch.Tensor = torch.empty(0)    # [vocab, hidden]
         self.norm: torch.Tensor = torch.empty(0)     # [hidden]
         self.lm_head: torch.Tensor = torch.empty(0)  # [vocab, hidden], the embedding when tied
+        self.lm_head_packed: Optional[torch.Tensor] = None  # see pack()
         self.layers: list[_Layer] = []
         self.inv_freq: torch.Tensor = torch.empty(0)  # [head_dim / 2] float32
         self.cos = self.sin = torch.empty(0)          # [rows, head_dim]; sin has the rotate-half sign
@@ -178,7 +212,31 @@ class LlamaModel:
                              f"got {tuple(rope_freq_factors.shape)}")
         m.inv_freq = rope_inv_freq(c, rope_freq_factors)
         m._grow_rope(min(c.max_position_embeddings, _INITIAL_ROPE_ROWS))
+        m.pack()
         return m
+
+    @property
+    def packed(self) -> bool:
+        """Whether the matrices have packed copies for oneDNN (CPU float32
+        with a torch built with oneDNN; see ``_PACKED_MIN_ROWS``)."""
+        return self.lm_head_packed is not None
+
+    def pack(self) -> "LlamaModel":
+        """Makes the packed copies of the layer matrices and the LM head where
+        this build and the weights' device and dtype allow (else none).
+        Returns self."""
+        for L in self.layers:
+            L.packed = {name: p for name in _Layer.PACKED if (p := pack_weight(getattr(L, name))) is not None}
+        self.lm_head_packed = pack_weight(self.lm_head)
+        return self
+
+    def unpack(self) -> "LlamaModel":
+        """Drops the packed copies (the forward then uses the dense matrices
+        alone). Returns self."""
+        for L in self.layers:
+            L.packed = {}
+        self.lm_head_packed = None
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -197,15 +255,16 @@ class LlamaModel:
         elif device.type != "cpu":
             raise ValueError(f"device must be 'cpu' or a CUDA device, got {device}")
         tied = self.lm_head is self.embed
+        self.unpack()
         self.embed = self.embed.to(device)
         self.lm_head = self.embed if tied else self.lm_head.to(device)
         self.norm = self.norm.to(device)
         for L in self.layers:
-            for name in _Layer.__slots__:
+            for name in _Layer.WEIGHTS:
                 t = getattr(L, name)
                 setattr(L, name, None if t is None else t.to(device))
         self.cos, self.sin = self.cos.to(device), self.sin.to(device)
-        return self
+        return self.pack()
 
     def _grow_rope(self, rows: int) -> None:
         # float32 angles, cos and sin as transformers computes them, then cast to the
@@ -292,7 +351,7 @@ class LlamaModel:
         attn = torch.empty((total, H, D), dtype=self.dtype, device=device)
         for i, L in enumerate(self.layers):
             h = rms_norm(x, L.attn_norm, c.rms_norm_eps)
-            qkv = linear(h, L.qkv, L.qkv_bias).view(total, H + 2 * KH, D)
+            qkv = linear(h, L.qkv, L.qkv_bias, L.packed.get("qkv")).view(total, H + 2 * KH, D)
             # RoPE on q and k at once: they are the first H + KH heads of qkv.
             qk = qkv[:, : H + KH]
             qk = qk * cos + qk.view(total, H + KH, 2, D // 2).flip(2).view(total, H + KH, D) * sin
@@ -304,12 +363,12 @@ class LlamaModel:
                 gpu.tree_attention(cache, i, qk[:, :H].contiguous(), tables, lens, q_off_dev, parents_dev,
                                    scale=self.scale, out=attn, max_context=max_context, max_q_per_seq=max_q,
                                    check=False)
-            x = x + linear(attn.view(total, H * D), L.o, L.o_bias)
+            x = x + linear(attn.view(total, H * D), L.o, L.o_bias, L.packed.get("o"))
             h = rms_norm(x, L.mlp_norm, c.rms_norm_eps)
-            gu = linear(h, L.gate_up, L.gate_up_bias)
+            gu = linear(h, L.gate_up, L.gate_up_bias, L.packed.get("gate_up"))
             x = x + linear(F.silu(gu[:, : c.intermediate_size]) * gu[:, c.intermediate_size:],
-                             L.down, L.down_bias)
+                             L.down, L.down_bias, L.packed.get("down"))
         hidden = rms_norm(x, self.norm, c.rms_norm_eps)
         rows = hidden if logit_rows is None else hidden[logit_rows]
-        logits = linear(rows, self.lm_head).float()
+        logits = linear(rows, self.lm_head, None, self.lm_head_packed).float()
         return logits, hidden
