@@ -4,9 +4,11 @@ slice, checkpoints (round trip, damaged files, atomic writes), the trainer
 (it learns and pushes, refuses worse candidates and bad pushes, survives its
 own failure), the static distillation, and the whole loop through the engine
 against transformers' greedy generate."""
+import ast
 import math
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ from atlas.learning import (DraftHead, LearningLoop, ReplayBuffer, Tap, Trainer,
                             static_head)
 from atlas.learning.checkpoint import (ADAPTIVE, STATIC, Checkpoint, atomic_write, head_config,
                                        load_checkpoint, model_dir, model_key, save_checkpoint)
-from atlas.learning.distill import stdlib_sources
+from atlas.learning.distill import function_prompts, stdlib_sources
 from atlas.learning.tap import Examples
 from atlas.learning.trainer import head_metric, native_metric
 from atlas.speculators import LearnedSpeculator
@@ -579,9 +581,10 @@ def test_distill_beats_an_untrained_head_and_loads_as_the_static_speculator(tiny
         load_static(target)
     files = stdlib_sources()[:40]
     lines = []
-    res = distill(target, tokens=5000, steps=150, seq_len=200, draft_vocab=397, lr=3e-3, files=files,
-                  encode=lambda s: list(s.encode()), progress=lines.append)
+    res = distill(target, tokens=5000, prompts=6, gen_tokens=16, steps=150, seq_len=200, draft_vocab=397,
+                  lr=3e-3, files=files, encode=lambda s: list(s.encode()), progress=lines.append)
     print("\n".join(lines))
+    assert any("generating 16 tokens for each of 6 function prompts" in x for x in lines)
     assert res.path == model_dir(target) / STATIC and res.path.is_file()
     assert res.metric >= res.untrained_metric + 0.2, (res.metric, res.untrained_metric)
     assert any("held-out metric" in x for x in lines)
@@ -597,6 +600,21 @@ def test_distill_beats_an_untrained_head_and_loads_as_the_static_speculator(tiny
     assert e.value.code == 0
     with pytest.raises(ValueError, match="tokenizer"):
         distill(target, tokens=100, steps=1, save=False)
+    with pytest.raises(ValueError, match="nothing to distil"):
+        distill(target, tokens=0, prompts=0, encode=lambda s: list(s.encode()), save=False)
+
+
+def test_function_prompts_pose_library_functions_as_stubs():
+    """Each prompt is a def line and its docstring, one per file, valid Python
+    once a body follows, and nothing is imported."""
+    files = stdlib_sources()[:200]
+    prompts = function_prompts(files, 12)
+    assert len(prompts) == 12 and len(set(prompts)) == 12
+    for p in prompts:
+        assert p.startswith(("def ", "async def ")) and '"""' in p and p.endswith('"""\n')
+        ast.parse(p + "    pass\n")
+    assert function_prompts(files, 0) == []
+    assert function_prompts([Path(__file__).parent / "no-such-file.py"], 3) == []
 
 
 # ---- the whole loop through the engine ---------------------------------------------------------

@@ -148,7 +148,7 @@ def full_atlas(target, *, learning: bool = True, cache_dir=None):
         print("atlas: no static draft head for this model yet: distilling one (once; `atlas distill`)", flush=True)
         # Lighter than `atlas distill`'s defaults so that a first run stays
         # within minutes on a CPU; `atlas distill` makes a better one.
-        distill(target, out=cache_dir, tokens=8192, steps=300,
+        distill(target, out=cache_dir, tokens=4096, prompts=64, steps=600,
                 progress=lambda msg: print("  " + msg, flush=True))
         head = static_head(target, cache_dir)
         if head is None:
