@@ -17,15 +17,13 @@ head's greedy draft equals the target's next token (depth-1 acceptance).
     python bench/bench_atlas.py [--prompts 164] [--new-tokens 128] [--out bench_atlas.png]
 
 With ``--shift N``: a domain shift instead. Full atlas serves N code prompts,
-then N prose prompts (made from the standard library's module docstrings),
-and the tau of each block of requests is printed beside the static head's.
+then N prose prompts (``bench/data/prose_prompts.txt``, at most 48), and the
+tau of each block of requests is printed beside the static head's.
 """
 from __future__ import annotations
 
 import argparse
-import ast
 import shutil
-import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -38,20 +36,17 @@ from atlas.learning.distill import static_head, teacher_forced
 from atlas.speculators import LearnedSpeculator, SuffixSpeculator
 
 
+PROSE = Path(__file__).parent / "data" / "prose_prompts.txt"
+
+
 def prose_prompts(n):
-    """Prose requests built from the module docstrings of the standard
-    library's sources, read with ``ast`` (nothing is imported or run)."""
-    out = []
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        if path.name.startswith("_") or len(out) >= n:
-            continue
-        try:
-            doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
-        except (SyntaxError, UnicodeDecodeError, OSError):
-            continue
-        if doc and len(doc) > 200:
-            out.append(f"Explain in plain English what this documentation says:\n\n{doc[:600]}\n\nExplanation:")
-    return out[:n]
+    """Up to n prose requests: open questions and writing tasks (one per line
+    of ``bench/data/prose_prompts.txt``, written for this benchmark), whose
+    answers, unlike code completions, cannot copy much of their prompt."""
+    lines = [x.strip() for x in PROSE.read_text(encoding="utf-8").splitlines() if x.strip()]
+    if n > len(lines):
+        raise SystemExit(f"--shift {n}: {PROSE} holds {len(lines)} prose prompts")
+    return [x + "\n" for x in lines[:n]]
 
 
 def run(engine, prompts, new_tokens, label, after=None):
