@@ -67,6 +67,7 @@ live version keeps serving.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
@@ -101,19 +102,28 @@ def head_metric(head: DraftHead, batch: Batch) -> float:
 
 def native_metric(native, batch: Batch) -> float:
     """The same metric for the live version of a native ``DraftHead``."""
+    return native_metric_arrays(native, batch.parent_feature.numpy(), batch.token.numpy(),
+                                batch.topk_ids[:, 0].numpy())
+
+
+def native_metric_arrays(native, features: np.ndarray, tokens: np.ndarray, top1: np.ndarray) -> float:
+    """:func:`native_metric` on the arrays it reads: parent features ``[n, H]``,
+    tokens ``[n]`` and the target's greedy choices ``[n]`` (what a trainer
+    process sends to the serving process, which owns the native head)."""
     snap = native.snapshot()
     if snap is None:
         return 0.0
     ids = snap.draft_ids.astype(np.int64)
-    feats = batch.parent_feature.numpy().astype(np.float32)
-    toks = batch.token.numpy().astype(np.int32)
+    feats = np.asarray(features, np.float32)
+    toks = np.asarray(tokens).astype(np.int32)
+    top1 = np.asarray(top1)
     hits = 0
     for lo in range(0, len(toks), EVAL_CHUNK):
         hi = min(lo + EVAL_CHUNK, len(toks))
         f_hat = np.empty((hi - lo, native.hidden), np.float32)
         logits = np.empty((hi - lo, native.draft_vocab), np.float32)
         snap.forward(np.ascontiguousarray(feats[lo:hi]), np.ascontiguousarray(toks[lo:hi]), f_hat, logits)
-        hits += int((ids[logits.argmax(-1)] == batch.topk_ids[lo:hi, 0].numpy()).sum())
+        hits += int((ids[logits.argmax(-1)] == top1[lo:hi]).sum())
     return hits / max(len(toks), 1)
 
 
@@ -125,6 +135,19 @@ def _lower_thread_priority(nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
     except OSError as e:  # a sandbox may forbid it; the duty cycle still bounds the share
         log.debug("could not raise the trainer thread's niceness: %s", e)
+
+
+def _check_settings(*, lr, batch_size, steps_per_round, min_held_out, threads, max_share, **_) -> None:
+    for name, v in (("batch_size", batch_size), ("steps_per_round", steps_per_round),
+                    ("min_held_out", min_held_out)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if not 0.0 < max_share <= 1.0:
+        raise ValueError(f"max_share must be in (0, 1], got {max_share}")
+    if not isinstance(threads, int) or threads < 0:
+        raise ValueError(f"threads must be an int >= 0 (0: leave torch's setting), got {threads!r}")
+    if not float(lr) > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
 
 
 class Trainer:
@@ -141,6 +164,23 @@ class Trainer:
     rows). ``on_push(version, weights, metric)`` is called after each push
     (the learning loop writes its checkpoint there).
     """
+
+    # The keyword settings (everything but the objects the trainer is wired to).
+    SETTINGS = ("lr", "batch_size", "steps_per_round", "feature_weight", "self_feed", "min_gain", "min_train",
+                "min_held_out", "threads", "nice", "max_share", "revocab_min_change", "seed")
+
+    @classmethod
+    def check_settings(cls, **settings) -> dict:
+        """Checks keyword settings as the constructor would, without building a
+        trainer (a trainer process checks them in the serving process, where
+        the caller sees the error); returns every setting, defaults filled in."""
+        unknown = sorted(set(settings) - set(cls.SETTINGS))
+        if unknown:
+            raise TypeError(f"unknown trainer settings {unknown}; the settings are {list(cls.SETTINGS)}")
+        params = inspect.signature(cls.__init__).parameters
+        full = {name: settings.get(name, params[name].default) for name in cls.SETTINGS}
+        _check_settings(**full)
+        return full
 
     def __init__(self, head: DraftHead, buffer: ReplayBuffer, speculator=None, *,
                  lm_head: Optional[torch.Tensor] = None, counts: Optional[Callable[[], np.ndarray]] = None,
@@ -159,16 +199,8 @@ class Trainer:
                     f"head (hidden {head.hidden}, intermediate {head.intermediate}, draft_vocab "
                     f"{head.draft_vocab}) does not match the speculator's native head (hidden {nat.hidden}, "
                     f"intermediate {nat.intermediate}, draft_vocab {nat.draft_vocab})")
-        for name, v in (("batch_size", batch_size), ("steps_per_round", steps_per_round),
-                        ("min_held_out", min_held_out)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if not 0.0 < max_share <= 1.0:
-            raise ValueError(f"max_share must be in (0, 1], got {max_share}")
-        if not isinstance(threads, int) or threads < 0:
-            raise ValueError(f"threads must be an int >= 0 (0: leave torch's setting), got {threads!r}")
-        if not float(lr) > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+        _check_settings(lr=lr, batch_size=batch_size, steps_per_round=steps_per_round,
+                        min_held_out=min_held_out, threads=threads, max_share=max_share)
         self.head, self.buffer, self.speculator = head, buffer, speculator
         self.lm_head, self.counts = lm_head, counts
         self.lr, self.batch_size, self.steps_per_round = float(lr), batch_size, steps_per_round
@@ -288,9 +320,23 @@ class Trainer:
         batch = self.buffer.held_out_batch() if batch is None else batch
         if batch is None:
             return None, None
-        cand = head_metric(self.head, batch)
-        live = native_metric(self.speculator.native, batch) if self.speculator is not None else None
-        return cand, live
+        return head_metric(self.head, batch), self.measure_live(batch)
+
+    def measure_live(self, batch: Batch) -> Optional[float]:
+        """The live version's metric on a batch, through its native forward
+        (what serves); None without a speculator."""
+        return native_metric(self.speculator.native, batch) if self.speculator is not None else None
+
+    def record_live(self, metric: float) -> None:
+        """Records the latest held-out measurement of the version serving now
+        in the speculator's history (a version pushed long ago may have left
+        the history: nothing to record)."""
+        live_version = self.speculator.version
+        if live_version > 0:
+            try:
+                self.speculator.native.set_metric(live_version, metric)
+            except ValueError:
+                pass
 
     def push(self, weights: dict, metric: Optional[float]) -> Optional[int]:
         """Pushes weights to the speculator; a refused push is counted and
@@ -318,16 +364,9 @@ class Trainer:
         self.rounds += 1
         self.candidate_metric, self.live_metric = cand, live
         out.update(candidate=cand, live=live)
-        if self.speculator is None or cand is None:
+        if cand is None or live is None:  # nothing to push to (or no held-out data)
             return out
-        live_version = self.speculator.version
-        if live_version > 0:
-            # The latest held-out measurement of the version serving now (a
-            # version pushed long ago may have left the history: nothing to record).
-            try:
-                self.speculator.native.set_metric(live_version, live)
-            except ValueError:
-                pass
+        self.record_live(live)
         if cand > live + self.min_gain:
             out["pushed"] = self.push(self.head.export(), cand)
         else:
@@ -361,17 +400,22 @@ class Trainer:
         if self.state == "running":
             self.state = "stopped"
 
+    def run_rounds(self) -> None:
+        """Rounds (throttled) until stopped, waiting while the buffer has too
+        little data; what the worker runs, in a thread or in a process."""
+        while not self._stop.is_set():
+            if not self.ready():
+                self._stop.wait(POLL_SECONDS)
+                continue
+            self.round(throttle=True)
+
     def _run(self) -> None:
         process_threads = torch.get_num_threads()
         if self.threads:
             torch.set_num_threads(self.threads)
         _lower_thread_priority(self.nice)
         try:
-            while not self._stop.is_set():
-                if not self.ready():
-                    self._stop.wait(POLL_SECONDS)
-                    continue
-                self.round(throttle=True)
+            self.run_rounds()
         except Exception as e:  # noqa: BLE001 - any failure is reported; serving keeps its weights
             log.exception("the learning loop's trainer failed; serving goes on with version %s",
                           self.speculator.version if self.speculator is not None else None)
