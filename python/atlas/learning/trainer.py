@@ -1,5 +1,5 @@
-"""The background trainer: distils the target into a copy of the draft head
-and pushes better weights to the live speculator.
+"""The trainer: distils the target into a copy of the draft head and pushes
+better weights to the live speculator.
 
 Vocabulary:
 
@@ -26,44 +26,79 @@ prediction at the parent node (from the parent example's inputs) instead of
 the target's, as drafting does below depth 1 (EAGLE's remedy for compounding
 feature error).
 
-Why a thread and not a process: the trainer needs the replay buffer, which
-the serving thread fills, and a process would need shared memory, a weight
-channel back, and a second copy of the 113 MB embedding. A thread shares all
-of that, and its CPU share can be limited without touching serving:
+Where it runs: :class:`Trainer` is the training logic and a background
+thread to run it in; :class:`~atlas.learning.process.TrainerProcess` runs the
+same rounds in a child process, which the learning loop uses by default
+(``LearningLoop(..., process=False)`` keeps the thread). Why a process: a
+thread trains only while it holds the GIL, which the serving thread wants
+for every step, so it trains in the gaps serving leaves even with a core of
+its own (measured earlier: serving on one torch thread, ``Engine(threads=1)``,
+left the thread a core; it ran 20 steps a minute, serving at 22.6 tokens/s);
+in a process its share of the CPU is the operating system's to give, and
+``nice`` sets it. The price is a second copy of the target's embedding (113
+MB for SmolLM2) in the child, a few seconds of start-up (importing torch),
+and examples that travel through a pipe (bounded: a batch that does not fit
+is dropped, and counted). Either way these settings bound the trainer's
+share:
 
-* ``threads``: the trainer thread's own torch intra-op thread count (default 1).
-  ``torch.set_num_threads`` is not quite process-wide: called inside the
-  trainer thread it sets that thread's OpenMP team size, and threads torch
-  already initialised (the serving thread) keep theirs (measured). Threads
-  that first use torch while the trainer runs start from its value; the
-  trainer sets the process's value back when it stops;
-* ``nice`` (Linux): the trainer thread's scheduling niceness is raised by this
-  much (default 10, about a tenth of a core's weight when serving competes;
-  Linux applies ``setpriority`` to one thread given its id), so when serving
-  wants the CPU it gets it, and the trainer uses what is idle;
-* ``max_share``: duty cycle; after a step of t seconds the trainer sleeps
-  ``t * (1 - max_share) / max_share`` (default 0.25), which bounds its share
-  of a core even on an otherwise idle machine where niceness does nothing.
+* ``threads``: the trainer's torch intra-op thread count (default 1). In a
+  thread, ``torch.set_num_threads`` sets that thread's OpenMP team size and
+  threads torch already initialised (the serving thread) keep theirs
+  (measured); threads that first use torch while the trainer runs start
+  from its value, and the trainer sets the process's value back when it
+  stops. In a process it is the child's own;
+* ``nice`` (Linux): niceness raised by this much (default 10, about a tenth
+  of a core's weight when serving competes): the trainer thread's own
+  (Linux applies ``setpriority`` to one thread given its id), or the whole
+  child's, from before it imports torch;
+* ``max_share``: duty cycle; after a step of t seconds (wall time) the
+  trainer sleeps ``t * (1 - max_share) / max_share`` (default 0.25), which
+  bounds its share of a core even on an otherwise idle machine where
+  niceness does nothing.
 
-On two cores there is no share that is free for serving. Measured on this
-2-core machine (12 HumanEval requests, SmolLM2-135M, second half): serving on
-two torch threads with the trainer at these defaults ran at 36.8 tokens/s
-(learning off: 35.7) and the trainer got about 5 steps a minute, because it
-can only run while serving leaves a core idle and does not hold the GIL;
-serving on one thread so that the trainer has a core of its own
-(``Engine(threads=1)``) let the trainer run 20 steps a minute but served at
-22.6 tokens/s (one-thread decode steps also slowed from 35 to 53 ms beside
-the busy trainer). A trainer in its own process would lift the GIL part.
+On two cores there is no share that is free for serving: serving's two
+OpenMP threads keep both busy, and a forward whose thread is preempted waits
+for it at every barrier. Measured on this 2-core machine (full atlas,
+``Engine(target, max_batch=1)``, SmolLM2-135M, 12 HumanEval requests x 64
+tokens served in a row, about 20 s; serving on two torch threads; two runs
+of each setting, alternating; learning off served 44.2 tokens/s, and runs of
+one setting spread by up to 10% over the day):
 
-Serving never waits on training: the buffer lock covers only row copies, the
-candidate is a separate module, and the live version is evaluated natively in
-chunks of ``EVAL_CHUNK`` rows (the native head's workspace lock is held for
-one chunk at a time: a drafting step waits 0.5 ms at most on SmolLM2, and
-only while an evaluation runs, once a round). A trainer that raises is logged,
+=============================================  ===================  ======================
+trainer                                        tokens/s (mean)      steps in the stream
+=============================================  ===================  ======================
+thread (threads=1, nice=10, max_share=0.25)    40.9                 2, 1
+process, the same settings                     38.4                 0, 0
+process, nice=5                                36.0                 4, 3
+process, nice=0                                29.8                 14, 12
+=============================================  ===================  ======================
+
+So the GIL is not what starves the trainer on a machine that serving keeps
+busy: the CPU share is. At the default settings the process trains no more
+than the thread did (it also spends its first 3.5 s importing torch), for
+about the same cost to serving; lowering ``nice`` buys steps, at about a
+third of serving throughput for 30 steps a minute. The child stays in the
+serving process's session: Linux shares the CPU equally between sessions
+(autogroups), and a child in a session of its own got half the machine
+whatever its niceness (about 48 steps a minute, serving at 32 tokens/s).
+Not measured yet: a machine where serving leaves cores idle (more cores
+than its threads, or serving on a GPU), where the process should train on a
+core of its own at the duty cycle's rate without slowing serving (a thread
+there still waits for the GIL); and how much acceptance a long stream gains
+from the extra steps.
+
+Serving never waits on training. In a thread: the buffer lock covers only
+row copies, the candidate is a separate module, and the live version is
+evaluated natively in chunks of ``EVAL_CHUNK`` rows (the native head's
+workspace lock is held for one chunk at a time: a drafting step waits 0.5 ms
+at most on SmolLM2, and only while an evaluation runs, once a round). In a
+process: the tap's batches are queued without waiting, and the live version
+is evaluated on a twin in the child. A trainer that raises is logged,
 counted in :meth:`Trainer.stats`, and stops; serving goes on with the last
 good weights and :meth:`Trainer.start` restarts it. A push the native head
 refuses (wrong shapes, non-finite values) is counted as an error too, and the
-live version keeps serving.
+live version keeps serving. :mod:`atlas.learning.process` lists what a
+trainer process adds (a child that dies, a full channel).
 """
 from __future__ import annotations
 
