@@ -781,6 +781,24 @@ def test_a_push_the_speculator_refuses_is_counted_and_the_live_version_keeps_ser
     assert loop.stats()["state"] == "stopped"
 
 
+def test_a_trainer_process_rechooses_the_draft_vocabulary_from_traffic_counts(tiny):
+    """The tap's counts reach the child as snapshots: a head on token ids
+    0..99 serving traffic drawn from the whole vocabulary re-chooses its
+    draft vocabulary in the child."""
+    _, target, _, _ = tiny
+    head = fresh_head(target, draft_vocab=100)
+    spec = LearnedSpeculator(head, max_depth=3)
+    loop = LearningLoop(target, spec, head=head, checkpoint=False, held_out=128, batch_size=64,
+                        steps_per_round=5, nice=0, max_share=1.0, process=True)
+    loop.start()
+    try:
+        _feed(loop, tiny)
+        assert _wait(lambda: loop.stats()["revocabs"] >= 1 or loop.trainer.state != "running", 60)
+        assert loop.stats()["errors"] == 0
+    finally:
+        loop.stop()
+
+
 def test_a_full_channel_drops_batches(tiny):
     """A bound smaller than one example (652 bytes here): every batch is
     dropped at once (the serving thread never waits for the child)."""
