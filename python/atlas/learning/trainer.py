@@ -76,9 +76,9 @@ process, nice=0                                29.8                 14, 12
 So the GIL is not what starves the trainer on a machine that serving keeps
 busy: the CPU share is. At the default settings the process trains no more
 than the thread did (its first 3.5 s go to starting up: importing torch,
-reading the tables, building its heads), for
-about the same cost to serving; lowering ``nice`` buys steps, at about a
-third of serving throughput for 30 steps a minute. The child stays in the
+reading the tables, building its heads), for about the same cost to
+serving; lowering ``nice`` buys steps, at about a third of serving
+throughput for 30 steps a minute. The child stays in the
 serving process's session: Linux shares the CPU equally between sessions
 (autogroups), and a child in a session of its own got half the machine
 whatever its niceness (about 48 steps a minute, serving at 32 tokens/s).
