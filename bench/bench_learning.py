@@ -2,7 +2,7 @@
 
 1. The tap: seconds spent in ``LearningLoop.observe`` per record, against the
    mean time of a serving step (the tap runs on the serving path).
-2. The trainer: serving time per step while the background trainer trains,
+2. The trainer, in a thread: serving time per step while it trains,
    against the same workload with the trainer stopped, run alternately
    (``--repeats`` pairs, medians), for the default CPU-share settings and for
    an unthrottled trainer (``nice=0, max_share=1``); plus the training steps
@@ -57,8 +57,11 @@ def main():
         for label, kw in (("default (threads=1, nice=10, max_share=0.25)", {}),
                           ("unthrottled (threads=1, nice=0, max_share=1)", dict(nice=0, max_share=1.0))):
             spec = LearnedSpeculator(head)
+            # The trainer in a thread: this benchmark stops and restarts it
+            # between runs on the same buffer, which a trainer process (whose
+            # buffer goes with it) cannot do.
             loop = LearningLoop(target, spec, head=head, cache_dir=tmp, checkpoint=False, held_out=128,
-                                batch_size=128, steps_per_round=20, **kw)
+                                batch_size=128, steps_per_round=20, process=False, **kw)
             engine = atlas.Engine(target, speculators=[spec], observers=[loop], max_batch=1)
             serve(engine, prompts[0])  # warm-up: the cost model, and data for the trainer
             serve(engine, prompts[1])

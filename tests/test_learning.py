@@ -2,11 +2,14 @@
 records, the replay buffer's bounds, eviction, recency weighting and held-out
 slice, checkpoints (round trip, damaged files, atomic writes), the trainer
 (it learns and pushes, refuses worse candidates and bad pushes, survives its
-own failure), the static distillation, and the whole loop through the engine
-against transformers' greedy generate."""
+own failure), the trainer process (its faults: a trainer that raises, a
+killed child, a refused push, a full channel; stop and engine close reap it),
+the static distillation, and the whole loop through the engine, in a thread
+and in a process, against transformers' greedy generate."""
 import ast
 import math
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -555,21 +558,23 @@ def test_the_loop_restores_its_checkpoint_or_starts_from_static(tiny, private_ca
     spec = LearnedSpeculator(fresh_head(target, seed=4, draft_vocab=211))
     # A torn adaptive checkpoint: reported by name, ignored; the candidate starts from static.
     (folder / ADAPTIVE).write_bytes(b"PK\x03\x04 torn")
+    # The in-process trainer shows its candidate (a trainer process sends the
+    # same starting weights to its child).
     with pytest.warns(RuntimeWarning, match=ADAPTIVE):
-        loop = LearningLoop(target, spec)
+        loop = LearningLoop(target, spec, process=False)
     assert loop.restored == str(folder / STATIC) and spec.version == 1
     for name, w in static.export().items():
         np.testing.assert_array_equal(loop.trainer.head.export()[name], w)
     # A good adaptive checkpoint wins over static and is pushed at once.
     adaptive, ck2 = trained_checkpoint(target, seed=8)
     save_checkpoint(folder / ADAPTIVE, ck2)
-    loop = LearningLoop(target, spec)
+    loop = LearningLoop(target, spec, process=False)
     assert loop.restored == str(folder / ADAPTIVE) and spec.version == 2 and loop.history == ck2.history
     np.testing.assert_array_equal(loop.trainer.head.export()["w_in"], adaptive.export()["w_in"])
     # A checkpoint of another head shape is ignored with a warning.
     spec_big = LearnedSpeculator(fresh_head(target, draft_vocab=300))
     with pytest.warns(RuntimeWarning, match="draft_vocab"):
-        loop = LearningLoop(target, spec_big)
+        loop = LearningLoop(target, spec_big, process=False)
     assert loop.restored is None and spec_big.version == 1
 
 
@@ -619,14 +624,16 @@ def test_function_prompts_pose_library_functions_as_stubs():
 
 # ---- the whole loop through the engine ---------------------------------------------------------
 
-def test_the_loop_learns_while_serving_and_stays_lossless(tiny):
+@pytest.mark.parametrize("process", [False, True], ids=["thread", "process"])
+def test_the_loop_learns_while_serving_and_stays_lossless(tiny, process):
     """A repetitive stream (6 prompts, served again and again) through an
-    engine whose only speculator starts untrained and learns from the loop.
-    Each round waits for the trainer to finish one more round of its own, so
-    the test does not depend on how fast this machine trains. The controller
-    keeps every candidate (``select="all"``): the throughput controller may
-    switch off a speculator whose drafts do not pay on a tiny model, and this
-    test is about what the loop learns, not about that choice."""
+    engine whose only speculator starts untrained and learns from the loop,
+    with the trainer in a thread and in a process of its own. Each round
+    waits for the trainer to finish one more round of its own, so the test
+    does not depend on how fast this machine trains. The controller keeps
+    every candidate (``select="all"``): the throughput controller may switch
+    off a speculator whose drafts do not pay on a tiny model, and this test is
+    about what the loop learns, not about that choice."""
     model, target, _, _ = tiny
     rng = np.random.default_rng(5)
     prompts = [rng.integers(1, target.config.vocab_size, size=8).tolist() for _ in range(6)]
@@ -634,7 +641,8 @@ def test_the_loop_learns_while_serving_and_stays_lossless(tiny):
     head = fresh_head(target)
     spec = LearnedSpeculator(head, max_depth=4, topk=2, width=2)
     loop = LearningLoop(target, spec, head=head, held_out=128, batch_size=128, steps_per_round=25, nice=0,
-                        max_share=1.0)
+                        max_share=1.0, process=process)
+    assert loop.process == process
     engine = atlas.Engine(target, speculators=[spec], observers=[loop], max_tree_nodes=6, max_batch=6,
                           controller=Controller(1, max_nodes=6, select="all"))
     loop.start()
@@ -647,13 +655,20 @@ def test_the_loop_learns_while_serving_and_stays_lossless(tiny):
                 assert_same_greedy(model, p, truth[tuple(p)], o.token_ids)
             rates.append(sum(o.stats.accepted for o in outs) / sum(o.stats.steps for o in outs))
             assert _wait(lambda: loop.trainer.rounds > rounds or loop.trainer.state != "running", 60)
+        # Every tapped example reached the buffer (a trainer process reports it within a second).
+        assert _wait(lambda: loop.buffer.total == loop.tap.examples)
+        held = loop.buffer.held_out_batch()   # a trainer process's buffer goes with it at stop()
+        pid = loop.trainer.pid if process else None
     finally:
         loop.stop()
     st = loop.stats()
     print("accepted draft tokens per target forward, round by round:", rates, st)
     assert st["errors"] == 0 and st["state"] == "stopped", st
     assert st["pushes"] >= 1 and st["live_version"] == 1 + st["pushes"]
-    assert st["examples_seen"] == loop.buffer.total > 0 and st["train_steps"] > 0
+    assert st["examples_seen"] == loop.buffer.total > 0 and st["train_steps"] > 0 and st["dropped"] == 0
+    if process:
+        assert not loop.trainer.running and loop.trainer.exitcode == 0
+        _assert_reaped(pid)
     # Measured: 0 in the first round, 1.2 to 1.9 in the last two.
     assert np.mean(rates[-2:]) >= np.mean(rates[:2]) + 0.5, rates
     # stop() checkpointed the live weights; a new loop restores and pushes them.
@@ -661,5 +676,197 @@ def test_the_loop_learns_while_serving_and_stays_lossless(tiny):
     loop2 = LearningLoop(target, spec2)
     assert loop2.restored == str(model_dir(target) / ADAPTIVE) and spec2.version == 2
     assert [h["version"] for h in loop2.history] == [h["version"] for h in loop.history]
-    held = loop.buffer.held_out_batch()
     assert native_metric(spec2.native, held) == native_metric(spec.native, held)
+
+
+# ---- the trainer process -------------------------------------------------------------------
+
+def _assert_reaped(pid):
+    """The process is gone and was waited for: no zombie is left."""
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _process_loop(tiny, spec=None, **kwargs):
+    _, target, _, _ = tiny
+    head = fresh_head(target)
+    spec = spec or LearnedSpeculator(head, max_depth=3)
+    settings = dict(checkpoint=False, held_out=128, batch_size=64, steps_per_round=10, lr=3e-3, nice=0,
+                    max_share=1.0, process=True)
+    settings.update(kwargs)
+    return LearningLoop(target, spec, head=head, **settings), spec
+
+
+def _feed(loop, tiny, n=40):
+    """Greedy traffic of the tiny fixture's first n requests, through the loop's tap."""
+    model, _, prompts, conts = tiny
+    for rid, (p, c) in enumerate(zip(prompts[:n], conts[:n])):
+        for r in greedy_records(model, p, c, 1000 * loop.tap.records + rid, depth=3):
+            loop.observe(r)
+
+
+def test_trainer_process_settings_are_checked_in_the_serving_process(tiny):
+    with pytest.raises(TypeError, match="unknown trainer settings"):
+        _process_loop(tiny, bach_size=64)
+    with pytest.raises(ValueError, match="max_share"):
+        _process_loop(tiny, max_share=2.0)
+    with pytest.raises(ValueError, match="at least 2 examples"):
+        _process_loop(tiny, capacity=1)
+    loop, _ = _process_loop(tiny)
+    assert not loop.trainer.running and loop.trainer.pid is None
+    _feed(loop, tiny, 1)   # before start() there is no child: the batches are dropped, and counted
+    st = loop.stats()
+    assert st["dropped"] > 0 and st["dropped_examples"] == st["examples_seen"] > 0 and st["state"] == "idle"
+
+
+def test_a_trainer_process_that_raises_is_reported_and_can_be_restarted(tiny):
+    _, target, _, _ = tiny
+    loop, spec = _process_loop(tiny)
+    loop.start()
+    try:
+        _feed(loop, tiny)
+        assert _wait(lambda: loop.trainer.rounds >= 1, 60)
+        version, rounds = spec.version, loop.trainer.rounds
+        first = loop.trainer.pid
+        # Tokens outside the vocabulary (the tap never makes them) reach the
+        # child, whose embedding lookup raises when it trains or evaluates on them.
+        vocab, H = target.config.vocab_size, target.config.hidden_size
+        loop.tap.sink(examples([vocab + 3] * 400, hidden=H, k=16))
+        assert _wait(lambda: loop.trainer.state == "error", 60)
+        st = loop.stats()
+        assert st["errors"] == 1 and "IndexError" in st["last_error"] and "Traceback" in st["last_error"], st
+        assert not loop.trainer.running and loop.trainer.exitcode == 1
+        _assert_reaped(first)
+        # Serving goes on with the last good weights; the tap's batches are dropped, not queued.
+        assert spec.version == version
+        _assert_proposes(spec, target)
+        _feed(loop, tiny, 2)
+        assert loop.stats()["dropped"] > st["dropped"]
+        # A new child starts from the live weights, with an empty buffer.
+        loop.start()
+        assert loop.trainer.pid != first and loop.trainer.state == "running"
+        _feed(loop, tiny)
+        assert _wait(lambda: loop.trainer.rounds > rounds, 60)
+        assert loop.trainer.stats()["restarts"] == 1
+    finally:
+        loop.stop()
+    st = loop.stats()
+    assert st["state"] == "stopped" and st["errors"] == 1 and not loop.trainer.running
+
+
+def test_a_killed_trainer_process_is_reported(tiny):
+    _, target, _, _ = tiny
+    loop, spec = _process_loop(tiny)
+    loop.start()
+    try:
+        _feed(loop, tiny)
+        assert _wait(lambda: loop.trainer.rounds >= 1, 60)
+        version, pid = spec.version, loop.trainer.pid
+        os.kill(pid, signal.SIGKILL)
+        assert _wait(lambda: loop.trainer.state == "error", 30)
+        st = loop.stats()
+        assert st["errors"] == 1 and "SIGKILL" in st["last_error"] and str(pid) in st["last_error"], st
+        assert loop.trainer.exitcode == -signal.SIGKILL
+        _assert_reaped(pid)
+        assert spec.version == version
+        _assert_proposes(spec, target)
+        _feed(loop, tiny, 2)
+        assert loop.stats()["dropped"] > st["dropped"]
+    finally:
+        loop.stop()
+    assert loop.stats()["state"] == "error" and not loop.trainer.running   # stop() does not hide the failure
+
+
+def test_a_push_the_speculator_refuses_is_counted_and_the_live_version_keeps_serving(tiny, monkeypatch):
+    _, target, _, _ = tiny
+    loop, spec = _process_loop(tiny)
+
+    def refuse(weights, metric=None):
+        raise ValueError("refused for the test")
+
+    monkeypatch.setattr(spec, "push", refuse)
+    loop.start()
+    try:
+        _feed(loop, tiny)
+        assert _wait(lambda: loop.stats()["push_errors"] >= 1 or loop.trainer.state != "running", 60)
+        st = loop.stats()
+        assert st["state"] == "running" and st["pushes"] == 0 and st["errors"] >= st["push_errors"] >= 1
+        assert "push refused: refused for the test" in st["last_error"]
+        assert spec.version == 1
+        _assert_proposes(spec, target)
+    finally:
+        loop.stop()
+    assert loop.stats()["state"] == "stopped"
+
+
+def test_a_trainer_process_rechooses_the_draft_vocabulary_from_traffic_counts(tiny):
+    """The tap's counts reach the child as snapshots: a head on token ids
+    0..99 serving traffic drawn from the whole vocabulary re-chooses its
+    draft vocabulary in the child."""
+    _, target, _, _ = tiny
+    head = fresh_head(target, draft_vocab=100)
+    spec = LearnedSpeculator(head, max_depth=3)
+    loop = LearningLoop(target, spec, head=head, checkpoint=False, held_out=128, batch_size=64,
+                        steps_per_round=5, nice=0, max_share=1.0, process=True)
+    loop.start()
+    try:
+        _feed(loop, tiny)
+        assert _wait(lambda: loop.stats()["revocabs"] >= 1 or loop.trainer.state != "running", 60)
+        assert loop.stats()["errors"] == 0
+    finally:
+        loop.stop()
+
+
+def test_a_full_channel_drops_batches(tiny):
+    """A bound smaller than one example (652 bytes here): every batch is
+    dropped at once (the serving thread never waits for the child)."""
+    loop, _ = _process_loop(tiny, max_pending_bytes=100)
+    loop.start()
+    try:
+        _feed(loop, tiny, 4)
+        st = loop.stats()
+        assert st["dropped"] == loop.tap.records > 0 and st["dropped_examples"] == st["examples_seen"]
+    finally:
+        loop.stop()
+    assert loop.buffer.total == 0 and loop.stats()["state"] == "stopped"
+
+
+def test_a_trainer_process_measures_an_unknown_live_version_natively(tiny, private_cache):
+    """The speculator serves weights the loop does not know (the candidate
+    starts from the static checkpoint, the speculator from another head): the
+    child asks the serving process to measure the native head."""
+    _, target, _, _ = tiny
+    _, ck = trained_checkpoint(target, seed=3)
+    save_checkpoint(model_dir(target) / STATIC, ck)
+    spec = LearnedSpeculator(fresh_head(target, seed=4, draft_vocab=211), max_depth=3)
+    loop = LearningLoop(target, spec, process=True, held_out=128, batch_size=64, steps_per_round=5, nice=0,
+                        max_share=1.0, min_gain=1.0)   # min_gain 1: never pushes
+    assert loop.restored == str(model_dir(target) / STATIC)
+    loop.start()
+    try:
+        _feed(loop, tiny)
+        assert _wait(lambda: loop.buffer.total == loop.tap.examples, 60)
+        rounds = loop.trainer.rounds
+        # The round after the next one began after all the data had arrived.
+        assert _wait(lambda: loop.trainer.rounds > rounds + 1, 60)
+        held = loop.buffer.held_out_batch()
+        st = loop.stats()
+        assert st["live_metric"] == native_metric(spec.native, held)
+        assert st["refused"] >= 1 and st["pushes"] == 0 and spec.version == 1
+        # The measurement is in the live version's history.
+        assert spec.history[-1] == (1, pytest.approx(st["live_metric"]))
+    finally:
+        loop.stop()
+
+
+def test_engine_close_stops_its_trainer_process(tiny):
+    _, target, _, _ = tiny
+    with pytest.warns(UserWarning, match="tokenizer"):
+        engine = atlas.Engine(target, max_batch=2, max_tree_nodes=6)
+    loop = engine.observers[0]
+    assert loop.process and loop.trainer.running
+    pid = loop.trainer.pid
+    engine.generate([[1, 2, 3, 4]], max_new_tokens=8)
+    engine.close()
+    assert not loop.trainer.running and loop.trainer.exitcode == 0 and loop.stats()["state"] == "stopped"
+    _assert_reaped(pid)

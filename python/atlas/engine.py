@@ -182,7 +182,8 @@ class Engine:
     :class:`atlas.CacheFullError`. ``threads``: torch threads while serving
     (set for the duration of each ``generate`` / ``stream``; default: torch's
     count when the engine is made). The learning loop's trainer runs beside
-    serving at a low priority (see :mod:`atlas.learning.trainer`). ``device`` (e.g.
+    serving at a low priority, in a child process (see
+    :mod:`atlas.learning.trainer`); :meth:`close` stops it. ``device`` (e.g.
     ``"cuda"``) moves the target's weights there (in place) and runs its
     forward, the KV cache, tree attention and verification on that device;
     speculators draft on the host from host copies of what they read.
@@ -248,7 +249,9 @@ class Engine:
 
     def close(self) -> None:
         """Stops what the engine started (the default learning loop, which
-        checkpoints what it learnt). Also done on ``with Engine(...)`` exit."""
+        waits for its trainer process to exit and checkpoints what it
+        learnt). Also done on ``with Engine(...)`` exit. Observers passed in
+        ``observers`` are the caller's to stop."""
         for o in self._owned_observers:
             o.stop()
         self._owned_observers = []

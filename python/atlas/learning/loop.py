@@ -11,8 +11,15 @@ Use::
     loop.stop()                                         # and checkpoints
 
 The loop is the engine's observer: every forward's record goes through the
-tap into the buffer (on the serving thread, cheaply); the trainer works in a
-background thread and pushes better weights to ``speculator`` between steps.
+tap (on the serving thread, cheaply) to the trainer, which pushes better
+weights to ``speculator`` between steps. By default the trainer and its
+replay buffer live in a process of their own (:mod:`atlas.learning.process`;
+the tap's batches reach it through a bounded queue, and a batch that does not
+fit is dropped and counted, never waited for); ``process=False`` keeps both
+in this process, the trainer in a background thread (see
+:mod:`atlas.learning.trainer` for what each costs serving). The trainer
+process starts at :meth:`LearningLoop.start`: examples tapped before it are
+dropped (counted).
 
 Where the candidate starts, in order: the loop's last checkpoint
 (``adaptive.npz``, which is also pushed to the speculator at once), else
@@ -24,6 +31,7 @@ read is reported with a warning naming the file and ignored.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -32,11 +40,15 @@ import numpy as np
 
 from .checkpoint import ADAPTIVE, STATIC, Checkpoint, head_config, load_checkpoint, model_dir, save_checkpoint
 from .head import DraftHead
+from .process import MAX_PENDING_BYTES, TrainerProcess
 from .replay import ReplayBuffer
 from .tap import Tap
 from .trainer import Trainer
 
 log = logging.getLogger("atlas.learning")
+
+# The trainer process's default niceness increment (a thread's is Trainer's, 10).
+PROCESS_NICE = 5
 
 
 class LearningLoop:
@@ -47,15 +59,25 @@ class LearningLoop:
     ``$ATLAS_CACHE_DIR`` or ``~/.cache/atlas``); ``checkpoint=False`` neither
     reads nor writes checkpoints. ``topk``: the target probabilities kept per
     example. ``max_bytes`` / ``capacity`` / ``held_out`` / ``half_life``: the
-    :class:`ReplayBuffer`'s. Every other keyword goes to the
-    :class:`Trainer` (``lr``, ``batch_size``, ``steps_per_round``,
-    ``threads``, ``nice``, ``max_share``, ``min_gain``, ...).
+    :class:`ReplayBuffer`'s. ``process``: train in a child process (the
+    default on POSIX systems) or in a thread of this one (``False``);
+    ``max_pending_bytes``: the examples that may wait for the trainer
+    process; its niceness increment defaults to ``PROCESS_NICE``. Every other keyword goes to the :class:`Trainer` (``lr``,
+    ``batch_size``, ``steps_per_round``, ``threads``, ``nice``,
+    ``max_share``, ``min_gain``, ...).
+
+    ``trainer`` is the :class:`Trainer` or the
+    :class:`~atlas.learning.process.TrainerProcess`; ``buffer`` the
+    :class:`ReplayBuffer`, or in process mode a
+    :class:`~atlas.learning.process.BufferView` of the child's (sizes as of its
+    latest report, and ``held_out_batch()``).
     """
 
     def __init__(self, target, speculator, *, head: Optional[DraftHead] = None, cache_dir=None,
                  checkpoint: bool = True, topk: int = 16, max_bytes: Optional[int] = 64 << 20,
                  capacity: Optional[int] = None, held_out: int = 512, held_out_fraction: float = 0.25,
-                 half_life: Optional[float] = None, **trainer_kwargs):
+                 half_life: Optional[float] = None, process: Optional[bool] = None,
+                 max_pending_bytes: int = MAX_PENDING_BYTES, **trainer_kwargs):
         self.target, self.speculator = target, speculator
         nat = speculator.native
         if nat.hidden != target.config.hidden_size or nat.vocab != target.config.vocab_size:
@@ -73,13 +95,15 @@ class LearningLoop:
         cand = DraftHead.from_target(target, np.arange(nat.draft_vocab), intermediate=nat.intermediate,
                                      eps=float(nat.eps))
         adaptive = load_checkpoint(self.dir / ADAPTIVE, expect) if self.dir else None
-        self._live_weights = None     # what the speculator serves, when the loop knows it
+        self._live_weights = None     # what the loop last pushed (its checkpoint)
         self._live_metric = None
+        known_live = None             # what the speculator serves, when the loop knows it
         if adaptive is not None:
             cand.load_export(adaptive.weights)
             self.history = list(adaptive.history)
             speculator.push(adaptive.weights, adaptive.metric)
             self._live_weights, self._live_metric = adaptive.weights, adaptive.metric
+            known_live = adaptive.weights
             self.restored = str(self.dir / ADAPTIVE)
         elif head is not None:
             if (head.hidden, head.intermediate, head.draft_vocab) != (nat.hidden, nat.intermediate,
@@ -87,6 +111,8 @@ class LearningLoop:
                 raise ValueError("head does not match the speculator's native head (hidden, intermediate, "
                                  "draft_vocab)")
             cand.load_export(head.export())
+            if speculator.version == 1:   # built from head and not pushed to since
+                known_live = cand.export()
         else:
             static = load_checkpoint(self.dir / STATIC, expect) if self.dir else None
             if static is not None:
@@ -98,12 +124,26 @@ class LearningLoop:
                 fresh = DraftHead.from_target(target, ids, intermediate=nat.intermediate, eps=float(nat.eps))
                 cand.load_export(fresh.export())
 
-        self.buffer = ReplayBuffer(nat.hidden, topk, capacity=capacity, max_bytes=max_bytes,
-                                   held_out=held_out, held_out_fraction=held_out_fraction,
-                                   half_life=half_life)
-        self.tap = Tap(nat.vocab, topk, sink=self.buffer.add)
-        self.trainer = Trainer(cand, self.buffer, speculator, lm_head=target.model.lm_head,
-                               counts=lambda: self.tap.counts, on_push=self._on_push, **trainer_kwargs)
+        self.config = head_config(cand)
+        self.process = os.name == "posix" if process is None else bool(process)
+        buffer = dict(capacity=capacity, max_bytes=max_bytes, held_out=held_out,
+                      held_out_fraction=held_out_fraction, half_life=half_life)
+        if self.process:
+            # A process's niceness weighs against every serving thread: at the
+            # thread's default of 10 the child trained 0 steps in a 2-core
+            # stream, at 5 about 10 a minute (see atlas.learning.process).
+            trainer_kwargs.setdefault("nice", PROCESS_NICE)
+            self.trainer = TrainerProcess(cand, speculator, buffer=dict(buffer, topk=topk), live_weights=known_live,
+                                          lm_head=target.model.lm_head, counts=lambda: self.tap.counts,
+                                          on_push=self._on_push, max_pending_bytes=max_pending_bytes,
+                                          **trainer_kwargs)
+            self.buffer = self.trainer.buffer
+            self.tap = Tap(nat.vocab, topk, sink=self.trainer.send)
+        else:
+            self.buffer = ReplayBuffer(nat.hidden, topk, **buffer)
+            self.tap = Tap(nat.vocab, topk, sink=self.buffer.add)
+            self.trainer = Trainer(cand, self.buffer, speculator, lm_head=target.model.lm_head,
+                                   counts=lambda: self.tap.counts, on_push=self._on_push, **trainer_kwargs)
 
     # ---- the engine's observer ----------------------------------------------------------
 
@@ -118,11 +158,15 @@ class LearningLoop:
     # ---- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Starts (or restarts) the background trainer."""
+        """Starts (or restarts) the background trainer (in process mode a new
+        trainer process, which takes a few seconds to import torch and begin;
+        this call does not wait for it)."""
         self.trainer.start()
 
     def stop(self, timeout: Optional[float] = 30.0) -> None:
-        """Stops the trainer and writes a checkpoint of the live weights."""
+        """Stops the trainer (in process mode: waits for the child to finish
+        its step and exit, terminating it after ``timeout`` seconds) and writes
+        a checkpoint of the live weights."""
         self.trainer.stop(timeout)
         self.save()
 
@@ -134,7 +178,7 @@ class LearningLoop:
             return None
         path = self.dir / ADAPTIVE
         try:
-            save_checkpoint(path, Checkpoint(self._live_weights, head_config(self.trainer.head),
+            save_checkpoint(path, Checkpoint(self._live_weights, self.config,
                                              self.history, self._live_metric,
                                              dict(saved=time.time())))
         except OSError as e:
@@ -143,6 +187,7 @@ class LearningLoop:
         return path
 
     def _on_push(self, version: int, weights: dict, metric: float) -> None:
+        # The trainer's thread, or in process mode the service thread.
         self._live_weights, self._live_metric = weights, metric
         self.history.append(dict(version=int(version), metric=float(metric), time=time.time()))
         self.save()
@@ -154,7 +199,10 @@ class LearningLoop:
 
     def stats(self) -> dict:
         """Examples seen, buffer fill, trainer counters, pushes, refusals, the
-        last metrics, errors."""
+        last metrics, errors, and examples dropped on the way to a trainer
+        process (``dropped`` batches, ``dropped_examples``; always 0 for a
+        thread). In process mode the trainer's counters and the buffer are as
+        of the child's latest report (at most a second old while it runs)."""
         t = self.trainer.stats()
         b = self.buffer.stats()
         return dict(
@@ -165,5 +213,6 @@ class LearningLoop:
             last_loss=t["last_loss"], candidate_metric=t["candidate_metric"], live_metric=t["live_metric"],
             live_version=self.speculator.version, restored=self.restored,
             errors=t["errors"] + self.errors, last_error=self.last_error or t["last_error"],
+            dropped=t.get("dropped", 0), dropped_examples=t.get("dropped_examples", 0),
         )
 

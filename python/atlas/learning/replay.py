@@ -22,9 +22,11 @@ Vocabulary:
   the oldest examples of a full buffer are drawn 16 times less often than the
   newest; ``half_life=inf`` samples uniformly).
 
-Thread safety: :meth:`add` (the serving thread, through the tap) and
-:meth:`sample` / :meth:`held_out_batch` (the trainer) take one lock, each for
-a bounded copy of the rows it touches, never for training work.
+Thread safety: :meth:`add` (whichever thread receives examples: the serving
+thread through the tap when the trainer is a thread, the trainer process's
+receiving thread otherwise) and :meth:`sample` / :meth:`held_out_batch` (the
+trainer) take one lock, each for a bounded copy of the rows it touches, never
+for training work.
 
 Features are stored in float16 (clamped to its range): half the memory, and the
 head trains as well on them (a final-norm hidden state needs about three
@@ -75,12 +77,31 @@ class ReplayBuffer:
     def __init__(self, hidden: int, topk: int, capacity: Optional[int] = None,
                  max_bytes: Optional[int] = 64 << 20, held_out: int = 512, held_out_fraction: float = 0.25,
                  half_life: Optional[float] = None):
+        cap, half_life = self.plan(hidden, topk, capacity, max_bytes, held_out, held_out_fraction, half_life)
+        self.hidden, self.topk, self.capacity = hidden, topk, cap
+        self.held_out, self.held_out_fraction, self.half_life = held_out, held_out_fraction, half_life
+        self.parent_feature = np.zeros((cap, hidden), np.float16)   # [C, H]
+        self.feature = np.zeros((cap, hidden), np.float16)          # [C, H]
+        self.token = np.zeros(cap, np.int32)                         # [C]
+        self.topk_ids = np.zeros((cap, topk), np.int32)              # [C, k]
+        self.topk_probs = np.zeros((cap, topk), np.float32)          # [C, k]
+        self.parent = np.full(cap, -1, np.int64)                     # [C] the parent example's number
+        self.total = 0        # examples ever added (the next sequence number)
+        self._lock = threading.Lock()
+        self._warned_full = False
+
+    @classmethod
+    def plan(cls, hidden: int, topk: int, capacity: Optional[int] = None, max_bytes: Optional[int] = 64 << 20,
+             held_out: int = 512, held_out_fraction: float = 0.25, half_life: Optional[float] = None):
+        """Checks the constructor's arguments without allocating anything;
+        returns (capacity in examples, half-life in examples). Raises
+        ValueError naming the argument that is wrong."""
         for name, v in (("hidden", hidden), ("topk", topk)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if capacity is None and max_bytes is None:
             raise ValueError("give capacity (examples) or max_bytes (or both)")
-        per = self.bytes_per_example(hidden, topk)
+        per = cls.bytes_per_example(hidden, topk)
         cap = capacity if capacity is not None else max_bytes // per
         if max_bytes is not None:
             cap = min(cap, max_bytes // per)
@@ -95,17 +116,7 @@ class ReplayBuffer:
         half_life = cap / 4 if half_life is None else float(half_life)
         if not half_life > 0:
             raise ValueError(f"half_life must be > 0, got {half_life}")
-        self.hidden, self.topk, self.capacity = hidden, topk, cap
-        self.held_out, self.held_out_fraction, self.half_life = held_out, held_out_fraction, half_life
-        self.parent_feature = np.zeros((cap, hidden), np.float16)   # [C, H]
-        self.feature = np.zeros((cap, hidden), np.float16)          # [C, H]
-        self.token = np.zeros(cap, np.int32)                         # [C]
-        self.topk_ids = np.zeros((cap, topk), np.int32)              # [C, k]
-        self.topk_probs = np.zeros((cap, topk), np.float32)          # [C, k]
-        self.parent = np.full(cap, -1, np.int64)                     # [C] the parent example's number
-        self.total = 0        # examples ever added (the next sequence number)
-        self._lock = threading.Lock()
-        self._warned_full = False
+        return cap, half_life
 
     @staticmethod
     def bytes_per_example(hidden: int, topk: int) -> int:

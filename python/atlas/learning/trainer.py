@@ -1,5 +1,5 @@
-"""The background trainer: distils the target into a copy of the draft head
-and pushes better weights to the live speculator.
+"""The trainer: distils the target into a copy of the draft head and pushes
+better weights to the live speculator.
 
 Vocabulary:
 
@@ -26,47 +26,87 @@ prediction at the parent node (from the parent example's inputs) instead of
 the target's, as drafting does below depth 1 (EAGLE's remedy for compounding
 feature error).
 
-Why a thread and not a process: the trainer needs the replay buffer, which
-the serving thread fills, and a process would need shared memory, a weight
-channel back, and a second copy of the 113 MB embedding. A thread shares all
-of that, and its CPU share can be limited without touching serving:
+Where it runs: :class:`Trainer` is the training logic and a background
+thread to run it in; :class:`~atlas.learning.process.TrainerProcess` runs the
+same rounds in a child process, which the learning loop uses by default
+(``LearningLoop(..., process=False)`` keeps the thread). Why a process: a
+thread trains only while it holds the GIL, which the serving thread wants
+for every step, so it trains in the gaps serving leaves even with a core of
+its own (measured earlier: serving on one torch thread, ``Engine(threads=1)``,
+left the thread a core; it ran 20 steps a minute, serving at 22.6 tokens/s);
+in a process its share of the CPU is the operating system's to give, and
+``nice`` sets it. The price is a second copy of the target's embedding (113
+MB for SmolLM2) in the child, a few seconds of start-up (importing torch),
+and examples that travel through a pipe (bounded: a batch that does not fit
+is dropped, and counted). Either way these settings bound the trainer's
+share:
 
-* ``threads``: the trainer thread's own torch intra-op thread count (default 1).
-  ``torch.set_num_threads`` is not quite process-wide: called inside the
-  trainer thread it sets that thread's OpenMP team size, and threads torch
-  already initialised (the serving thread) keep theirs (measured). Threads
-  that first use torch while the trainer runs start from its value; the
-  trainer sets the process's value back when it stops;
-* ``nice`` (Linux): the trainer thread's scheduling niceness is raised by this
-  much (default 10, about a tenth of a core's weight when serving competes;
-  Linux applies ``setpriority`` to one thread given its id), so when serving
-  wants the CPU it gets it, and the trainer uses what is idle;
-* ``max_share``: duty cycle; after a step of t seconds the trainer sleeps
-  ``t * (1 - max_share) / max_share`` (default 0.25), which bounds its share
-  of a core even on an otherwise idle machine where niceness does nothing.
+* ``threads``: the trainer's torch intra-op thread count (default 1). In a
+  thread, ``torch.set_num_threads`` sets that thread's OpenMP team size and
+  threads torch already initialised (the serving thread) keep theirs
+  (measured); threads that first use torch while the trainer runs start
+  from its value, and the trainer sets the process's value back when it
+  stops. In a process it is the child's own;
+* ``nice`` (Linux): niceness raised by this much (a thread's default 10,
+  about a tenth of a core's weight when serving competes; a process's 5, see
+  ``atlas.learning.loop.PROCESS_NICE``): the trainer thread's own (Linux
+  applies ``setpriority`` to one thread given its id), or the whole child's,
+  from before it imports torch;
+* ``max_share``: duty cycle; after a step of t seconds (wall time) the
+  trainer sleeps ``t * (1 - max_share) / max_share`` (default 0.25), which
+  bounds its share of a core even on an otherwise idle machine where
+  niceness does nothing.
 
-On two cores there is no share that is free for serving. Measured on this
-2-core machine (12 HumanEval requests, SmolLM2-135M, second half): serving on
-two torch threads with the trainer at these defaults ran at 36.8 tokens/s
-(learning off: 35.7) and the trainer got about 5 steps a minute, because it
-can only run while serving leaves a core idle and does not hold the GIL;
-serving on one thread so that the trainer has a core of its own
-(``Engine(threads=1)``) let the trainer run 20 steps a minute but served at
-22.6 tokens/s (one-thread decode steps also slowed from 35 to 53 ms beside
-the busy trainer). A trainer in its own process would lift the GIL part.
+On two cores there is no share that is free for serving: serving's two
+OpenMP threads keep both busy, and a forward whose thread is preempted waits
+for it at every barrier. Measured on this 2-core machine (full atlas,
+``Engine(target, max_batch=1)``, SmolLM2-135M, 12 HumanEval requests x 64
+tokens served in a row, about 20 s; serving on two torch threads; two runs
+of each setting, alternating; learning off served 44.2 tokens/s, and runs of
+one setting spread by up to 10% over the day):
 
-Serving never waits on training: the buffer lock covers only row copies, the
-candidate is a separate module, and the live version is evaluated natively in
-chunks of ``EVAL_CHUNK`` rows (the native head's workspace lock is held for
-one chunk at a time: a drafting step waits 0.5 ms at most on SmolLM2, and
-only while an evaluation runs, once a round). A trainer that raises is logged,
+=============================================  ===================  ======================
+trainer                                        tokens/s (mean)      steps in the stream
+=============================================  ===================  ======================
+thread (threads=1, nice=10, max_share=0.25)    40.9                 2, 1
+process, the same settings                     38.4                 0, 0
+process, nice=5                                36.0                 4, 3
+process, nice=0                                29.8                 14, 12
+=============================================  ===================  ======================
+
+So the GIL is not what starves the trainer on a machine that serving keeps
+busy: the CPU share is. At the thread's settings the process trains no more
+than the thread did (its first 3.5 s go to starting up: importing torch,
+reading the tables, building its heads), for about the same cost to
+serving; lowering ``nice`` buys steps, at about a third of serving
+throughput for 30 steps a minute. A process's default niceness is
+therefore 5 (a learning loop that learns, at a cost to serving that
+``nice`` and ``max_share`` trade). The child stays in the
+serving process's session: Linux shares the CPU equally between sessions
+(autogroups), and a child in a session of its own got half the machine
+whatever its niceness (about 48 steps a minute, serving at 32 tokens/s).
+Not measured yet: a machine where serving leaves cores idle (more cores
+than its threads, or serving on a GPU), where the process should train on a
+core of its own at the duty cycle's rate without slowing serving (a thread
+there still waits for the GIL); and how much acceptance a long stream gains
+from the extra steps.
+
+Serving never waits on training. In a thread: the buffer lock covers only
+row copies, the candidate is a separate module, and the live version is
+evaluated natively in chunks of ``EVAL_CHUNK`` rows (the native head's
+workspace lock is held for one chunk at a time: a drafting step waits 0.5 ms
+at most on SmolLM2, and only while an evaluation runs, once a round). In a
+process: the tap's batches are queued without waiting, and the live version
+is evaluated on a twin in the child. A trainer that raises is logged,
 counted in :meth:`Trainer.stats`, and stops; serving goes on with the last
 good weights and :meth:`Trainer.start` restarts it. A push the native head
 refuses (wrong shapes, non-finite values) is counted as an error too, and the
-live version keeps serving.
+live version keeps serving. :mod:`atlas.learning.process` lists what a
+trainer process adds (a child that dies, a full channel).
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
@@ -101,19 +141,28 @@ def head_metric(head: DraftHead, batch: Batch) -> float:
 
 def native_metric(native, batch: Batch) -> float:
     """The same metric for the live version of a native ``DraftHead``."""
+    return native_metric_arrays(native, batch.parent_feature.numpy(), batch.token.numpy(),
+                                batch.topk_ids[:, 0].numpy())
+
+
+def native_metric_arrays(native, features: np.ndarray, tokens: np.ndarray, top1: np.ndarray) -> float:
+    """:func:`native_metric` on the arrays it reads: parent features ``[n, H]``,
+    tokens ``[n]`` and the target's greedy choices ``[n]`` (what a trainer
+    process sends to the serving process, which owns the native head)."""
     snap = native.snapshot()
     if snap is None:
         return 0.0
     ids = snap.draft_ids.astype(np.int64)
-    feats = batch.parent_feature.numpy().astype(np.float32)
-    toks = batch.token.numpy().astype(np.int32)
+    feats = np.asarray(features, np.float32)
+    toks = np.asarray(tokens).astype(np.int32)
+    top1 = np.asarray(top1)
     hits = 0
     for lo in range(0, len(toks), EVAL_CHUNK):
         hi = min(lo + EVAL_CHUNK, len(toks))
         f_hat = np.empty((hi - lo, native.hidden), np.float32)
         logits = np.empty((hi - lo, native.draft_vocab), np.float32)
         snap.forward(np.ascontiguousarray(feats[lo:hi]), np.ascontiguousarray(toks[lo:hi]), f_hat, logits)
-        hits += int((ids[logits.argmax(-1)] == batch.topk_ids[lo:hi, 0].numpy()).sum())
+        hits += int((ids[logits.argmax(-1)] == top1[lo:hi]).sum())
     return hits / max(len(toks), 1)
 
 
@@ -125,6 +174,19 @@ def _lower_thread_priority(nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
     except OSError as e:  # a sandbox may forbid it; the duty cycle still bounds the share
         log.debug("could not raise the trainer thread's niceness: %s", e)
+
+
+def _check_settings(*, lr, batch_size, steps_per_round, min_held_out, threads, max_share, **_) -> None:
+    for name, v in (("batch_size", batch_size), ("steps_per_round", steps_per_round),
+                    ("min_held_out", min_held_out)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if not 0.0 < max_share <= 1.0:
+        raise ValueError(f"max_share must be in (0, 1], got {max_share}")
+    if not isinstance(threads, int) or threads < 0:
+        raise ValueError(f"threads must be an int >= 0 (0: leave torch's setting), got {threads!r}")
+    if not float(lr) > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
 
 
 class Trainer:
@@ -141,6 +203,23 @@ class Trainer:
     rows). ``on_push(version, weights, metric)`` is called after each push
     (the learning loop writes its checkpoint there).
     """
+
+    # The keyword settings (everything but the objects the trainer is wired to).
+    SETTINGS = ("lr", "batch_size", "steps_per_round", "feature_weight", "self_feed", "min_gain", "min_train",
+                "min_held_out", "threads", "nice", "max_share", "revocab_min_change", "seed")
+
+    @classmethod
+    def check_settings(cls, **settings) -> dict:
+        """Checks keyword settings as the constructor would, without building a
+        trainer (a trainer process checks them in the serving process, where
+        the caller sees the error); returns every setting, defaults filled in."""
+        unknown = sorted(set(settings) - set(cls.SETTINGS))
+        if unknown:
+            raise TypeError(f"unknown trainer settings {unknown}; the settings are {list(cls.SETTINGS)}")
+        params = inspect.signature(cls.__init__).parameters
+        full = {name: settings.get(name, params[name].default) for name in cls.SETTINGS}
+        _check_settings(**full)
+        return full
 
     def __init__(self, head: DraftHead, buffer: ReplayBuffer, speculator=None, *,
                  lm_head: Optional[torch.Tensor] = None, counts: Optional[Callable[[], np.ndarray]] = None,
@@ -159,16 +238,8 @@ class Trainer:
                     f"head (hidden {head.hidden}, intermediate {head.intermediate}, draft_vocab "
                     f"{head.draft_vocab}) does not match the speculator's native head (hidden {nat.hidden}, "
                     f"intermediate {nat.intermediate}, draft_vocab {nat.draft_vocab})")
-        for name, v in (("batch_size", batch_size), ("steps_per_round", steps_per_round),
-                        ("min_held_out", min_held_out)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if not 0.0 < max_share <= 1.0:
-            raise ValueError(f"max_share must be in (0, 1], got {max_share}")
-        if not isinstance(threads, int) or threads < 0:
-            raise ValueError(f"threads must be an int >= 0 (0: leave torch's setting), got {threads!r}")
-        if not float(lr) > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+        _check_settings(lr=lr, batch_size=batch_size, steps_per_round=steps_per_round,
+                        min_held_out=min_held_out, threads=threads, max_share=max_share)
         self.head, self.buffer, self.speculator = head, buffer, speculator
         self.lm_head, self.counts = lm_head, counts
         self.lr, self.batch_size, self.steps_per_round = float(lr), batch_size, steps_per_round
@@ -288,9 +359,23 @@ class Trainer:
         batch = self.buffer.held_out_batch() if batch is None else batch
         if batch is None:
             return None, None
-        cand = head_metric(self.head, batch)
-        live = native_metric(self.speculator.native, batch) if self.speculator is not None else None
-        return cand, live
+        return head_metric(self.head, batch), self.measure_live(batch)
+
+    def measure_live(self, batch: Batch) -> Optional[float]:
+        """The live version's metric on a batch, through its native forward
+        (what serves); None without a speculator."""
+        return native_metric(self.speculator.native, batch) if self.speculator is not None else None
+
+    def record_live(self, metric: float) -> None:
+        """Records the latest held-out measurement of the version serving now
+        in the speculator's history (a version pushed long ago may have left
+        the history: nothing to record)."""
+        live_version = self.speculator.version
+        if live_version > 0:
+            try:
+                self.speculator.native.set_metric(live_version, metric)
+            except ValueError:
+                pass
 
     def push(self, weights: dict, metric: Optional[float]) -> Optional[int]:
         """Pushes weights to the speculator; a refused push is counted and
@@ -318,16 +403,9 @@ class Trainer:
         self.rounds += 1
         self.candidate_metric, self.live_metric = cand, live
         out.update(candidate=cand, live=live)
-        if self.speculator is None or cand is None:
+        if cand is None or live is None:  # nothing to push to (or no held-out data)
             return out
-        live_version = self.speculator.version
-        if live_version > 0:
-            # The latest held-out measurement of the version serving now (a
-            # version pushed long ago may have left the history: nothing to record).
-            try:
-                self.speculator.native.set_metric(live_version, live)
-            except ValueError:
-                pass
+        self.record_live(live)
         if cand > live + self.min_gain:
             out["pushed"] = self.push(self.head.export(), cand)
         else:
@@ -361,17 +439,22 @@ class Trainer:
         if self.state == "running":
             self.state = "stopped"
 
+    def run_rounds(self) -> None:
+        """Rounds (throttled) until stopped, waiting while the buffer has too
+        little data; what the worker runs, in a thread or in a process."""
+        while not self._stop.is_set():
+            if not self.ready():
+                self._stop.wait(POLL_SECONDS)
+                continue
+            self.round(throttle=True)
+
     def _run(self) -> None:
         process_threads = torch.get_num_threads()
         if self.threads:
             torch.set_num_threads(self.threads)
         _lower_thread_priority(self.nice)
         try:
-            while not self._stop.is_set():
-                if not self.ready():
-                    self._stop.wait(POLL_SECONDS)
-                    continue
-                self.round(throttle=True)
+            self.run_rounds()
         except Exception as e:  # noqa: BLE001 - any failure is reported; serving keeps its weights
             log.exception("the learning loop's trainer failed; serving goes on with version %s",
                           self.speculator.version if self.speculator is not None else None)
