@@ -705,6 +705,46 @@ def _feed(loop, tiny, n=40):
             loop.observe(r)
 
 
+def _proc_state(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads process states from /proc")
+def test_the_trainer_process_is_paused_while_a_forward_runs(tiny):
+    """On the CPU the loop stops its trainer process for each target forward
+    and continues it after; the child keeps training across pauses, and
+    stop() works on a paused child."""
+    _, target, _, _ = tiny
+    loop, _ = _process_loop(tiny)
+    assert loop.pause_during_forward
+    assert not _process_loop(tiny, pause_during_forward=False)[0].pause_during_forward
+    thread_loop, _ = _process_loop(tiny, process=False)
+    assert not thread_loop.pause_during_forward
+    thread_loop.forward_begins()
+    thread_loop.forward_ends()                    # nothing to pause
+    loop.forward_begins()                         # before start(): no child, nothing to do
+    loop.forward_ends()
+    loop.start()
+    try:
+        pid = loop.trainer.pid
+        _feed(loop, tiny)
+        assert _wait(lambda: loop.trainer.rounds >= 1, 60)
+        loop.forward_begins()
+        assert _wait(lambda: _proc_state(pid) == "T", 10)
+        rounds = loop.trainer.rounds
+        time.sleep(0.5)
+        assert _proc_state(pid) == "T" and loop.trainer.rounds == rounds
+        loop.forward_ends()
+        assert _wait(lambda: _proc_state(pid) != "T", 10)
+        assert _wait(lambda: loop.trainer.rounds > rounds, 60)
+        loop.forward_begins()                     # stopped when stop() comes
+    finally:
+        loop.stop()
+    assert loop.stats()["state"] == "stopped" and loop.stats()["errors"] == 0
+    _assert_reaped(pid)
+
+
 def test_trainer_process_settings_are_checked_in_the_serving_process(tiny):
     with pytest.raises(TypeError, match="unknown trainer settings"):
         _process_loop(tiny, bach_size=64)

@@ -446,7 +446,7 @@ class Engine:
         q_offsets = np.zeros(len(reqs) + 1, np.int64)
         q_offsets[1:] = np.cumsum(lens)
         last_rows = torch.from_numpy(q_offsets[1:] - 1)
-        logits, hidden = self.target.forward(
+        logits, hidden = self._forward(
             self.cache, np.array([r.seq for r in reqs], np.int32), torch.from_numpy(tokens),
             torch.from_numpy(positions), parents, q_offsets, torch.from_numpy(np.concatenate(slots)),
             logit_rows=last_rows)
@@ -469,6 +469,19 @@ class Engine:
         self._observe(StepRecord(True, [r.rid for r in reqs], q_offsets, tokens.astype(np.int32), parents,
                                  hidden, logits, [np.zeros(0, np.int32)] * len(reqs), [c[1] for c in committed]))
         return committed
+
+    def _forward(self, *args, **kwargs):
+        """The target forward of a serving step, between the observers'
+        ``forward_begins`` and ``forward_ends`` (where they have them: the
+        learning loop pauses its trainer process there)."""
+        hooks = [o for o in self.observers if hasattr(o, "forward_begins")]
+        for o in hooks:
+            o.forward_begins()
+        try:
+            return self.target.forward(*args, **kwargs)
+        finally:
+            for o in hooks:
+                o.forward_ends()
 
     def _observe(self, record: StepRecord) -> None:
         for s in self.speculators:
@@ -562,7 +575,7 @@ class Engine:
         parents = np.concatenate([f.parents for f in flats])
         positions = np.concatenate([f.positions for f in flats])
         tf = time.perf_counter()
-        logits, hidden = self.target.forward(
+        logits, hidden = self._forward(
             self.cache, np.array([r.seq for r in reqs], np.int32), torch.from_numpy(tokens.astype(np.int64)),
             torch.from_numpy(positions), parents, q_offsets, torch.from_numpy(np.concatenate(slots)))
         t_fwd = time.perf_counter() - tf

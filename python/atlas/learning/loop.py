@@ -47,8 +47,14 @@ from .trainer import Trainer
 
 log = logging.getLogger("atlas.learning")
 
-# The trainer process's default niceness increment (a thread's is Trainer's, 10).
-PROCESS_NICE = 5
+# The trainer process's default niceness increment (a thread's is Trainer's,
+# 10). Measured on the 2-core machine (full atlas, 16-24 HumanEval requests;
+# learning off served about 53 tokens/s): not paused during forwards, at 10 the
+# child trained 0 steps and serving ran at 45 tokens/s, at 5 about 10 steps a
+# minute at 44; paused during forwards (the default on the CPU), at 5 it
+# trained 0 steps, at 0 about 20 a minute at 44 tokens/s: the forward kept its
+# speed, and drafting and the tap, which it now competes with, slowed.
+PROCESS_NICE = 0
 
 
 class LearningLoop:
@@ -62,7 +68,11 @@ class LearningLoop:
     :class:`ReplayBuffer`'s. ``process``: train in a child process (the
     default on POSIX systems) or in a thread of this one (``False``);
     ``max_pending_bytes``: the examples that may wait for the trainer
-    process; its niceness increment defaults to ``PROCESS_NICE``. Every other keyword goes to the :class:`Trainer` (``lr``,
+    process; its niceness increment defaults to ``PROCESS_NICE``;
+    ``pause_during_forward`` (default: when the target runs on the CPU) stops
+    the trainer process while each target forward runs (see
+    :meth:`forward_begins`), so that it trains in the gaps between forwards
+    instead of slowing them. Every other keyword goes to the :class:`Trainer` (``lr``,
     ``batch_size``, ``steps_per_round``, ``threads``, ``nice``,
     ``max_share``, ``min_gain``, ...).
 
@@ -77,7 +87,8 @@ class LearningLoop:
                  checkpoint: bool = True, topk: int = 16, max_bytes: Optional[int] = 64 << 20,
                  capacity: Optional[int] = None, held_out: int = 512, held_out_fraction: float = 0.25,
                  half_life: Optional[float] = None, process: Optional[bool] = None,
-                 max_pending_bytes: int = MAX_PENDING_BYTES, **trainer_kwargs):
+                 max_pending_bytes: int = MAX_PENDING_BYTES, pause_during_forward: Optional[bool] = None,
+                 **trainer_kwargs):
         self.target, self.speculator = target, speculator
         nat = speculator.native
         if nat.hidden != target.config.hidden_size or nat.vocab != target.config.vocab_size:
@@ -126,12 +137,17 @@ class LearningLoop:
 
         self.config = head_config(cand)
         self.process = os.name == "posix" if process is None else bool(process)
+        # On the CPU the forward's threads use every core: a trainer that runs
+        # beside them stalls the forward at each of its barriers (measured:
+        # forward 30 -> 37 ms with the trainer at nice 5 or 10), while between
+        # forwards serving runs one Python thread and leaves a core idle.
+        self.pause_during_forward = self.process and (
+            target.model.device.type == "cpu" if pause_during_forward is None else bool(pause_during_forward))
         buffer = dict(capacity=capacity, max_bytes=max_bytes, held_out=held_out,
                       held_out_fraction=held_out_fraction, half_life=half_life)
         if self.process:
-            # A process's niceness weighs against every serving thread: at the
-            # thread's default of 10 the child trained 0 steps in a 2-core
-            # stream, at 5 about 10 a minute (see atlas.learning.process).
+            # Paused during forwards, the process competes with serving only in
+            # the gaps between them (see PROCESS_NICE).
             trainer_kwargs.setdefault("nice", PROCESS_NICE)
             self.trainer = TrainerProcess(cand, speculator, buffer=dict(buffer, topk=topk), live_weights=known_live,
                                           lm_head=target.model.lm_head, counts=lambda: self.tap.counts,
@@ -154,6 +170,17 @@ class LearningLoop:
             self.tap.observe(record)
         except Exception as e:  # noqa: BLE001
             self._error(f"tap failed: {type(e).__name__}: {e}")
+
+    def forward_begins(self) -> None:
+        """The engine calls this before each target forward: with
+        ``pause_during_forward`` the trainer process is stopped until
+        :meth:`forward_ends`."""
+        if self.pause_during_forward:
+            self.trainer.pause()
+
+    def forward_ends(self) -> None:
+        if self.pause_during_forward:
+            self.trainer.resume()
 
     # ---- lifecycle ------------------------------------------------------------------------
 

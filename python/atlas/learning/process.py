@@ -269,6 +269,7 @@ class TrainerProcess:
         self._live_weights = live_weights
         self._lock = threading.Lock()         # counters and the current child, across parent threads
         self._child: Optional[_Child] = None
+        self._paused = False                  # the child is stopped by pause()
         self._request_id = 0
         self.state = "idle"                   # idle | running | stopped | error
         self.pushes = 0
@@ -336,6 +337,30 @@ class TrainerProcess:
         ch = self._child
         return ch.proc.poll() if ch is not None else None
 
+    def pause(self) -> None:
+        """Stops the child (``SIGSTOP``) until :meth:`resume`: the learning
+        loop pauses it while each target forward runs, so that on a machine
+        whose cores the forward's threads all use, the trainer trains in the
+        gaps between forwards instead of preempting them. Cheap (one signal);
+        nothing when no child runs. Should the serving process die while the
+        child is stopped, the child's process group is orphaned and the
+        kernel sends it SIGHUP and SIGCONT, which end it."""
+        self._signal(signal.SIGSTOP, True)
+
+    def resume(self) -> None:
+        """Continues a child stopped by :meth:`pause`."""
+        self._signal(signal.SIGCONT, False)
+
+    def _signal(self, sig, paused: bool) -> None:
+        ch = self._child
+        if ch is None or ch.final is not None or ch.proc.returncode is not None or self._paused == paused:
+            return
+        try:
+            os.kill(ch.proc.pid, sig)
+        except ProcessLookupError:  # it ended; the service thread reports it
+            return
+        self._paused = paused
+
     def start(self) -> None:
         """Starts a child (or a new one, after an error or stop); returns at
         once: the child receives its start-up data from the service thread."""
@@ -355,6 +380,7 @@ class TrainerProcess:
             tables = [self._embed] + ([self._lm_head] if self._lm_head is not None else [])
             ch = self._spawn(init, tables)
             self._child = ch
+            self._paused = False
             self.state = "running"
         for name, target in (("atlas-trainer-service", self._service), ("atlas-trainer-sender", self._sender)):
             t = threading.Thread(target=target, args=(ch,), name=name, daemon=True)
@@ -398,6 +424,7 @@ class TrainerProcess:
         ch = self._child
         if ch is None:
             return
+        self.resume()   # a stopped child could not stop
         ch.stopping = True
         ch.requests.put(("stop",))
         service = ch.threads[0] if ch.threads else None

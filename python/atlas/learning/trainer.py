@@ -52,10 +52,14 @@ share:
   ``atlas.learning.loop.PROCESS_NICE``): the trainer thread's own (Linux
   applies ``setpriority`` to one thread given its id), or the whole child's,
   from before it imports torch;
-* ``max_share``: duty cycle; after a step of t seconds (wall time) the
-  trainer sleeps ``t * (1 - max_share) / max_share`` (default 0.25), which
-  bounds its share of a core even on an otherwise idle machine where
-  niceness does nothing.
+* ``max_share``: duty cycle; after a step that took t seconds of the
+  trainer thread's CPU time, it sleeps ``t * (1 - max_share) / max_share``
+  (default 0.25), which bounds its share of a core even on an otherwise idle
+  machine where niceness does nothing (CPU time, not wall time: a step that
+  was starved or paused does not buy a longer sleep);
+* ``pause_during_forward`` (process mode, see
+  :class:`~atlas.learning.loop.LearningLoop`): the child is stopped
+  (``SIGSTOP``) while each target forward runs and continued after it.
 
 On two cores there is no share that is free for serving: serving's two
 OpenMP threads keep both busy, and a forward whose thread is preempted waits
@@ -79,9 +83,11 @@ busy: the CPU share is. At the thread's settings the process trains no more
 than the thread did (its first 3.5 s go to starting up: importing torch,
 reading the tables, building its heads), for about the same cost to
 serving; lowering ``nice`` buys steps, at about a third of serving
-throughput for 30 steps a minute. A process's default niceness is
-therefore 5 (a learning loop that learns, at a cost to serving that
-``nice`` and ``max_share`` trade). The child stays in the
+throughput for 30 steps a minute. The learning loop therefore pauses
+the process during each target forward on the CPU, where a trainer beside
+the forward stalls it at every barrier, and gives it niceness 0 (see
+``atlas.learning.loop.PROCESS_NICE``): it trains in the gaps between
+forwards, about 20 steps a minute, for about a sixth of serving throughput. The child stays in the
 serving process's session: Linux shares the CPU equally between sessions
 (autogroups), and a child in a session of its own got half the machine
 whatever its niceness (about 48 steps a minute, serving at 32 tokens/s).
@@ -296,7 +302,7 @@ class Trainer:
             batch = self.buffer.sample(self.batch_size, self.rng)
             if batch is None:
                 break
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             loss, _ = self.loss(batch)
             if torch.isfinite(loss):
                 self.opt.zero_grad(set_to_none=True)
@@ -305,12 +311,12 @@ class Trainer:
                 self.last_loss = float(loss.detach())
             else:
                 self.skipped_steps += 1
-            dt = time.perf_counter() - t0
-            self.seconds += dt
+            self.seconds += time.perf_counter() - t0
+            cpu = time.thread_time() - c0
             self.steps_done += 1
             done += 1
             if throttle and self.max_share < 1.0:
-                self._stop.wait(dt * (1.0 - self.max_share) / self.max_share)
+                self._stop.wait(cpu * (1.0 - self.max_share) / self.max_share)
         return done
 
     def ready(self) -> bool:
