@@ -43,7 +43,7 @@ from .head import DraftHead
 from .process import MAX_PENDING_BYTES, TrainerProcess
 from .replay import ReplayBuffer
 from .tap import Tap
-from .trainer import Trainer
+from .trainer import Trainer, check_head_fits
 
 log = logging.getLogger("atlas.learning")
 
@@ -117,10 +117,7 @@ class LearningLoop:
             known_live = adaptive.weights
             self.restored = str(self.dir / ADAPTIVE)
         elif head is not None:
-            if (head.hidden, head.intermediate, head.draft_vocab) != (nat.hidden, nat.intermediate,
-                                                                      nat.draft_vocab):
-                raise ValueError("head does not match the speculator's native head (hidden, intermediate, "
-                                 "draft_vocab)")
+            check_head_fits(head, speculator)
             cand.load_export(head.export())
             if speculator.version == 1:   # built from head and not pushed to since
                 known_live = cand.export()

@@ -87,7 +87,7 @@ import torch
 from .head import DraftHead
 from .replay import Batch, ReplayBuffer
 from .tap import Examples
-from .trainer import Trainer, head_metric, native_metric_arrays
+from .trainer import Trainer, check_head_fits, head_metric, native_metric_arrays
 
 log = logging.getLogger("atlas.learning")
 
@@ -230,12 +230,7 @@ class TrainerProcess:
                  on_push: Optional[Callable[[int, dict, float], None]] = None,
                  max_pending_bytes: int = MAX_PENDING_BYTES, **settings):
         self.settings = Trainer.check_settings(**settings)
-        nat = speculator.native
-        if (nat.hidden, nat.intermediate, nat.draft_vocab) != (head.hidden, head.intermediate, head.draft_vocab):
-            raise ValueError(
-                f"head (hidden {head.hidden}, intermediate {head.intermediate}, draft_vocab {head.draft_vocab}) "
-                f"does not match the speculator's native head (hidden {nat.hidden}, intermediate "
-                f"{nat.intermediate}, draft_vocab {nat.draft_vocab})")
+        check_head_fits(head, speculator)
         self.buffer_settings = dict(buffer or {})
         capacity, _ = ReplayBuffer.plan(head.hidden, **self.buffer_settings)
         if not isinstance(max_pending_bytes, int) or max_pending_bytes < 0:

@@ -182,6 +182,17 @@ def _lower_thread_priority(nice: int) -> None:
         log.debug("could not raise the trainer thread's niceness: %s", e)
 
 
+def check_head_fits(head: DraftHead, speculator) -> None:
+    """Raises ValueError unless ``head``'s shapes are those of the
+    speculator's native head (what a trainer pushes to)."""
+    nat = speculator.native
+    if (nat.hidden, nat.intermediate, nat.draft_vocab) != (head.hidden, head.intermediate, head.draft_vocab):
+        raise ValueError(
+            f"head (hidden {head.hidden}, intermediate {head.intermediate}, draft_vocab {head.draft_vocab}) "
+            f"does not match the speculator's native head (hidden {nat.hidden}, intermediate "
+            f"{nat.intermediate}, draft_vocab {nat.draft_vocab})")
+
+
 def _check_settings(*, lr, batch_size, steps_per_round, min_held_out, threads, max_share, **_) -> None:
     for name, v in (("batch_size", batch_size), ("steps_per_round", steps_per_round),
                     ("min_held_out", min_held_out)):
@@ -237,13 +248,7 @@ class Trainer:
         if head.hidden != buffer.hidden:
             raise ValueError(f"head hidden size {head.hidden} != buffer hidden size {buffer.hidden}")
         if speculator is not None:
-            nat = speculator.native
-            if (nat.hidden, nat.intermediate, nat.draft_vocab) != (head.hidden, head.intermediate,
-                                                                   head.draft_vocab):
-                raise ValueError(
-                    f"head (hidden {head.hidden}, intermediate {head.intermediate}, draft_vocab "
-                    f"{head.draft_vocab}) does not match the speculator's native head (hidden {nat.hidden}, "
-                    f"intermediate {nat.intermediate}, draft_vocab {nat.draft_vocab})")
+            check_head_fits(head, speculator)
         _check_settings(lr=lr, batch_size=batch_size, steps_per_round=steps_per_round,
                         min_held_out=min_held_out, threads=threads, max_share=max_share)
         self.head, self.buffer, self.speculator = head, buffer, speculator
