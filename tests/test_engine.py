@@ -306,3 +306,43 @@ def test_device_must_be_one_atlas_can_run_on(tiny):
             atlas.Engine(target, speculators=None, device="cuda")
     assert target.model.device.type == "cpu"   # left where it was
     assert atlas.Engine(target, speculators=None, device="cpu").device.type == "cpu"
+
+
+def test_serving_work_between_forwards_runs_on_one_thread_beside_a_gap_trainer(tiny):
+    """An observer with forward_begins (the learning loop, whose trainer process
+    runs in the gaps between forwards) makes the engine run its own torch work
+    there on one thread, and every forward on the engine's threads; the
+    caller's thread count comes back afterwards."""
+    model, target = tiny
+    seen = {"forward": set(), "gap": set()}
+
+    class GapTrainer:
+        def forward_begins(self):
+            seen["gap"].add(torch.get_num_threads())
+
+        def forward_ends(self):
+            seen["gap"].add(torch.get_num_threads())
+
+        def observe(self, record):
+            seen["gap"].add(torch.get_num_threads())
+
+    forward = target.forward
+
+    def counting_forward(*args, **kwargs):
+        seen["forward"].add(torch.get_num_threads())
+        return forward(*args, **kwargs)
+
+    outer = torch.get_num_threads()
+    p = random_prompts(target.config.vocab_size, 1, seed=11)[0]
+    target.forward = counting_forward
+    try:
+        truth = {tuple(p): hf_greedy(model, p, 12)}
+        engine = atlas.Engine(target, speculators=[OracleDrafts(truth, depth=3)], threads=2,
+                              observers=[GapTrainer()])
+        out = engine.generate([p], max_new_tokens=12)[0]
+    finally:
+        del target.forward
+    assert seen["gap"] == {1}
+    assert seen["forward"] == {2}
+    assert torch.get_num_threads() == outer
+    assert_same_greedy(model, p, truth[tuple(p)], out.token_ids)

@@ -641,3 +641,18 @@ def test_learned_speculator_is_lossless_and_learns_through_the_engine(one_torch_
                           controller=atlas.Controller(1, max_nodes=8, select="all"))
     outs = engine.generate(held_out, max_new_tokens=n_new)
     assert sum(o.stats.accepted for o in outs) / sum(o.stats.steps for o in outs) == results["trained"]
+
+
+def test_drafting_top_probabilities_are_the_softmax_top_k():
+    from atlas.speculators.learned import _top_probs
+    rng = np.random.default_rng(5)
+    logits = (rng.standard_normal((5, 300)) * 4).astype(np.float32)
+    logits[2, 7] = 60.0   # one dominant token: its probability is ~1, the rest ~0
+    for k in (1, 4, 300):
+        probs, cols = _top_probs(logits, k)
+        want_p, want_c = torch.topk(torch.softmax(torch.from_numpy(logits), -1), k, dim=-1)
+        np.testing.assert_allclose(np.array(probs), want_p.numpy(), rtol=1e-5, atol=1e-7)
+        assert np.array(cols)[:, 0].tolist() == want_c[:, 0].tolist()
+        assert all(p[i] >= p[i + 1] for p in probs for i in range(k - 1))
+        got = np.take_along_axis(torch.softmax(torch.from_numpy(logits), -1).numpy(), np.array(cols), 1)
+        np.testing.assert_allclose(got, np.array(probs), rtol=1e-5, atol=1e-7)

@@ -35,6 +35,22 @@ from .. import _native
 from . import Speculator
 
 
+def _top_probs(logits: np.ndarray, k: int):
+    """Per row of ``logits`` ``[n, V]``: the k largest softmax probabilities,
+    descending, and their columns, as lists. In numpy on purpose: it runs on
+    the serving thread between target forwards, while a trainer process may
+    hold the other cores, and torch's multi-threaded reductions wait on
+    preempted threads there (measured: drafting 5.0 -> 9.7 ms per step with
+    a busy child process, unchanged with numpy)."""
+    m = logits.max(axis=1, keepdims=True)
+    e = np.exp(logits - m)
+    total = e.sum(axis=1, keepdims=True)
+    cols = np.argpartition(logits, logits.shape[1] - k, axis=1)[:, -k:]
+    vals = np.take_along_axis(e, cols, axis=1) / total
+    order = np.argsort(-vals, axis=1, kind="stable")
+    return np.take_along_axis(vals, order, axis=1).tolist(), np.take_along_axis(cols, order, axis=1).tolist()
+
+
 class LearnedSpeculator(Speculator):
     """Drafts with a learned head. ``head`` is an
     :class:`atlas.learning.head.DraftHead`: its configuration and frozen
@@ -138,10 +154,7 @@ class LearnedSpeculator(Speculator):
             f_hat = np.empty((n, self.hidden), np.float32)
             logits = np.empty((n, len(ids)), np.float32)
             snap.forward(np.ascontiguousarray(feats), toks, f_hat, logits)
-            k = min(self.topk, len(ids))
-            probs = torch.softmax(torch.from_numpy(logits), dim=-1)
-            top_p, top_j = torch.topk(probs, k, dim=-1)
-            top_p, top_j = top_p.tolist(), top_j.tolist()
+            top_p, top_j = _top_probs(logits, min(self.topk, len(ids)))
             new = {}  # job -> [(candidate, row of its parent's f_hat)]
             for row, (j, cand, pp) in enumerate(frontier):
                 job = jobs[j]
