@@ -449,6 +449,39 @@ void verify(py::handle logits_obj, py::handle tokens_obj, py::handle parents_obj
   throw_if_error(st);
 }
 
+void top_k_probs(py::handle logits_obj, py::handle k_obj, py::handle ids_obj, py::handle probs_obj,
+                 py::handle workspace_obj) {
+  View logits = view_of(logits_obj, "logits");
+  logits.dtype({Elem::kF32, Elem::kBF16}).dims(2).cpu().inner_dense();
+  const int64_t rows = logits.shape[0];
+  const int64_t vocab = logits.shape[1];
+  if (vocab < 1) fail("logits must have at least one column (vocab >= 1), got shape " + logits.shape_str());
+  const int64_t k = checked_int(k_obj, "k", 1, vocab);
+  View ids = view_of(ids_obj, "ids_out");
+  ids.dtype({Elem::kI32}).dims(2).cpu().dense().output().dim(0, rows, "logits.shape[0]").dim(1, k, "k");
+  View probs = view_of(probs_obj, "probs_out");
+  probs.dtype({Elem::kF32}).dims(2).cpu().dense().output().dim(0, rows, "logits.shape[0]").dim(1, k, "k");
+  View ws = view_of(workspace_obj, "workspace");
+  ws.dtype({Elem::kU8}).dims(1).cpu().dense().output();
+  atlas::TopKProblem p;
+  p.logits = logits.data;
+  p.logits_dtype = logits.elem == Elem::kF32 ? atlas::DType::kFloat32 : atlas::DType::kBFloat16;
+  p.vocab = vocab;
+  p.logits_row_stride = rows > 1 ? logits.strides[0] : vocab;
+  p.rows = rows;
+  p.k = static_cast<int32_t>(k);
+  p.ids_out = ids.ptr<int32_t>();
+  p.probs_out = probs.ptr<float>();
+  p.workspace = ws.data;
+  p.workspace_bytes = ws.numel();
+  atlas::Status st;
+  {
+    py::gil_scoped_release nogil;
+    st = atlas::top_k_probs(p);
+  }
+  throw_if_error(st);
+}
+
 // ---- tree attention ------------------------------------------------------------------
 
 void tree_attention(const KVCache& kv, py::handle layer, py::handle q_obj, py::handle out_obj,
@@ -1159,6 +1192,10 @@ PYBIND11_MODULE(_native, m) {
         py::arg("draft_probs"), py::arg("accepted_out"), py::arg("emitted_out"), py::arg("num_accepted_out"),
         py::arg("workspace"),
         "Verify a batch of flattened draft trees against target logits; writes the *_out arrays.");
+  m.def("top_k_probs", &top_k_probs, py::arg("logits"), py::arg("k"), py::arg("ids_out"), py::arg("probs_out"),
+        py::arg("workspace"),
+        "Per logits row: the k most probable tokens (descending) and their softmax probabilities over the "
+        "whole row, into ids_out [rows, k] int32 and probs_out [rows, k] float32 (verify.h: top_k_probs).");
   m.def("philox_uniform", [](uint64_t seed, uint64_t position, uint32_t stream, uint32_t j) {
     return atlas::philox_uniform(seed, position, stream, j);
   }, py::arg("seed"), py::arg("position"), py::arg("stream"), py::arg("j"),

@@ -1199,3 +1199,65 @@ def test_nasty_inputs_do_not_crash_the_interpreter():
     lines = run.stdout.splitlines()
     # Everything malformed was refused with an exception; the extreme but valid ones ran.
     assert sum(line.startswith("raised") for line in lines) >= 10, run.stdout
+
+
+# ---- top_k_probs: the learning tap's view of a target distribution --------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_top_k_probs_matches_a_float64_softmax(dtype):
+    from atlas.learning.tap import topk_distribution
+    g = torch.Generator().manual_seed(3)
+    vocab = 5000
+    logits = (torch.randn(7, vocab, generator=g) * 4).to(dtype)
+    logits[1, 100:140] = 40.0                     # ties: kept in ascending id
+    logits[2, ::3] = -float("inf")                # masked tokens have probability 0
+    logits[3] = -30.0
+    logits[3, 4999] = 30.0                        # one certain token
+    for k in (1, 16, 64, vocab):
+        ids, probs = topk_distribution(logits, k)
+        assert ids.shape == probs.shape == (7, k) and ids.dtype == np.int32 and probs.dtype == np.float32
+        x = logits.double()
+        p = torch.softmax(x, -1)
+        for r in range(7):
+            order = sorted(range(vocab), key=lambda j: (-float(x[r, j]), j))[:k]
+            assert ids[r].tolist() == order
+            # verify.h: relative error below 4e-7 + 2e-7 t for a token 2^-t times the top one.
+            want = p[r, order].numpy()
+            zero = want == 0                       # masked tokens
+            assert np.all(probs[r][zero] == 0)
+            t = np.log2(want[0] / want[~zero])
+            assert np.all(np.abs(probs[r][~zero] / want[~zero] - 1) <= 4e-7 + 2e-7 * t + 1e-7)
+    assert ids[1, :40].tolist() == list(range(100, 140))
+    assert probs[3, 0] == pytest.approx(1.0)
+
+
+def test_top_k_probs_rejects_bad_input_clearly():
+    ws = np.empty(_native.verify_workspace_bytes(50), np.uint8)
+    good = np.random.default_rng(0).standard_normal((3, 50)).astype(np.float32)
+    ids, probs = np.empty((3, 4), np.int32), np.empty((3, 4), np.float32)
+    _native.top_k_probs(good, 4, ids, probs, ws)
+    bad_row = good.copy()
+    bad_row[1, 7] = np.nan
+    with pytest.raises(ValueError, match="row 1 holds NaN or \\+inf"):
+        _native.top_k_probs(bad_row, 4, ids, probs, ws)
+    masked = good.copy()
+    masked[2] = -np.inf
+    with pytest.raises(ValueError, match="row 2 is all -inf"):
+        _native.top_k_probs(masked, 4, ids, probs, ws)
+    for k in (0, 51, -1):
+        with pytest.raises(ValueError, match="k"):
+            _native.top_k_probs(good, k, ids, probs, ws)
+    with pytest.raises(ValueError, match="ids_out"):
+        _native.top_k_probs(good, 4, np.empty((3, 5), np.int32), probs, ws)
+    with pytest.raises(ValueError, match="probs_out"):
+        _native.top_k_probs(good, 4, ids, np.empty((3, 4), np.float64), ws)
+    with pytest.raises(ValueError, match="workspace"):
+        _native.top_k_probs(good, 4, ids, probs, np.empty(16, np.uint8))
+    with pytest.raises(ValueError, match="logits"):
+        _native.top_k_probs(good.astype(np.float64), 4, ids, probs, ws)
+    with pytest.raises(ValueError, match="logits"):
+        _native.top_k_probs(good[:, ::2], 4, ids, probs, ws)
+    from atlas.learning.tap import topk_distribution
+    with pytest.raises(ValueError, match="NaN"):
+        topk_distribution(torch.from_numpy(bad_row).half(), 4)   # the torch path checks too

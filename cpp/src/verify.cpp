@@ -1348,7 +1348,58 @@ Status validate(const VerifyProblem& p, const Workspace& ws) {
   return Status::Ok();
 }
 
+// One row of top_k_probs().
+template <class T>
+Status top_k_row(const T* row, int32_t n, int32_t k, const Workspace& ws, int64_t r, int32_t* ids, float* probs) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  const DenseRow d = exp_row(row, n, kLog2e, ws.w, ws.block_max, ws.block_sum);
+  if (!d.finite || d.max == -kInf)
+    return Status::Invalid("logits row " + std::to_string(r) +
+                           (d.finite ? " is all -inf" : " holds NaN or +inf"));
+  // exp_row's weights are no longer needed: ws.w takes the block maxima.
+  const RowMax m = block_maxima(row, n, ws.w);
+  int32_t count = top_k_candidates(row, n, k, ws.w, ws.cand);
+  exp_cands(ws.cand, count, m.max, kLog2e);
+  std::sort(ws.cand, ws.cand + count, cand_before);
+  const double inv = 1.0 / d.total;
+  for (int32_t i = 0; i < k; ++i) {
+    ids[i] = ws.cand[i].id;
+    probs[i] = static_cast<float>(static_cast<double>(ws.cand[i].w) * inv);
+  }
+  return Status::Ok();
+}
+
 }  // namespace
+
+Status top_k_probs(const TopKProblem& p) {
+  if (p.vocab < 1 || p.vocab > kMaxVocab)
+    return Status::Invalid("vocab must be in [1, 2^30], got " + std::to_string(p.vocab));
+  if (p.rows < 0) return Status::Invalid("rows must be >= 0, got " + std::to_string(p.rows));
+  if (p.k < 1 || p.k > p.vocab)
+    return Status::Invalid("k must be in [1, vocab = " + std::to_string(p.vocab) + "], got " + std::to_string(p.k));
+  if (p.logits_row_stride < p.vocab)
+    return Status::Invalid("the logits row stride must be >= vocab");
+  if (p.rows > 0 && (!p.logits || !p.ids_out || !p.probs_out))
+    return Status::Invalid("logits, ids_out and probs_out must not be null");
+  if (!p.workspace || p.workspace_bytes < verify_workspace_bytes(p.vocab))
+    return Status::Invalid("the workspace must hold verify_workspace_bytes(vocab) = " +
+                           std::to_string(verify_workspace_bytes(p.vocab)) + " bytes, got " +
+                           std::to_string(p.workspace_bytes));
+  Workspace ws;
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(p.workspace);
+  workspace_layout(p.vocab, static_cast<char*>(p.workspace) + (kAlign - addr % kAlign) % kAlign, &ws);
+  const int32_t n = static_cast<int32_t>(p.vocab);
+  for (int64_t r = 0; r < p.rows; ++r) {
+    int32_t* ids = p.ids_out + r * p.k;
+    float* probs = p.probs_out + r * p.k;
+    const Status st =
+        p.logits_dtype == DType::kFloat32
+            ? top_k_row(static_cast<const float*>(p.logits) + r * p.logits_row_stride, n, p.k, ws, r, ids, probs)
+            : top_k_row(static_cast<const uint16_t*>(p.logits) + r * p.logits_row_stride, n, p.k, ws, r, ids, probs);
+    if (!st.ok()) return st;
+  }
+  return Status::Ok();
+}
 
 double philox_uniform(uint64_t seed, uint64_t position, uint32_t stream, uint32_t j) {
   const PhiloxOut out = philox_two_words(seed, position, stream, j);

@@ -135,6 +135,29 @@ int64_t verify_workspace_bytes(int64_t vocab);
 // The caller owns every array; verify() allocates nothing.
 Status verify(const VerifyProblem& problem);
 
+// The target's k most probable next tokens, for the learning tap: for each of
+// `rows` logits rows, the k tokens with the largest logits (descending; equal
+// logits in ascending id) and their softmax probabilities at temperature 1
+// over the whole row, computed as the verifier computes a dense row (weights
+// 2^((x - max) log2 e) in float, their total in double). Single-threaded and
+// allocation-free: it runs on the serving thread between target forwards.
+// Validates everything first and writes nothing when the problem is invalid;
+// a row holding NaN or +inf, or only -inf, is an error naming the row (rows
+// before it are written).
+struct TopKProblem {
+  const void* logits = nullptr;          // [rows, vocab]
+  DType logits_dtype = DType::kFloat32;
+  int64_t vocab = 0;
+  int64_t logits_row_stride = 0;         // elements, >= vocab
+  int64_t rows = 0;
+  int32_t k = 0;                         // in [1, vocab]
+  int32_t* ids_out = nullptr;            // [rows, k] token ids
+  float* probs_out = nullptr;            // [rows, k] probabilities
+  void* workspace = nullptr;             // verify_workspace_bytes(vocab) bytes, any alignment
+  int64_t workspace_bytes = 0;
+};
+Status top_k_probs(const TopKProblem& problem);
+
 // The Philox-4x32-10 uniform described above; exposed for tests and the CUDA twin.
 double philox_uniform(uint64_t seed, uint64_t position, uint32_t stream, uint32_t j);
 
