@@ -104,3 +104,28 @@ def test_a_cheap_speculator_is_never_skipped():
         ctl.observe(trees, origins, [np.zeros(0, np.int32)], [True])
     assert ctl.skipped[0] == 0
 
+
+
+def test_calibration_follows_a_sudden_shift_within_a_few_hundred_nodes():
+    """Steady traffic leaves the drift correction near 1; when acceptance
+    drops from 90% to 20% at the same confidence, the estimate follows within
+    a few hundred verified nodes, while the 5,000-node counts alone would
+    still say about 0.8."""
+    from atlas.controller import DRIFT_MEMORY, _Calibration
+    rng = np.random.default_rng(0)
+    cal = _Calibration()
+    for _ in range(6000):
+        cal.record(1, 0.85, bool(rng.random() < 0.9))
+    assert cal.prob(1, 0.85) == pytest.approx(0.9, abs=0.03)
+    assert cal.drift == pytest.approx(1.0, abs=0.06)
+    for _ in range(DRIFT_MEMORY):
+        cal.record(1, 0.85, bool(rng.random() < 0.2))
+    assert cal.counted(1, 0.85) > 0.75          # the slow counts have barely moved
+    assert cal.prob(1, 0.85) < 0.5              # the corrected estimate has
+    for _ in range(DRIFT_MEMORY):
+        cal.record(1, 0.85, bool(rng.random() < 0.2))
+    assert cal.counted(1, 0.85) > 0.65
+    assert cal.prob(1, 0.85) < 0.35
+    for _ in range(3 * DRIFT_MEMORY):           # and it settles on the new level
+        cal.record(1, 0.85, bool(rng.random() < 0.2))
+    assert cal.prob(1, 0.85) == pytest.approx(0.2, abs=0.07)

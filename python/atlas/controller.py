@@ -7,7 +7,11 @@ Vocabulary:
 * **calibrated acceptance** of a node: the estimated probability that the
   target accepts it given that its parent was accepted. It is learned online,
   per speculator and depth, as a function of the speculator's confidence
-  (binned), from every verified node whose parent was accepted;
+  (binned), from every verified node whose parent was accepted (counts with a
+  memory of about 5,000 nodes), times a *drift* correction: the acceptance
+  of the speculator's last few hundred nodes over what the counts predicted
+  for them, so that a sudden shift of traffic is followed within a request
+  or two;
 * **path probability** of a node: the product of calibrated acceptances from
   the root to it, i.e. the chance the node's token is emitted; the expected
   number of tokens a step emits is ``1 + sum`` of the path probabilities of
@@ -58,6 +62,14 @@ PRIOR_WEIGHT = 2.0
 # Per-observation decay of the calibration counts: a memory of about 5,000
 # verified nodes per speculator, so the estimates follow traffic that shifts.
 DECAY = 1.0 - 1.0 / 5000
+# Memory (verified nodes) of the drift check: the acceptance observed over the
+# last few hundred nodes against what the calibration predicted for them. A
+# sudden shift (code to prose) moves it within a request or two, long before
+# the 5,000-node counts follow; in steady traffic it stays near 1.
+DRIFT_MEMORY = 300
+# Nodes before the drift check applies, and the range of its correction.
+DRIFT_MIN_OBS = 50
+DRIFT_RANGE = (0.2, 2.0)
 # Share of steps on which the speculator not currently trusted (fallback pair)
 # still runs, so that its acceptance estimate stays current.
 EXPLORE_EVERY = 10
@@ -80,19 +92,39 @@ class _Calibration:
     tried: np.ndarray = field(default_factory=lambda: np.zeros((MAX_DEPTH_BUCKET, CONF_BINS)))
     recent: float = 0.0       # EWMA of acceptance (parent accepted) over all this speculator's nodes
     recent_n: float = 0.0
+    # The drift check: EWMAs, over the last DRIFT_MEMORY nodes, of acceptance
+    # and of what the counts predicted for those nodes; their ratio scales
+    # every estimate (see DRIFT_MEMORY).
+    fast_ok: float = 0.0
+    fast_pred: float = 0.0
+    fast_n: float = 0.0
+    drift: float = 1.0
 
-    def prob(self, depth: int, conf: float) -> float:
-        # Two-level estimate: the confidence bin pooled over all depths (prior:
-        # acceptance = confidence) is the prior of the depth's own estimate, so
-        # what is learnt at shallow depths carries to deep ones before they
-        # have been tried.
+    def counted(self, depth: int, conf: float) -> float:
+        """The estimate from the decayed counts alone. Two-level: the
+        confidence bin pooled over all depths (prior: acceptance =
+        confidence) is the prior of the depth's own estimate, so what is
+        learnt at shallow depths carries to deep ones before they have been
+        tried."""
         d = min(depth, MAX_DEPTH_BUCKET) - 1
         b = min(int(conf * CONF_BINS), CONF_BINS - 1)
         prior = (b + 0.5) / CONF_BINS
         pooled = (self.accepted[:, b].sum() + PRIOR_WEIGHT * prior) / (self.tried[:, b].sum() + PRIOR_WEIGHT)
         return (self.accepted[d, b] + PRIOR_WEIGHT * pooled) / (self.tried[d, b] + PRIOR_WEIGHT)
 
+    def prob(self, depth: int, conf: float) -> float:
+        """Calibrated acceptance: the counted estimate times the drift
+        correction, at most 1."""
+        p = self.counted(depth, conf)
+        return p if self.drift == 1.0 else min(p * self.drift, 1.0)
+
     def record(self, depth: int, conf: float, ok: bool) -> None:
+        pred = self.counted(depth, conf)
+        self.fast_n = min(self.fast_n + 1, DRIFT_MEMORY)
+        self.fast_ok += (ok - self.fast_ok) / self.fast_n
+        self.fast_pred += (pred - self.fast_pred) / self.fast_n
+        if self.fast_n >= DRIFT_MIN_OBS and self.fast_pred > 0:
+            self.drift = min(max(self.fast_ok / self.fast_pred, DRIFT_RANGE[0]), DRIFT_RANGE[1])
         d = min(depth, MAX_DEPTH_BUCKET) - 1
         b = min(int(conf * CONF_BINS), CONF_BINS - 1)
         self.accepted *= DECAY
@@ -450,6 +482,7 @@ class Controller:
         """Current estimates, for reports."""
         return {
             "acceptance": [round(c.recent, 4) for c in self.calib],
+            "drift": [round(c.drift, 3) for c in self.calib],
             "tokens_per_step": [round(float(g), 4) for g in self.gain],
             "trusted": self.trusted,
             "forward_seconds": {n: round(self.cost(n), 5) for n in self.cost.known_sizes},
