@@ -179,11 +179,13 @@ class Engine:
     ``max_batch`` caps how many requests share a step; ``kv_cache_tokens`` sizes
     the paged KV cache (tokens of all requests together). Requests that do not
     fit wait for earlier ones to finish; one that cannot fit even alone raises
-    :class:`atlas.CacheFullError`. ``threads``: torch threads while serving
-    (set for the duration of each ``generate`` / ``stream``; default: torch's
-    count when the engine is made). The learning loop's trainer runs beside
-    serving at a low priority, in a child process (see
-    :mod:`atlas.learning.trainer`); :meth:`close` stops it. ``device`` (e.g.
+    :class:`atlas.CacheFullError`. ``threads``: torch threads of the target
+    forwards (set for the duration of each ``generate`` / ``stream``; default:
+    torch's count when the engine is made); when an observer trains between
+    forwards on the CPU (the learning loop), the engine's own work there runs
+    on one thread (see :meth:`_gap_threads`). The learning loop's trainer
+    runs in a child process, stopped during each target forward on the CPU
+    (see :mod:`atlas.learning.trainer`); :meth:`close` stops it. ``device`` (e.g.
     ``"cuda"``) moves the target's weights there (in place) and runs its
     forward, the KV cache, tree attention and verification on that device;
     speculators draft on the host from host copies of what they read.
