@@ -23,6 +23,7 @@
 #include "atlas/suffix.h"
 #include "atlas/tree.h"
 #include "atlas/verify.h"
+#include "atlas/linear.h"
 
 namespace py = pybind11;
 
@@ -163,7 +164,7 @@ struct View {
     return *this;
   }
   View& inner_dense() {
-    if (ndim() >= 1 && shape.back() > 1 && strides.back() != 1)
+    if (ndim() >= 1 && numel() > 0 && shape.back() > 1 && strides.back() != 1)
       fail(name + " must be contiguous in its last dimension");
     return *this;
   }
@@ -478,6 +479,50 @@ void top_k_probs(py::handle logits_obj, py::handle k_obj, py::handle ids_obj, py
   {
     py::gil_scoped_release nogil;
     st = atlas::top_k_probs(p);
+  }
+  throw_if_error(st);
+}
+
+// ---- small-batch linear layers ------------------------------------------------------------
+
+std::unique_ptr<atlas::PackedLinear> make_packed_linear(py::handle weight_obj, const std::string& simd) {
+  View w = view_of(weight_obj, "weight");
+  w.dtype({Elem::kF32}).dims(2).cpu().inner_dense();
+  if (simd != "auto" && simd != "baseline") fail("simd must be 'auto' or 'baseline', got '" + simd + "'");
+  auto lin = std::make_unique<atlas::PackedLinear>();
+  const int64_t n = w.shape[0], k = w.shape[1];
+  const int64_t stride = n > 1 ? w.strides[0] : k;
+  {
+    py::gil_scoped_release nogil;
+    throw_if_error(lin->init(w.ptr<const float>(), n, k, stride, simd == "auto"));
+  }
+  return lin;
+}
+
+void packed_linear_forward(const atlas::PackedLinear& lin, py::handle x_obj, py::handle out_obj, py::handle bias_obj,
+                           py::handle threads_obj) {
+  const int64_t threads = checked_int(threads_obj, "threads", 1, atlas::kLinearMaxThreads);
+  View x = view_of(x_obj, "x");
+  x.dtype({Elem::kF32}).dims(2).cpu().inner_dense().dim(1, lin.in_features(), "in_features");
+  const int64_t rows = x.shape[0];
+  View out = view_of(out_obj, "out");
+  out.dtype({Elem::kF32}).dims(2).cpu().inner_dense().output().dim(0, rows, "x.shape[0]")
+      .dim(1, lin.out_features(), "out_features");
+  View bias = optional_view(bias_obj, "bias");
+  if (bias.data) bias.dtype({Elem::kF32}).dims(1).cpu().dense().dim(0, lin.out_features(), "out_features");
+  const int64_t ldx = rows > 1 ? x.strides[0] : lin.in_features();
+  const int64_t ldy = rows > 1 ? out.strides[0] : lin.out_features();
+  if (rows > 1 && (ldx < lin.in_features() || ldy < lin.out_features()))
+    fail("x and out must not have overlapping rows (row strides >= their widths)");
+  const char* xb = x.ptr<const char>();
+  const char* ob = out.ptr<const char>();
+  const int64_t x_bytes = rows * ldx * 4, out_bytes = rows * ldy * 4;
+  if (rows > 0 && xb < ob + out_bytes && ob < xb + x_bytes) fail("out must not overlap x");
+  atlas::Status st;
+  {
+    py::gil_scoped_release nogil;
+    st = lin.forward(x.ptr<const float>(), rows, ldx, bias.ptr<const float>(), out.ptr<float>(), ldy,
+                     static_cast<int32_t>(threads));
   }
   throw_if_error(st);
 }
@@ -1379,6 +1424,20 @@ PYBIND11_MODULE(_native, m) {
         py::arg("status_out"), py::arg("workspace"), py::arg("stream"), py::arg("check") = true,
         "Tree attention over a cache's CUDA storage through device block tables.");
 #endif
+
+  // -- small-batch linear layers (the target's forward on the CPU)
+  py::class_<atlas::PackedLinear>(m, "PackedLinear",
+      "A float32 weight [N, K] copied into panels for y = x W^T (+ bias) on a few rows, on several threads "
+      "(see atlas/linear.h).")
+      .def(py::init(&make_packed_linear), py::arg("weight"), py::arg("simd") = "auto",
+           "Copies weight (float32 [N, K], CPU, contiguous rows). simd='baseline' keeps to the SSE kernel.")
+      .def("forward", &packed_linear_forward, py::arg("x"), py::arg("out"), py::arg("bias") = py::none(),
+           py::arg("threads") = 1,
+           "out[r] = x[r] W^T (+ bias) for every row of x (float32 [rows, K]) into out (float32 [rows, N]).")
+      .def_property_readonly("out_features", &atlas::PackedLinear::out_features)
+      .def_property_readonly("in_features", &atlas::PackedLinear::in_features)
+      .def_property_readonly("wide", &atlas::PackedLinear::wide,
+                             "Whether the AVX2 + FMA kernel runs (else the SSE baseline).");
 
   // -- draft head (learned speculator)
   py::class_<PyHeadSnapshot>(

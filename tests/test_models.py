@@ -331,30 +331,34 @@ def test_batched_equals_alone(tiny):
 
 
 def test_packed_matrices_give_the_dense_result(tiny):
-    """With oneDNN, CPU float32 models carry packed copies of their matrices
-    for products of several rows; a tree step gives the same logits with and
-    without them, and moving the model keeps them where they apply."""
+    """CPU float32 models carry panel copies of their matrices (and, with
+    oneDNN, packed ones) for small products; a prefill and a tree step give
+    the same logits with and without them, and moving the model keeps them
+    where they apply."""
     _, model, _ = tiny
     target = atlas.load(model)
     m = target.model
-    if not torch.backends.mkldnn.is_available():
-        assert not m.packed
-        pytest.skip("this torch build has no oneDNN")
     assert m.packed and all(set(L.packed) == {"qkv", "o", "gate_up", "down"} for L in m.layers)
+    for L in m.layers:
+        for p in L.packed.values():
+            assert p.panels is not None
+            assert (p.onednn is not None) == torch.backends.mkldnn.is_available()
     assert not atlas.load(model, dtype=torch.bfloat16).model.packed
     rng = np.random.default_rng(3)
     V = target.vocab_size
-    prompt = [int(x) for x in rng.integers(0, V, 9)]
-    tree = random_tree(rng, int(rng.integers(0, V)), 8, V)
+    prompt = [int(x) for x in rng.integers(0, V, 20)]     # > _PANEL_MAX_ROWS: oneDNN (or dense)
+    tree = random_tree(rng, int(rng.integers(0, V)), 8, V)   # panels
+    threads = torch.get_num_threads()
 
     def run():
-        cache = target.new_cache(num_blocks=8, block_size=4)
+        cache = target.new_cache(num_blocks=16, block_size=4)
         s = cache.create()
         (lp,), _ = step(target, cache, [(s, prompt, chain(len(prompt)))])
         (lt,), _ = step(target, cache, [(s, *tree)])
         return lp, lt
 
     packed = run()
+    assert torch.get_num_threads() == threads     # the few-rows forward restored it
     m.unpack()
     assert not m.packed
     dense = run()

@@ -24,26 +24,40 @@ from .config import ModelConfig
 # reaches a later position, so a model with a 128k context does not pay for
 # tables it never reads.
 _INITIAL_ROPE_ROWS = 4096
-# CPU float32 matrices also get a copy *packed* for oneDNN (``torch.ops.mkldnn``:
-# the blocked layout its matmul kernels read, made once when the model is
-# built) whenever this torch build has oneDNN, and products of
-# ``_PACKED_MIN_ROWS`` rows or more use it. For the few rows of a draft tree,
-# MKL's sgemm does not stream the weight at the memory's bandwidth and its
-# time grows with the rows, while oneDNN's packed kernels stay near their
-# one-row time. One or two rows (plain decoding) run as ``W @ x^T`` (the
-# weight as the left operand, one row padded to two), which MKL streams
-# faster than ``x @ W^T`` and, in a whole forward, faster than oneDNN. The
-# packed copies double the weights' memory (270 MB more for SmolLM2-135M).
-# SmolLM2-135M forward at 250 tokens of context, 2 torch threads, best of 5,
-# ms, measured with a throwaway script on the 2-core development machine:
-#   rows                  1    2    3    4    6    8   12   16   32
-#   W @ x^T / x @ W^T    24   25   40   34   46   50   73   80  112
-#   oneDNN, packed       30   35   30   31   31   36   39   44   71
-# Without oneDNN, products of up to ``_SMALL_ROWS`` rows (by torch threads)
-# run as ``W @ x^T`` and larger ones as ``F.linear``.
+# CPU float32 matrices get two copies for small products (``pack_weight``):
+# in atlas's panel layout (``_native.PackedLinear``, cpp/include/atlas/linear.h:
+# the weight streamed once at the memory's bandwidth on the forward's threads),
+# used for up to ``_PANEL_MAX_ROWS`` rows, which covers plain decoding and
+# typical draft trees; and, when this torch build has oneDNN, in oneDNN's
+# packed layout (``torch.ops.mkldnn``), used for larger products from
+# ``_PACKED_MIN_ROWS`` rows. Otherwise one or two rows run as ``W @ x^T`` (MKL
+# streams the weight faster as the left operand), up to ``_SMALL_ROWS`` rows
+# (by torch threads) too, and larger products as ``F.linear``. The copies
+# triple the weights' memory (about 1.1 GB more for SmolLM2-135M).
+# Up to ``_PANEL_MAX_ROWS`` rows the forward also runs everything else on one
+# torch thread (see :meth:`LlamaModel.forward`). SmolLM2-135M forward at 250
+# tokens of context, 2 threads, median of 10 or 16, ms, measured with
+# throwaway scripts on the 2-core development machine (Zen 4, so the panel
+# kernel runs its AVX-512 form):
+#   rows                  1    2    3    4    6    8   12   16
+#   W @ x^T / x @ W^T    23   24   35   35   51   55   93   97
+#   oneDNN, packed       23*  24*  28   27   29   34   40   47   (* W @ x^T)
+#   panels               23   24   25   25   27   28   38   46*  (* oneDNN)
+_PANEL_MAX_ROWS = 12
 _PACKED_MIN_ROWS = 3
 _SMALL_ROWS = {1: 6}
 _SMALL_ROWS_DEFAULT = 8
+
+
+class PackedWeight:
+    """The copies of one CPU float32 matrix that :func:`linear` reads: the
+    panel copy (``panels``, a ``_native.PackedLinear``) and, when torch has
+    oneDNN, oneDNN's packed copy (``onednn``); either may be None."""
+
+    __slots__ = ("panels", "onednn")
+
+    def __init__(self, panels, onednn):
+        self.panels, self.onednn = panels, onednn
 
 
 def _packing_available() -> bool:
@@ -78,23 +92,33 @@ def rope_inv_freq(config: ModelConfig, freq_factors: Optional[torch.Tensor] = No
     return inv
 
 
-def pack_weight(weight: torch.Tensor) -> Optional[torch.Tensor]:
-    """A copy of ``weight`` ``[out, in]`` (CPU float32) in oneDNN's packed
-    layout, for :func:`linear`; None when it cannot be packed."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not _packing_available():
+def pack_weight(weight: torch.Tensor) -> Optional[PackedWeight]:
+    """The small-product copies of ``weight`` ``[out, in]`` (CPU float32) for
+    :func:`linear`; None for other devices and dtypes."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
         return None
-    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
+    weight = weight.contiguous()
+    onednn = torch.ops.mkldnn._reorder_linear_weight(weight, None) if _packing_available() else None
+    return PackedWeight(_native.PackedLinear(weight), onednn)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-           packed: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear`` for ``[rows, in]`` inputs: oneDNN's matmul on ``packed``
-    (:func:`pack_weight` of ``weight``) from ``_PACKED_MIN_ROWS`` rows, else
-    ``W @ x^T`` for a few CPU float32 rows (see ``_SMALL_ROWS``; one row is
-    padded to two: MKL's gemv is as slow as ``x @ W^T``), else ``F.linear``."""
+           packed: Optional[PackedWeight] = None, threads: Optional[int] = None) -> torch.Tensor:
+    """``F.linear`` for ``[rows, in]`` inputs. With ``packed``
+    (:func:`pack_weight` of ``weight``): the panel kernel on ``threads``
+    threads (default: torch's count) up to ``_PANEL_MAX_ROWS`` rows, oneDNN's
+    matmul from ``_PACKED_MIN_ROWS`` rows. Otherwise ``W @ x^T`` for a few CPU
+    float32 rows (see ``_SMALL_ROWS``; one row is padded to two: MKL's gemv is
+    as slow as ``x @ W^T``), else ``F.linear``."""
     m = x.shape[0]
-    if packed is not None and m >= _PACKED_MIN_ROWS:
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+    if packed is not None:
+        if packed.panels is not None and m <= _PANEL_MAX_ROWS and x.dim() == 2:
+            x = x.contiguous()
+            out = torch.empty((m, packed.panels.out_features), dtype=torch.float32)
+            packed.panels.forward(x, out, bias, threads or torch.get_num_threads())
+            return out
+        if packed.onednn is not None and m >= _PACKED_MIN_ROWS:
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed.onednn, bias, "none", [], "")
     if x.dim() != 2 or x.device.type != "cpu" or x.dtype != torch.float32 or \
             m > _SMALL_ROWS.get(torch.get_num_threads(), _SMALL_ROWS_DEFAULT):
         return F.linear(x, weight, bias)
@@ -217,14 +241,14 @@ class LlamaModel:
 
     @property
     def packed(self) -> bool:
-        """Whether the matrices have packed copies for oneDNN (CPU float32
-        with a torch built with oneDNN; see ``_PACKED_MIN_ROWS``)."""
+        """Whether the matrices have small-product copies (CPU float32; see
+        :func:`pack_weight`)."""
         return self.lm_head_packed is not None
 
     def pack(self) -> "LlamaModel":
-        """Makes the packed copies of the layer matrices and the LM head where
-        this build and the weights' device and dtype allow (else none).
-        Returns self."""
+        """Makes the small-product copies of the layer matrices and the LM
+        head where the weights' device and dtype allow (else none). Returns
+        self."""
         for L in self.layers:
             L.packed = {name: p for name in _Layer.PACKED if (p := pack_weight(getattr(L, name))) is not None}
         self.lm_head_packed = pack_weight(self.lm_head)
@@ -330,7 +354,7 @@ class LlamaModel:
         device = self.device
         if cache.storage.device != device:
             raise ValueError(f"cache is on {cache.storage.device}, the model on {device}")
-        gpu = None
+        gpu = gpu_inputs = None
         if device.type == "cuda":
             from .. import cuda as gpu
             # Rows that commits and copy-on-write left pending move first (no wait).
@@ -345,13 +369,42 @@ class LlamaModel:
             max_q = int(np.diff(np.asarray(q_offsets)).max())
             q_off_dev = torch.from_numpy(np.asarray(q_offsets, np.int64)).to(device, non_blocking=True)
             parents_dev = torch.from_numpy(np.asarray(parents, np.int32)).to(device, non_blocking=True)
+            gpu_inputs = (tables, lens, max_context, max_q, q_off_dev, parents_dev)
+        # A forward of a few rows (plain decoding, a draft tree) runs its
+        # matrices on the panel kernel's threads and everything else on one
+        # torch thread: its small element-wise products gain nothing from
+        # more, and torch's OpenMP team would fight the panel workers for the
+        # cores (measured, 8 rows on 2 cores: 36.3 ms a forward with torch on
+        # 2 threads, 28.6 on 1).
+        threads = torch.get_num_threads()
+        few = gpu is None and self.lm_head_packed is not None and total <= _PANEL_MAX_ROWS and threads > 1
+        if few:
+            torch.set_num_threads(1)
+        try:
+            return self._layers(cache, seq_ids, tokens, positions, parents, q_offsets, slots, logit_rows, gpu,
+                                threads, gpu_inputs)
+        finally:
+            if few:
+                torch.set_num_threads(threads)
+
+    def _layers(self, cache, seq_ids, tokens, positions, parents, q_offsets, slots, logit_rows, gpu, threads,
+                gpu_inputs):
+        """The body of :meth:`forward` after its checks (``threads``: the
+        panel kernel's; ``gpu_inputs``: the CUDA attention's block tables and
+        bounds)."""
+        c = self.config
+        total = tokens.shape[0]
+        H, KH, D = c.num_heads, c.num_kv_heads, c.head_dim
+        device = self.device
+        if gpu is not None:
+            tables, lens, max_context, max_q, q_off_dev, parents_dev = gpu_inputs
         cos = self.cos[positions].unsqueeze(1)  # [total, 1, D]
         sin = self.sin[positions].unsqueeze(1)
         x = self.embed[tokens]                   # [total, hidden]
         attn = torch.empty((total, H, D), dtype=self.dtype, device=device)
         for i, L in enumerate(self.layers):
             h = rms_norm(x, L.attn_norm, c.rms_norm_eps)
-            qkv = linear(h, L.qkv, L.qkv_bias, L.packed.get("qkv")).view(total, H + 2 * KH, D)
+            qkv = linear(h, L.qkv, L.qkv_bias, L.packed.get("qkv"), threads).view(total, H + 2 * KH, D)
             # RoPE on q and k at once: they are the first H + KH heads of qkv.
             qk = qkv[:, : H + KH]
             qk = qk * cos + qk.view(total, H + KH, 2, D // 2).flip(2).view(total, H + KH, D) * sin
@@ -363,12 +416,12 @@ class LlamaModel:
                 gpu.tree_attention(cache, i, qk[:, :H].contiguous(), tables, lens, q_off_dev, parents_dev,
                                    scale=self.scale, out=attn, max_context=max_context, max_q_per_seq=max_q,
                                    check=False)
-            x = x + linear(attn.view(total, H * D), L.o, L.o_bias, L.packed.get("o"))
+            x = x + linear(attn.view(total, H * D), L.o, L.o_bias, L.packed.get("o"), threads)
             h = rms_norm(x, L.mlp_norm, c.rms_norm_eps)
-            gu = linear(h, L.gate_up, L.gate_up_bias, L.packed.get("gate_up"))
+            gu = linear(h, L.gate_up, L.gate_up_bias, L.packed.get("gate_up"), threads)
             x = x + linear(F.silu(gu[:, : c.intermediate_size]) * gu[:, c.intermediate_size:],
-                             L.down, L.down_bias, L.packed.get("down"))
+                             L.down, L.down_bias, L.packed.get("down"), threads)
         hidden = rms_norm(x, self.norm, c.rms_norm_eps)
         rows = hidden if logit_rows is None else hidden[logit_rows]
-        logits = linear(rows, self.lm_head, None, self.lm_head_packed).float()
+        logits = linear(rows, self.lm_head, None, self.lm_head_packed, threads).float()
         return logits, hidden
