@@ -731,6 +731,33 @@ int64_t head_forward(PyDraftHead& h, const std::shared_ptr<const atlas::HeadWeig
   return w->version();
 }
 
+py::array_t<float> head_snapshot_tensor(const PyHeadSnapshot& s, py::handle name_obj) {
+  if (!py::isinstance<py::str>(name_obj))
+    fail("name must be a str, got " + std::string(py::str(py::type::of(name_obj))));
+  const std::string name = name_obj.cast<std::string>();
+  int32_t t = 0;
+  while (t < atlas::kNumHeadTensors && name != atlas::head_tensor_name(t)) ++t;
+  if (t == atlas::kNumHeadTensors) {
+    std::string names;
+    for (int32_t i = 0; i < atlas::kNumHeadTensors; ++i)
+      names += std::string(names.empty() ? "" : ", ") + atlas::head_tensor_name(i);
+    fail("unknown tensor '" + name + "' (the float tensors are: " + names + ")");
+  }
+  const auto& c = s.owner->head.config();
+  const int64_t H = c.hidden, I = c.intermediate, V = c.draft_vocab;
+  std::vector<py::ssize_t> shape;
+  switch (t) {
+    case atlas::kHeadWIn: shape = {H, 2 * H}; break;
+    case atlas::kHeadWGate: case atlas::kHeadWUp: shape = {I, H}; break;
+    case atlas::kHeadWDown: shape = {H, I}; break;
+    case atlas::kHeadWOut: shape = {V, H}; break;
+    default: shape = {H}; break;
+  }
+  py::array_t<float> out(shape);
+  throw_if_error(s.owner->head.read_tensor(s.weights.get(), t, out.mutable_data(), out.size()));
+  return out;
+}
+
 py::list head_history(const PyDraftHead& h) {
   py::list out;
   for (const auto& r : h.head.history())
@@ -1453,7 +1480,14 @@ PYBIND11_MODULE(_native, m) {
                          py::handle logits_out) {
         return head_forward(*s.owner, s.weights, features, tokens, f_hat_out, logits_out);
       }, py::arg("features"), py::arg("tokens"), py::arg("f_hat_out"), py::arg("logits_out"),
-      "Like DraftHead.forward, with this snapshot's version; returns the version.");
+      "Like DraftHead.forward, with this snapshot's version; returns the version.")
+      .def("tensor", &head_snapshot_tensor, py::arg("name"),
+           "The pushed tensor `name` (w_in, b_in, ...) as this version's forward uses it: a float32 copy in "
+           "torch layout [out, in]; a matrix's values are the pushed ones rounded to bfloat16 (how the native "
+           "head stores them), widened back to float32.")
+      .def_property_readonly("nbytes", [](const PyHeadSnapshot& s) { return s.weights->bytes(); },
+                             "Bytes of weights this version holds (matrices in bfloat16, padded to whole "
+                             "panels; vectors in float32; draft ids).");
   py::class_<PyDraftHead, std::shared_ptr<PyDraftHead>>(m, "DraftHead",
       "Native forward of the learned speculator's draft head with versioned weights (see atlas/head.h).")
       .def(py::init(&make_draft_head), py::arg("embed"), py::arg("hidden"), py::arg("intermediate"),

@@ -1,5 +1,6 @@
 """The learned speculator's draft head: the native forward against its PyTorch
-twin (and both against a float64 run of the twin), versioned weight pushes
+twin with bfloat16-rounded matrices (and both against a float64 run of that
+twin), the native bfloat16 storage bit for bit, versioned weight pushes
 (validation, atomic swap, concurrency), the distillation loss against a plain
 reference, best-first drafting against brute force, and the speculator
 through the engine against transformers' greedy generate."""
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from atlas import _native
-from atlas.learning.head import PUSHED, DraftHead, choose_draft_vocab, distillation_loss
+from atlas.learning.head import MATRICES, PUSHED, DraftHead, choose_draft_vocab, distillation_loss, round_to_bf16
 from atlas.speculators import LearnedSpeculator
 from atlas.tree import DraftTree
 
@@ -33,6 +34,19 @@ def random_head(vocab=131, hidden=24, draft_vocab=97, intermediate=37, seed=0, s
         for p in head.parameters():
             p.add_(torch.randn(p.shape, generator=g) * scale)
     return head
+
+
+def native_twin64(head, **shape):
+    """A float64 twin of what the native head computes with head's weights:
+    its matrices rounded to bfloat16, as a push stores them. ``shape``: the
+    random_head arguments head was made with."""
+    twin64 = random_head(**shape).double()
+    state = head.state_dict()
+    for name in MATRICES:
+        state[name] = round_to_bf16(state[name])
+    twin64.load_state_dict(state)
+    twin64.embed = head.embed.double()
+    return twin64
 
 
 def native_of(head, simd="auto"):
@@ -61,15 +75,17 @@ def inputs(head, n, seed):
 @pytest.mark.parametrize("simd", ["auto", "baseline"])
 def test_native_forward_matches_the_torch_twin(hidden, draft_vocab, simd):
     """Both GEMM paths: the SSE baseline and, where the CPU has AVX2 + FMA
-    ("auto" then says so in simd_path), the wide one."""
+    ("auto" then says so in simd_path), the wide one. The native head stores
+    its matrices in bfloat16, so the reference is the twin with its matrices
+    rounded the same way (forward_native, and a float64 copy of it). The odd
+    intermediate size (hidden + 13) leaves W_down's last k alone in its
+    panel words, and a partial last panel."""
     head = random_head(hidden=hidden, draft_vocab=draft_vocab, intermediate=hidden + 13,
                        seed=hidden + draft_vocab)
     nat = native_of(head, simd)
     assert nat.simd_path in (("sse", "avx2+fma") if simd == "auto" else ("sse",))
     assert nat.push(head.export()) == 1
-    twin64 = random_head(hidden=hidden, draft_vocab=draft_vocab, intermediate=hidden + 13).double()
-    twin64.load_state_dict(head.state_dict())
-    twin64.embed = head.embed.double()
+    twin64 = native_twin64(head, hidden=hidden, draft_vocab=draft_vocab, intermediate=hidden + 13)
     # 130 rows cross the native row tile (64); 3, 7, 12, 17 and 130 leave
     # leftovers of 1 to 4 rows after the groups of 8 (or 4) rows, so every
     # panels-at-once variant runs, a partial last panel among them.
@@ -78,7 +94,7 @@ def test_native_forward_matches_the_torch_twin(hidden, draft_vocab, simd):
         f_hat, logits, version = run_native(nat, feats, toks)
         assert version == 1
         with torch.no_grad():
-            f32, l32 = head(torch.from_numpy(feats), torch.from_numpy(toks))
+            f32, l32 = head.forward_native(torch.from_numpy(feats), torch.from_numpy(toks))
             f64, l64 = twin64(torch.from_numpy(feats).double(), torch.from_numpy(toks))
         for got, ref32, ref64 in ((f_hat, f32, f64), (logits, l32, l64)):
             ref64 = ref64.numpy()
@@ -89,6 +105,75 @@ def test_native_forward_matches_the_torch_twin(hidden, draft_vocab, simd):
             tol = 2 * ref_err + 8 * F32_EPS * np.abs(ref64).max()
             err = np.abs(got - ref64).max()
             assert err <= tol, f"n={n}: native error {err:.3g} > {tol:.3g} (fp32 twin error {ref_err:.3g})"
+
+
+def bits(a):
+    return np.ascontiguousarray(a, np.float32).view(np.uint32)
+
+
+# Float32 bit patterns at the edges of round-to-nearest-even to bfloat16, and
+# the bfloat16 each must become.
+RNE_CASES = [
+    (0x3F808000, 0x3F80),  # halfway, even below: down
+    (0x3F818000, 0x3F82),  # halfway, odd below: up
+    (0x3F808001, 0x3F81),  # just above halfway: up
+    (0x3F807FFF, 0x3F80),  # just below halfway: down
+    (0x3FFFFFFF, 0x4000),  # the carry reaches the exponent
+    (0xBF818000, 0xBF82),  # negative halfway, odd below: away from zero
+    (0x00000001, 0x0000),  # the smallest subnormal: to zero
+    (0x00008000, 0x0000),  # halfway between 0 and the smallest bfloat16 subnormal: even, zero
+    (0x00018000, 0x0002),  # halfway, odd below: up, a subnormal stays one
+    (0x007FFFFF, 0x0080),  # the largest subnormal rounds to the smallest normal
+    (0x80000000, 0x8000),  # -0 stays -0
+    (0x7F7F7FFF, 0x7F7F),  # the largest float32 that stays finite in bfloat16
+    (0xFF7F7FFF, 0xFF7F),
+]
+
+
+def test_push_stores_matrices_rounded_to_bf16_as_the_twin_rounds_them():
+    """Bit for bit: what a snapshot holds (tensor()) against round_to_bf16
+    (torch's cast) and against hand-rounded edge cases, on values across the
+    whole finite float32 range; vectors stay float32 exactly; a version holds
+    two bytes per matrix value (plus padding), not four."""
+    head = random_head(hidden=23, intermediate=37, draft_vocab=97, seed=20)
+    w = head.export()
+    rng = np.random.default_rng(21)
+    for name in MATRICES:
+        raw = rng.integers(0, 1 << 32, size=w[name].size, dtype=np.uint64).astype(np.uint32)
+        finite = (raw & 0x7FFFFFFF) < 0x7F7F8000  # finite, and finite once rounded
+        w[name] = np.where(finite, raw, raw & 0x807FFFFF).view(np.float32).reshape(w[name].shape)
+    edge = np.array([f for f, _ in RNE_CASES], np.uint32).view(np.float32)
+    w["w_out"].reshape(-1)[:len(edge)] = edge
+    w["w_in"].reshape(-1)[-len(edge):] = edge
+    nat = native_of(head)
+    nat.push(w)
+    snap = nat.snapshot()
+    for name in MATRICES:
+        got = snap.tensor(name)
+        assert got.shape == w[name].shape and got.dtype == np.float32
+        want = round_to_bf16(torch.from_numpy(w[name])).numpy()
+        np.testing.assert_array_equal(bits(got), bits(want), err_msg=name)
+        assert not np.any(bits(got) & 0xFFFF), name  # bfloat16 values
+    hand = np.array([b for _, b in RNE_CASES], np.uint32) << 16
+    np.testing.assert_array_equal(bits(snap.tensor("w_out")).reshape(-1)[:len(edge)], hand)
+    np.testing.assert_array_equal(bits(snap.tensor("w_in")).reshape(-1)[-len(edge):], hand)
+    np.testing.assert_array_equal(bits(round_to_bf16(torch.from_numpy(edge)).numpy()), hand)
+    for name in ("b_in", "norm1", "norm2"):
+        np.testing.assert_array_equal(bits(snap.tensor(name)), bits(w[name]), err_msg=name)
+    # Rounding is idempotent: pushing rounded weights stores the same values.
+    rounded = {k: (round_to_bf16(torch.from_numpy(v)).numpy() if k in MATRICES else v) for k, v in w.items()}
+    nat.push(rounded)
+    for name in MATRICES:
+        np.testing.assert_array_equal(bits(nat.snapshot().tensor(name)), bits(rounded[name]))
+    # Storage: each matrix [n, k] in panels of 8 rows, two bfloat16 per 32-bit
+    # word (k rounded up to even); vectors and draft ids 4 bytes a value.
+    H, I, Vd = head.hidden, head.intermediate, head.draft_vocab
+    padded = sum(-(-n // 8) * 8 * (k + k % 2) for n, k in ((H, 2 * H), (I, H), (I, H), (H, I), (Vd, H)))
+    assert snap.nbytes == 2 * padded + 4 * (3 * H + Vd)
+    with pytest.raises(ValueError, match="unknown tensor 'draft_ids'"):
+        snap.tensor("draft_ids")
+    with pytest.raises(ValueError, match="name must be a str"):
+        snap.tensor(3)
 
 
 def test_native_forward_reads_strided_feature_rows():
@@ -137,6 +222,10 @@ def test_push_validation_keeps_the_live_version_serving():
     inf_at[-1] = np.inf
     dup = good["draft_ids"].copy()
     dup[-1] = dup[0]
+    # Finite in float32, infinite once rounded to bfloat16 (0x7F7F8000 is the
+    # first such magnitude); the native head stores matrices in bfloat16.
+    huge = good["w_gate"].copy()
+    huge[2, 5] = -np.array(0x7F7F8000, np.uint32).view(np.float32)
     cases = [
         (with_("w_in", np.zeros((H, 2 * H - 1), np.float32)), r"w_in must have shape \(H, 2H\)"),
         (with_("w_gate", np.zeros((I + 1, H), np.float32)), r"w_gate must have shape \(I, H\)"),
@@ -146,6 +235,7 @@ def test_push_validation_keeps_the_live_version_serving():
         (with_("norm1", np.zeros(H + 1, np.float32)), r"norm1 must have shape \(H,\)"),
         (with_("w_out", nan_at), r"w_out holds a non-finite value .* at \[%d, 3\]" % (Vd // 2)),
         (with_("norm2", inf_at), "norm2 holds a non-finite value"),
+        (with_("w_gate", huge), r"w_gate holds a value too large for bfloat16 \(-3.39618e\+38\) at \[2, 5\]"),
         (with_("w_up", good["w_up"].astype(np.float64)), r"w_up.* must have dtype float32"),
         (with_("w_in", np.asfortranarray(good["w_in"])), r"w_in.* must be contiguous"),
         (with_("draft_ids", good["draft_ids"].astype(np.int64)), "draft_ids.* must have dtype int32"),
@@ -477,11 +567,10 @@ class _Record:
 def test_best_first_drafting_keeps_the_most_probable_nodes():
     """With width and topk >= the budget, best-first drafting must keep exactly
     the budget most probable nodes of the depth-limited tree of all
-    continuations, which a brute force enumerates with the float64 twin."""
+    continuations, which a brute force enumerates with the float64 twin (of
+    the native head: matrices rounded to bfloat16)."""
     head = random_head(vocab=41, hidden=16, draft_vocab=6, intermediate=19, seed=19, scale=1.0)
-    twin64 = random_head(vocab=41, hidden=16, draft_vocab=6, intermediate=19, seed=19).double()
-    twin64.load_state_dict(head.state_dict())
-    twin64.embed = head.embed.double()
+    twin64 = native_twin64(head, vocab=41, hidden=16, draft_vocab=6, intermediate=19, seed=19)
     ids = head.draft_ids.numpy()
     budget, depth = 9, 3
     spec = LearnedSpeculator(head, max_depth=depth, topk=budget, width=budget)

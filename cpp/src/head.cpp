@@ -2,13 +2,24 @@
 // weights (see atlas/head.h for the module and the versioning rules).
 //
 // Layout. push() repacks every weight matrix W [N, K] (torch layout, N outputs)
-// into panels of kHeadPanel output columns: panel p holds, for k = 0..K-1, the
-// kHeadPanel values W[p * kHeadPanel + l][k] next to each other, zero-padded
-// past N. A GEMM then streams each panel once per row tile, front to back, and
-// its inner loop is a fixed-size axpy over the panel's columns that the
-// compiler turns into vector multiply-adds with the accumulators in registers;
-// the sum over k runs in order, as a plain dot product would, and a row's
-// result does not depend on the other rows of the batch.
+// into panels of kHeadPanel output columns, in bfloat16: each value is the
+// pushed float32 rounded to nearest even, and two of them share a 32-bit word.
+// Panel p is ceil(K / 2) rows of kHeadPanel words; word l of row j holds
+// W[p * kHeadPanel + l][2j] in its upper 16 bits and W[p * kHeadPanel + l][2j + 1]
+// in its lower 16 bits (zero past K, and zero-padded past N). Half the bytes of
+// float32, which is what the forward costs when its weights come from memory:
+// between drafting steps the target's forward evicts them from the caches.
+// Biases and norm vectors stay float32. A GEMM streams each panel once per row
+// tile, front to back. Its inner loop widens the bfloat16 values to float32 in
+// registers, exactly: a bfloat16 zero-extended to 32 bits and shifted left by
+// 16 is its float, which for a word's upper value is `word & 0xffff0000` and
+// for its lower value `word << 16`. The rest is a fixed-size axpy over the
+// panel's columns that the compiler turns into vector multiply-adds with
+// float32 accumulators in registers; the sum over k runs in order (k, then
+// k + 1, ...), as a plain dot product would, and a row's result does not
+// depend on the other rows of the batch. So the forward computes, in float32,
+// the float32 head whose matrices are the bfloat16-rounded ones
+// (atlas.learning.head.round_to_bf16 is that rounding in Python).
 //
 // Two compilations of the same GEMM: the baseline (the build's SSE4.2) and a
 // wide one (AVX2 + FMA) that init() picks when the CPU has it; see
@@ -24,6 +35,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -31,6 +43,10 @@
 namespace atlas {
 
 namespace {
+
+// The smallest float32 magnitude that rounds to infinity in bfloat16: halfway
+// between the largest finite bfloat16 (0x1.fep127) and 2^128.
+constexpr float kBf16Overflow = 0x1.ffp127f;
 
 constexpr const char* kNames[kNumHeadTensors] = {"w_in", "b_in", "norm1", "w_gate", "w_up",
                                                  "w_down", "norm2", "w_out"};
@@ -64,24 +80,52 @@ std::string shape_text(const HeadTensorRef& r) {
   return std::to_string(r.ndim) + "-D";
 }
 
-// Copies W [n, k] into panels (see the top of this file); fails on the first
-// value that is not finite.
-Status pack_panels(const char* name, const float* w, int64_t n, int64_t k, std::vector<float>* out) {
+// Formats a float for messages: %g, so that 3.4e+38 does not print as 39 digits.
+std::string float_text(float v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", static_cast<double>(v));
+  return buf;
+}
+
+// Words per panel of a matrix with k inputs: one per column and pair of k.
+inline int64_t panel_words(int64_t k) { return (k + 1) / 2 * kHeadPanel; }
+
+// Copies W [n, k] into bfloat16 panels (see the top of this file), rounding
+// each value to nearest even; fails on the first value that is not finite or
+// that is too large for bfloat16 (it would round to infinity).
+Status pack_panels(const char* name, const float* w, int64_t n, int64_t k, std::vector<uint32_t>* out) {
   const int64_t panels = (n + kHeadPanel - 1) / kHeadPanel;
-  out->assign(static_cast<size_t>(panels * k * kHeadPanel), 0.0f);
-  float* dst = out->data();
+  out->assign(static_cast<size_t>(panels * panel_words(k)), 0u);
+  uint32_t* dst = out->data();
   for (int64_t row = 0; row < n; ++row) {
     const float* src = w + row * k;
-    float* panel = dst + (row / kHeadPanel) * k * kHeadPanel + row % kHeadPanel;
+    uint32_t* panel = dst + (row / kHeadPanel) * panel_words(k) + row % kHeadPanel;
     for (int64_t j = 0; j < k; ++j) {
       const float v = src[j];
       if (!std::isfinite(v))
         return Status::Invalid(std::string(name) + " holds a non-finite value (" + std::to_string(v) +
                                ") at [" + std::to_string(row) + ", " + std::to_string(j) + "]");
-      panel[j * kHeadPanel] = v;
+      const uint32_t b = float_to_bf16(v);
+      if ((b & 0x7fffu) == 0x7f80u)
+        return Status::Invalid(std::string(name) + " holds a value too large for bfloat16 (" + float_text(v) +
+                               ") at [" + std::to_string(row) + ", " + std::to_string(j) +
+                               "]: the native head stores its matrices in bfloat16, whose values round to "
+                               "infinity from magnitude " + float_text(kBf16Overflow) + " up");
+      panel[j / 2 * kHeadPanel] |= j % 2 == 0 ? b << 16 : b;
     }
   }
   return Status::Ok();
+}
+
+// The inverse of pack_panels for rows < n, widened to float32: out [n, k].
+void unpack_panels(const std::vector<uint32_t>& panels, int64_t n, int64_t k, float* out) {
+  for (int64_t row = 0; row < n; ++row) {
+    const uint32_t* panel = panels.data() + (row / kHeadPanel) * panel_words(k) + row % kHeadPanel;
+    for (int64_t j = 0; j < k; ++j) {
+      const uint32_t word = panel[j / 2 * kHeadPanel];
+      out[row * k + j] = bf16_to_float(static_cast<uint16_t>(j % 2 == 0 ? word >> 16 : word & 0xffffu));
+    }
+  }
 }
 
 Status copy_vector(const char* name, const float* w, int64_t n, std::vector<float>* out) {
@@ -94,13 +138,28 @@ Status copy_vector(const char* name, const float* w, int64_t n, std::vector<floa
 }
 
 // Generic vectors (GCC/Clang) of 4 floats (one SSE register) and 8 floats
-// (one AVX register). Written with them rather than plain loops because GCC's
-// loop vectoriser otherwise picks the k loop below (an in-order float
-// reduction: transposes and scalar adds, 4x slower) instead of the panel's
-// columns. The SSE path keeps to Vec4: without AVX, GCC lowers 8-float
+// (one AVX register), and the 32-bit integer vectors of the same sizes that
+// the panels' words load into. Written with them rather than plain loops
+// because GCC's loop vectoriser otherwise picks the k loop below (an in-order
+// float reduction: transposes and scalar adds, 4x slower) instead of the
+// panel's columns. The SSE path keeps to Vec4: without AVX, GCC lowers 8-float
 // vectors through memory (3x slower, measured).
 typedef float Vec4 __attribute__((vector_size(16)));
 typedef float Vec8 __attribute__((vector_size(32)));
+typedef uint32_t U32x4 __attribute__((vector_size(16)));
+typedef uint32_t U32x8 __attribute__((vector_size(32)));
+
+// The word vector with V's lanes.
+template <typename V>
+struct WordsOf;
+template <>
+struct WordsOf<Vec4> {
+  typedef U32x4 type;
+};
+template <>
+struct WordsOf<Vec8> {
+  typedef U32x8 type;
+};
 
 // An unaligned, aliasing view of V in memory: a load through it is one
 // unaligned vector load (a memcpy into a local vector was compiled as pieces
@@ -110,46 +169,98 @@ struct Unaligned {
   typedef V type __attribute__((aligned(4), may_alias));
 };
 
-// Prefetch distance of the weight stream: 2 KiB, about the bytes that arrive
-// from memory while one 8-row group computes on 2 KiB of a panel.
-constexpr int64_t kPrefetchFloats = 512;
+// Prefetch distance of the weight stream, in panel words: 2 KiB, about the
+// bytes that arrive from memory while one 8-row group computes on 2 KiB of a
+// panel.
+constexpr int64_t kPrefetchWords = 512;
 
-// For NP consecutive panels starting at `panel` (panel stride k_len * 8) and
-// R rows of x: y[r, c] = sum_k x[r * ldx + k] * W[c, k] (+ bias[c] when bias is
-// not null) for c < cols, the columns of those panels, the sum in k order.
-// Each (row, panel) pair has its own accumulators, so NP > 1 gives a single
-// row several independent chains of multiply-adds: with one chain the loop
-// waits on the add latency instead of on memory. V is Vec4 or Vec8; a panel
-// row is kHeadPanel / lanes vectors.
-template <typename V, int R, int NP>
-__attribute__((always_inline)) inline void panel_kernel(const float* __restrict x, int64_t ldx, int64_t k_len,
-                                                        const float* __restrict panel, const float* bias,
-                                                        float* __restrict y, int64_t ldy, int64_t cols) {
-  typedef typename Unaligned<V>::type VU;
-  constexpr int kLanes = static_cast<int>(sizeof(V) / sizeof(float));
-  constexpr int kVecs = kHeadPanel / kLanes;
-  static_assert(kVecs * kLanes == kHeadPanel, "a panel is a whole number of vectors");
-  const int64_t stride = k_len * kHeadPanel;
-  V acc[R][NP][kVecs];
-  for (int r = 0; r < R; ++r)
-    for (int q = 0; q < NP; ++q)
-      for (int v = 0; v < kVecs; ++v) acc[r][q][v] = V{};
-  for (int64_t k = 0; k < k_len; ++k) {
-    // The weights stream from memory (they do not fit the caches, and each
-    // forward reads them once): ask for them kPrefetchFloats ahead, which runs
-    // past a panel's end into the next one.
-    if ((k & 1) == 0)
-      for (int q = 0; q < NP; ++q) __builtin_prefetch(panel + q * stride + k * kHeadPanel + kPrefetchFloats);
+// *out = W[., k] for the kLanes columns of one panel vector whose words are
+// at p (see panel_kernel): the upper halves of the words when k is even, the
+// lower halves when it is odd, as floats. (An out parameter rather than a
+// return value: a function returning an AVX vector has a different ABI with
+// and without AVX, which GCC warns about.)
+template <typename V, bool kUpper>
+__attribute__((always_inline)) inline void widen(const uint32_t* p, V* out) {
+  typedef typename WordsOf<V>::type U;
+  const U words = *reinterpret_cast<const typename Unaligned<U>::type*>(p);
+  // Vector casts between vectors of one size reinterpret the bits.
+  *out = kUpper ? (V)(words & (U{} + 0xffff0000u)) : (V)(words << 16);
+}
+
+// acc[r][q][v] += x[r * ldx + k] * W[., k] for the R rows and the NP panels
+// whose words for k are at words + q * stride (kUpper: k is even). Two loop
+// orders, whichever keeps fewer values live beside the R * NP * kVecs
+// accumulators, so that none spill to the stack (a spilled accumulator puts a
+// store and a load in its chain of multiply-adds: 2x slower on 4 rows,
+// measured): the panel vectors widened first and each row's x broadcast in
+// turn (NP * kVecs live vectors), or each row's x broadcast first and each
+// panel vector widened in turn (R live broadcasts).
+template <typename V, int R, int NP, int kVecs, bool kUpper>
+__attribute__((always_inline)) inline void accumulate_k(const float* __restrict x, int64_t ldx, int64_t k,
+                                                        const uint32_t* __restrict words, int64_t stride,
+                                                        V (&acc)[R][NP][kVecs]) {
+  constexpr int kLanes = kHeadPanel / kVecs;
+  if constexpr (NP * kVecs <= R) {
     V w[NP][kVecs];
     for (int q = 0; q < NP; ++q)
-      for (int v = 0; v < kVecs; ++v)
-        w[q][v] = *reinterpret_cast<const VU*>(panel + q * stride + k * kHeadPanel + v * kLanes);
+      for (int v = 0; v < kVecs; ++v) widen<V, kUpper>(words + q * stride + v * kLanes, &w[q][v]);
     for (int r = 0; r < R; ++r) {
       const float xs = x[r * ldx + k];
       for (int q = 0; q < NP; ++q)
         for (int v = 0; v < kVecs; ++v) acc[r][q][v] += xs * w[q][v];
     }
+  } else {
+    float xs[R];
+    for (int r = 0; r < R; ++r) xs[r] = x[r * ldx + k];
+    for (int q = 0; q < NP; ++q)
+      for (int v = 0; v < kVecs; ++v) {
+        V w;
+        widen<V, kUpper>(words + q * stride + v * kLanes, &w);
+        for (int r = 0; r < R; ++r) acc[r][q][v] += xs[r] * w;
+      }
   }
+}
+
+// For NP consecutive panels starting at `panel` (panel stride
+// panel_words(k_len)) and R rows of x: y[r, c] = sum_k x[r * ldx + k] * W[c, k]
+// (+ bias[c] when bias is not null) for c < cols, the columns of those panels,
+// the sum in k order in float32. Each (row, panel) pair has its own
+// accumulators, so NP > 1 gives a single row several independent chains of
+// multiply-adds: with one chain the loop waits on the add latency instead of
+// on memory. V is Vec4 or Vec8; a panel row is kHeadPanel / lanes vectors.
+//
+// Widening: a vector of words holds, per column, W[c, k] in the upper half
+// and W[c, k + 1] in the lower half (k even), so `words & 0xffff0000` is
+// W[., k] as floats and `words << 16` is W[., k + 1]: one integer operation
+// per vector, which runs beside the multiply-adds. Why not 16-bit values in
+// column order widened with __builtin_convertvector: GCC 12 compiles that to
+// two 128-bit zero-extensions, a shift and an insert per 8 columns, shuffle
+// work that made one row 2x slower with the weights in the caches (measured).
+template <typename V, int R, int NP>
+__attribute__((always_inline)) inline void panel_kernel(const float* __restrict x, int64_t ldx, int64_t k_len,
+                                                        const uint32_t* __restrict panel, const float* bias,
+                                                        float* __restrict y, int64_t ldy, int64_t cols) {
+  constexpr int kLanes = static_cast<int>(sizeof(V) / sizeof(float));
+  constexpr int kVecs = kHeadPanel / kLanes;
+  static_assert(kVecs * kLanes == kHeadPanel, "a panel is a whole number of vectors");
+  const int64_t stride = panel_words(k_len);
+  V acc[R][NP][kVecs];
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < NP; ++q)
+      for (int v = 0; v < kVecs; ++v) acc[r][q][v] = V{};
+  const int64_t pairs = k_len / 2;
+  for (int64_t kp = 0; kp < pairs; ++kp) {
+    // The weights stream from memory (they do not fit the caches, and each
+    // forward reads them once): ask for them kPrefetchWords ahead, which runs
+    // past a panel's end into the next one. A 64-byte line holds two pairs.
+    if ((kp & 1) == 0)
+      for (int q = 0; q < NP; ++q) __builtin_prefetch(panel + q * stride + kp * kHeadPanel + kPrefetchWords);
+    const uint32_t* words = panel + kp * kHeadPanel;
+    accumulate_k<V, R, NP, kVecs, true>(x, ldx, 2 * kp, words, stride, acc);
+    accumulate_k<V, R, NP, kVecs, false>(x, ldx, 2 * kp + 1, words, stride, acc);
+  }
+  if (k_len % 2 != 0)  // the last k, alone in the upper halves of its words
+    accumulate_k<V, R, NP, kVecs, true>(x, ldx, k_len - 1, panel + pairs * kHeadPanel, stride, acc);
   for (int r = 0; r < R; ++r) {
     float out[NP * kHeadPanel];
     for (int q = 0; q < NP; ++q) std::memcpy(out + q * kHeadPanel, acc[r][q], kHeadPanel * sizeof(float));
@@ -172,7 +283,7 @@ __attribute__((always_inline)) inline void panel_kernel(const float* __restrict 
 // group (see panel_kernel), while those panels are still in the cache.
 template <typename V, int kRows, int L>
 __attribute__((always_inline)) inline void gemm_panels_rows(const float* __restrict x, int64_t ldx,
-                                                            int64_t rows, int64_t k_len, const float* panels,
+                                                            int64_t rows, int64_t k_len, const uint32_t* panels,
                                                             int64_t n, const float* bias, float* __restrict y,
                                                             int64_t ldy) {
   constexpr int NP = L == 0 ? 1 : (kRows / L > 1 ? kRows / L : 1);
@@ -182,7 +293,7 @@ __attribute__((always_inline)) inline void gemm_panels_rows(const float* __restr
   for (int64_t p0 = 0; p0 < num_panels; p0 += NP) {
     const int64_t np = std::min<int64_t>(NP, num_panels - p0);
     for (int64_t p = p0; p < p0 + np; ++p) {
-      const float* panel = panels + p * k_len * kHeadPanel;
+      const uint32_t* panel = panels + p * panel_words(k_len);
       const int64_t col0 = p * kHeadPanel;
       const int64_t cols = std::min<int64_t>(kHeadPanel, n - col0);
       const float* b = bias ? bias + col0 : nullptr;
@@ -193,7 +304,7 @@ __attribute__((always_inline)) inline void gemm_panels_rows(const float* __restr
     }
     if (L > 0 && np == NP) {
       const int64_t col0 = p0 * kHeadPanel;
-      panel_kernel<V, (L > 0 ? L : 1), NP>(xl, ldx, k_len, panels + p0 * k_len * kHeadPanel,
+      panel_kernel<V, (L > 0 ? L : 1), NP>(xl, ldx, k_len, panels + p0 * panel_words(k_len),
                                            bias ? bias + col0 : nullptr, y + full * ldy + col0, ldy,
                                            std::min<int64_t>(NP * kHeadPanel, n - col0));
     }
@@ -202,7 +313,7 @@ __attribute__((always_inline)) inline void gemm_panels_rows(const float* __restr
 
 template <typename V, int kRows>
 __attribute__((always_inline)) inline void gemm_panels_impl(const float* x, int64_t ldx, int64_t rows,
-                                                            int64_t k_len, const float* panels, int64_t n,
+                                                            int64_t k_len, const uint32_t* panels, int64_t n,
                                                             const float* bias, float* y, int64_t ldy) {
   static_assert(kRows == 4 || kRows == 8, "row groups of 4 or 8");
   switch (rows % kRows) {
@@ -227,7 +338,7 @@ __attribute__((always_inline)) inline void gemm_panels_impl(const float* x, int6
 
 // Baseline path: SSE (the build's -msse4.2), 4 rows x 2 Vec4 = 8 accumulators of
 // the 16 SSE registers.
-void gemm_panels_baseline(const float* x, int64_t ldx, int64_t rows, int64_t k_len, const float* panels,
+void gemm_panels_baseline(const float* x, int64_t ldx, int64_t rows, int64_t k_len, const uint32_t* panels,
                           int64_t n, const float* bias, float* y, int64_t ldy) {
   gemm_panels_impl<Vec4, 4>(x, ldx, rows, k_len, panels, n, bias, y, ldy);
 }
@@ -239,7 +350,7 @@ void gemm_panels_baseline(const float* x, int64_t ldx, int64_t rows, int64_t k_l
 // compute-bound (8 or more rows), measured. The wheel stays portable: only
 // this function is compiled for AVX2, and only a CPU that has it runs it.
 __attribute__((target("avx2,fma"))) void gemm_panels_wide(const float* x, int64_t ldx, int64_t rows,
-                                                          int64_t k_len, const float* panels, int64_t n,
+                                                          int64_t k_len, const uint32_t* panels, int64_t n,
                                                           const float* bias, float* y, int64_t ldy) {
   gemm_panels_impl<Vec8, 8>(x, ldx, rows, k_len, panels, n, bias, y, ldy);
 }
@@ -254,8 +365,8 @@ bool cpu_has_wide_path() {
 #endif
 }
 
-using GemmFn = void (*)(const float*, int64_t, int64_t, int64_t, const float*, int64_t, const float*, float*,
-                        int64_t);
+using GemmFn = void (*)(const float*, int64_t, int64_t, int64_t, const uint32_t*, int64_t, const float*,
+                        float*, int64_t);
 
 // out[i] = v[i] / sqrt(mean(v^2) + eps) * g[i]; the mean is summed in double
 // so that its rounding does not depend on H.
@@ -382,6 +493,37 @@ int64_t DraftHead::version() const {
 std::vector<HeadVersionRecord> DraftHead::history() const {
   std::lock_guard<std::mutex> lock(mu_);
   return history_;
+}
+
+int64_t HeadWeights::bytes() const {
+  int64_t b = 0;
+  for (const auto* m : {&w_in_, &w_gate_, &w_up_, &w_down_, &w_out_})
+    b += static_cast<int64_t>(m->size() * sizeof(uint32_t));
+  for (const auto* v : {&b_in_, &norm1_, &norm2_}) b += static_cast<int64_t>(v->size() * sizeof(float));
+  return b + static_cast<int64_t>(draft_ids_.size() * sizeof(int32_t));
+}
+
+Status DraftHead::read_tensor(const HeadWeights* w, int32_t t, float* out, int64_t out_floats) const {
+  if (!ready_) return Status::Invalid("the draft head is not initialised");
+  if (w == nullptr) return Status::Invalid("no weights: push a version first");
+  if (t < 0 || t >= kNumHeadTensors)
+    return Status::Invalid("tensor index " + std::to_string(t) + " is out of range");
+  const Shape s = expected_shape(config_, t);
+  const int64_t numel = s.ndim == 1 ? s.d0 : s.d0 * s.d1;
+  if (out == nullptr || out_floats < numel)
+    return Status::Invalid(std::string(kNames[t]) + " has " + std::to_string(numel) + " values, got room for " +
+                           std::to_string(out == nullptr ? 0 : out_floats));
+  switch (t) {
+    case kHeadWIn: unpack_panels(w->w_in_, s.d0, s.d1, out); break;
+    case kHeadWGate: unpack_panels(w->w_gate_, s.d0, s.d1, out); break;
+    case kHeadWUp: unpack_panels(w->w_up_, s.d0, s.d1, out); break;
+    case kHeadWDown: unpack_panels(w->w_down_, s.d0, s.d1, out); break;
+    case kHeadWOut: unpack_panels(w->w_out_, s.d0, s.d1, out); break;
+    case kHeadBIn: std::copy(w->b_in_.begin(), w->b_in_.end(), out); break;
+    case kHeadNorm1: std::copy(w->norm1_.begin(), w->norm1_.end(), out); break;
+    default: std::copy(w->norm2_.begin(), w->norm2_.end(), out); break;
+  }
+  return Status::Ok();
 }
 
 int64_t DraftHead::workspace_floats() const {

@@ -27,13 +27,24 @@
 // Weights and versions. The embedding table is borrowed, given once to init()
 // and never pushed: the caller keeps it alive and unchanged for the head's
 // lifetime. Everything else is a *version*: push() copies a complete set of
-// tensors into a new HeadWeights beside the live one, validates it (every
-// shape, finite values, draft ids in range and distinct) and only then swaps
-// it in under a mutex; a refused push changes nothing. A forward reads the one
-// HeadWeights it is given, which a snapshot() keeps alive however many pushes
-// follow, so a caller that takes one snapshot per decoding step never sees two
-// versions within the step. Versions are numbered 1, 2, ... in push order; the
-// history keeps (version, metric) for the most recent kMaxHeadHistory pushes.
+// float32 tensors into a new HeadWeights beside the live one, validates it
+// (every shape, finite values, matrix values within bfloat16's range, draft
+// ids in range and distinct) and only then swaps it in under a mutex; a
+// refused push changes nothing. A forward reads the one HeadWeights it is
+// given, which a snapshot() keeps alive however many pushes follow, so a
+// caller that takes one snapshot per decoding step never sees two versions
+// within the step. Versions are numbered 1, 2, ... in push order; the history
+// keeps (version, metric) for the most recent kMaxHeadHistory pushes.
+//
+// Precision. A version stores its five matrices (W_in, W_gate, W_up, W_down,
+// W_out) in bfloat16, each pushed value rounded to nearest even, and keeps no
+// float32 copy of them; b_in, norm1 and norm2 stay float32. The forward widens
+// the bfloat16 values to float32 (exactly) and computes in float32: it is the
+// float32 head whose matrices are the rounded ones. Why: the forward runs on
+// a few rows between target forwards, which evict its weights from the
+// caches, so its cost is streaming them from memory, and bfloat16 halves those
+// bytes (16 MB to 8 MB for SmolLM2's head). Drafting precision cannot change
+// what is generated: the target verifies every drafted token.
 //
 // Ownership: DraftHead owns its versions (shared with the snapshots handed
 // out); the caller owns inputs, outputs and the workspace of forward().
@@ -111,16 +122,18 @@ struct HeadWeightsRef {
 };
 
 // One immutable weight version, laid out for the forward: every matrix is
-// packed in panels of kHeadPanel output columns (see head.cpp).
+// packed in panels of kHeadPanel output columns, as bfloat16 (see head.cpp).
 class HeadWeights {
  public:
   int64_t version() const { return version_; }
   const std::vector<int32_t>& draft_ids() const { return draft_ids_; }
+  // Bytes of tensor data this version holds (panels, vectors and draft ids).
+  int64_t bytes() const;
 
  private:
   friend class DraftHead;
   int64_t version_ = 0;
-  std::vector<float> w_in_, w_gate_, w_up_, w_down_, w_out_;  // packed panels
+  std::vector<uint32_t> w_in_, w_gate_, w_up_, w_down_, w_out_;  // packed panels, two bfloat16 per word
   std::vector<float> b_in_, norm1_, norm2_;
   std::vector<int32_t> draft_ids_;
 };
@@ -155,6 +168,11 @@ class DraftHead {
 
   // The GEMM path init() chose: "avx2+fma" or "sse".
   const char* simd_path() const { return wide_ ? "avx2+fma" : "sse"; }
+
+  // Tensor t (a HeadTensor) of version w as the forward uses it, in torch
+  // layout [out, in] (out_floats >= its element count): a matrix's bfloat16
+  // values widened to float32, a vector as pushed.
+  Status read_tensor(const HeadWeights* w, int32_t t, float* out, int64_t out_floats) const;
 
   // Floats of workspace forward() needs, whatever the batch size: rows are
   // processed in tiles of kHeadRowTile.

@@ -18,7 +18,10 @@ Vocabulary:
   draft token; a head that is better at depth 1 is better at every depth in
   practice, because deeper drafts read its own feature prediction, which the
   loss trains alongside. The live version is evaluated through its native
-  forward (what serves), the candidate through the twin.
+  forward (what serves), the candidate through the twin with its matrices
+  rounded to bfloat16 as a push rounds them
+  (:meth:`~atlas.learning.head.DraftHead.forward_native`), so that both
+  numbers measure the function that serves or would serve.
 
 Each training step adds a second, *self-fed* term for the rows whose parent
 example is still in the buffer: the head's input feature is its own
@@ -100,14 +103,15 @@ from the extra steps.
 Serving never waits on training. In a thread: the buffer lock covers only
 row copies, the candidate is a separate module, and the live version is
 evaluated natively in chunks of ``EVAL_CHUNK`` rows (the native head's
-workspace lock is held for one chunk at a time: a drafting step waits 0.5 ms
+workspace lock is held for one chunk at a time: a drafting step waits 0.65 ms
 at most on SmolLM2, and only while an evaluation runs, once a round). In a
 process: the tap's batches are queued without waiting, and the live version
-is evaluated on a twin in the child. A trainer that raises is logged,
-counted in :meth:`Trainer.stats`, and stops; serving goes on with the last
-good weights and :meth:`Trainer.start` restarts it. A push the native head
-refuses (wrong shapes, non-finite values) is counted as an error too, and the
-live version keeps serving. :mod:`atlas.learning.process` lists what a
+is evaluated on a twin in the child (through its forward_native, the
+native head's function). A trainer that raises is logged, counted in
+:meth:`Trainer.stats`, and stops; serving goes on with the last good weights
+and :meth:`Trainer.start` restarts it. A push the native head refuses (wrong
+shapes, non-finite values, matrix values beyond bfloat16's range) is counted
+as an error too, and the live version keeps serving. :mod:`atlas.learning.process` lists what a
 trainer process adds (a child that dies, a full channel).
 """
 from __future__ import annotations
@@ -130,7 +134,8 @@ log = logging.getLogger("atlas.learning")
 
 # Rows per native forward when evaluating the live version: a drafting step
 # that needs the head's workspace lock meanwhile waits for one chunk at most,
-# 0.5 ms for SmolLM2's head with 4096 draft tokens (16 rows: 2.2 ms).
+# for SmolLM2's head with 4096 draft tokens 0.35 ms with its weights in the
+# caches, 0.65 ms with them evicted (16 rows: 1.6 and 1.7 ms).
 EVAL_CHUNK = 4
 # Seconds between checks for enough data or a stop request while idle.
 POLL_SECONDS = 0.05
@@ -138,9 +143,10 @@ POLL_SECONDS = 0.05
 
 def head_metric(head: DraftHead, batch: Batch) -> float:
     """Expected greedy acceptance at depth 1 of a twin on a batch (see the
-    module docstring)."""
+    module docstring), as the native head would compute it from the twin's
+    weights (matrices rounded to bfloat16)."""
     with torch.no_grad():
-        _, logits = head(batch.parent_feature, batch.token)
+        _, logits = head.forward_native(batch.parent_feature, batch.token)
         pred = head.draft_ids[logits.argmax(-1)]
         return float((pred == batch.topk_ids[:, 0]).float().mean())
 
