@@ -696,7 +696,6 @@ def test_tree_attention_matches_cpu_and_reference(dtype, kv_heads, group, head_d
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tree_attention_long_chain_prompt(dtype):
     """A prompt of more than MAX_TREE_NODES tokens as one chain of queries."""
-    rng = np.random.default_rng(2)
     kv_heads, group, dim, bs, n, length = 2, 2, 64, 16, 1100, 33
     cache = atlas.KVCache(1, kv_heads, dim, (length + n) // bs + 2, bs, 2, dtype=dtype, device=DEV)
     s = cache.create()

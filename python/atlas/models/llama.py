@@ -350,7 +350,6 @@ class LlamaModel:
         if top >= self.cos.shape[0]:
             self._grow_rope(max(top + 1, 2 * self.cos.shape[0]))
 
-        H, KH, D = c.num_heads, c.num_kv_heads, c.head_dim
         device = self.device
         if cache.storage.device != device:
             raise ValueError(f"cache is on {cache.storage.device}, the model on {device}")
