@@ -17,8 +17,10 @@ head's greedy draft equals the target's next token (depth-1 acceptance).
     python bench/bench_atlas.py [--prompts 164] [--new-tokens 128] [--out bench_atlas.png]
 
 With ``--shift N``: a domain shift instead. Full atlas serves N code prompts,
-then N prose prompts (``bench/data/prose_prompts.txt``, at most 48), and the
-tau of each block of requests is printed beside the static head's.
+then N prose prompts (``bench/data/prose_prompts.txt``, at most 48); the tau
+and tokens per second of each block of requests are printed, and beside them
+the static head alone's and plain decoding's on the last quarter of the code
+and the first and last quarters of the prose.
 """
 from __future__ import annotations
 
@@ -114,8 +116,9 @@ def main():
         static_engine = atlas.Engine(target, speculators=[LearnedSpeculator(head)], max_batch=1)
         with atlas.Engine(target, max_batch=1, cache_dir=cache) as engine:
             served = run(engine, code + prose, args.new_tokens, "atlas")
-        ref = run(static_engine, code[-len(code) // 4:] + prose[:len(prose) // 4] + prose[-len(prose) // 4:],
-                  args.new_tokens, "static")
+        ref_prompts = code[-len(code) // 4:] + prose[:len(prose) // 4] + prose[-len(prose) // 4:]
+        ref = run(static_engine, ref_prompts, args.new_tokens, "static")
+        plain = run(atlas.Engine(target, speculators=None, max_batch=1), ref_prompts, args.new_tokens, "plain")
         block = max(1, args.shift // 4)
         print("\n| requests | atlas tau | atlas tokens/s |")
         print("|---|---|---|")
@@ -125,10 +128,11 @@ def main():
             print(f"| {i + 1}-{i + len(part)}{' (prose)' if i >= args.shift else ' (code)'} | "
                   f"{tok / sum(s.steps for s in part):.2f} | {tok / sum(s.seconds for s in part):.1f} |")
         q = len(ref) // 3
-        for name, part in (("code, last quarter", ref[:q]), ("prose, first quarter", ref[q:2 * q]),
-                           ("prose, last quarter", ref[2 * q:])):
-            tok = sum(s.tokens for s in part)
-            print(f"static head alone, {name}: tau {tok / sum(s.steps for s in part):.2f}")
+        for name, lo, hi in (("code, last quarter", 0, q), ("prose, first quarter", q, 2 * q),
+                             ("prose, last quarter", 2 * q, len(ref))):
+            (s_tps, s_tau), (p_tps, _) = totals(ref[lo:hi]), totals(plain[lo:hi])
+            print(f"{name}: static head alone tau {s_tau:.2f}, {s_tps:.1f} tokens/s; "
+                  f"plain decoding {p_tps:.1f} tokens/s")
         return
 
     prompts = humaneval_prompts(args.prompts)

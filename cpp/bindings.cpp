@@ -51,6 +51,17 @@ void throw_if_error(const atlas::Status& st) {
 
 [[noreturn]] void fail(const std::string& msg) { throw py::value_error(msg); }
 
+// Runs f (returning an atlas::Status) without the GIL, then raises its error.
+template <typename F>
+void call_nogil(F f) {
+  atlas::Status st;
+  {
+    py::gil_scoped_release nogil;
+    st = f();
+  }
+  throw_if_error(st);
+}
+
 // ---- DLPack (the ABI is a published standard; only the fields we read) --------
 
 struct DLDevice {
@@ -240,6 +251,12 @@ View view_of(py::handle obj, const std::string& name) {
     expect *= t.shape[i];
   }
   return v;
+}
+
+bool ranges_overlap(const View& a, int64_t a_bytes, const View& b, int64_t b_bytes) {
+  const char* pa = static_cast<const char*>(a.data);
+  const char* pb = static_cast<const char*>(b.data);
+  return a_bytes > 0 && b_bytes > 0 && pa < pb + b_bytes && pb < pa + a_bytes;
 }
 
 // Optional array: None -> a view with no data.
@@ -442,12 +459,7 @@ void verify(py::handle logits_obj, py::handle tokens_obj, py::handle parents_obj
   p.num_accepted_out = num.ptr<int32_t>();
   p.workspace = ws.data;
   p.workspace_bytes = ws.numel();
-  atlas::Status st;
-  {
-    py::gil_scoped_release nogil;
-    st = atlas::verify(p);
-  }
-  throw_if_error(st);
+  call_nogil([&] { return atlas::verify(p); });
 }
 
 void top_k_probs(py::handle logits_obj, py::handle k_obj, py::handle ids_obj, py::handle probs_obj,
@@ -475,12 +487,7 @@ void top_k_probs(py::handle logits_obj, py::handle k_obj, py::handle ids_obj, py
   p.probs_out = probs.ptr<float>();
   p.workspace = ws.data;
   p.workspace_bytes = ws.numel();
-  atlas::Status st;
-  {
-    py::gil_scoped_release nogil;
-    st = atlas::top_k_probs(p);
-  }
-  throw_if_error(st);
+  call_nogil([&] { return atlas::top_k_probs(p); });
 }
 
 // ---- small-batch linear layers ------------------------------------------------------------
@@ -492,10 +499,7 @@ std::unique_ptr<atlas::PackedLinear> make_packed_linear(py::handle weight_obj, c
   auto lin = std::make_unique<atlas::PackedLinear>();
   const int64_t n = w.shape[0], k = w.shape[1];
   const int64_t stride = n > 1 ? w.strides[0] : k;
-  {
-    py::gil_scoped_release nogil;
-    throw_if_error(lin->init(w.ptr<const float>(), n, k, stride, simd == "auto"));
-  }
+  call_nogil([&] { return lin->init(w.ptr<const float>(), n, k, stride, simd == "auto"); });
   return lin;
 }
 
@@ -514,17 +518,11 @@ void packed_linear_forward(const atlas::PackedLinear& lin, py::handle x_obj, py:
   const int64_t ldy = rows > 1 ? out.strides[0] : lin.out_features();
   if (rows > 1 && (ldx < lin.in_features() || ldy < lin.out_features()))
     fail("x and out must not have overlapping rows (row strides >= their widths)");
-  const char* xb = x.ptr<const char>();
-  const char* ob = out.ptr<const char>();
-  const int64_t x_bytes = rows * ldx * 4, out_bytes = rows * ldy * 4;
-  if (rows > 0 && xb < ob + out_bytes && ob < xb + x_bytes) fail("out must not overlap x");
-  atlas::Status st;
-  {
-    py::gil_scoped_release nogil;
-    st = lin.forward(x.ptr<const float>(), rows, ldx, bias.ptr<const float>(), out.ptr<float>(), ldy,
-                     static_cast<int32_t>(threads));
-  }
-  throw_if_error(st);
+  if (ranges_overlap(out, rows * ldy * 4, x, rows * ldx * 4)) fail("out must not overlap x");
+  call_nogil([&] {
+    return lin.forward(x.ptr<const float>(), rows, ldx, bias.ptr<const float>(), out.ptr<float>(), ldy,
+                       static_cast<int32_t>(threads));
+  });
 }
 
 // ---- tree attention ------------------------------------------------------------------
@@ -686,12 +684,6 @@ int64_t head_push(PyDraftHead& h, py::handle weights_obj, py::handle metric_obj)
   }
   throw_if_error(st);
   return version;
-}
-
-bool ranges_overlap(const View& a, int64_t a_bytes, const View& b, int64_t b_bytes) {
-  const char* pa = static_cast<const char*>(a.data);
-  const char* pb = static_cast<const char*>(b.data);
-  return a_bytes > 0 && b_bytes > 0 && pa < pb + b_bytes && pb < pa + a_bytes;
 }
 
 // Runs the head with one pinned version; returns that version's number.
