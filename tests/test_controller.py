@@ -129,3 +129,35 @@ def test_calibration_follows_a_sudden_shift_within_a_few_hundred_nodes():
     for _ in range(3 * DRIFT_MEMORY):           # and it settles on the new level
         cal.record(1, 0.85, bool(rng.random() < 0.2))
     assert cal.prob(1, 0.85) == pytest.approx(0.2, abs=0.07)
+
+
+def test_a_token_is_valued_at_what_a_token_costs_now():
+    """The controller's price of a token is the recent step time over the
+    tokens a step emits: a speculator that adds 0.15 tokens a step for 4 ms
+    of drafting runs while a token costs 30 ms, and is skipped once steps
+    emit 3 tokens for 36 ms (0.15 x 12 ms < 4 ms)."""
+    ctl = Controller(2, max_nodes=16)
+    ctl.record_forward(1, 0.030)
+    assert ctl.seconds_per_token() == pytest.approx(0.030)   # before any step: a one-node forward
+    base = chain([5, 6], 0.9)
+
+    def one_step(accepted):
+        ctl.active()
+        ran = ctl.worth_running(1, [[base, None]], 1)
+        ctl.record_draft(1, 0.004)
+        ctl.record_forward(3, 0.032)
+        ctl._context[1] = ctl._context[1] if ran else None
+        ctl.marginal[1, :] = 0.15                      # what it adds, in every context
+        ctl.marginal_n[1, :] = 1000
+        origins = [[[], [(0, 0.9)], [(0, 0.9)]]]       # the chain as verified, drafted by speculator 0
+        ctl.observe([base], origins, [np.arange(1, accepted + 1, dtype=np.int32)], [True, ran])
+        return ran
+
+    ctl.steps = 1
+    ran = [one_step(0) for _ in range(60)]             # 1 token a step: a token costs 36 ms
+    assert ctl.seconds_per_token() == pytest.approx(0.036, rel=0.01)
+    assert all(ran[1:])
+    ran = [one_step(2) for _ in range(200)]            # 3 tokens a step: 12 ms
+    assert ctl.seconds_per_token() == pytest.approx(0.012, rel=0.02)
+    late = ran[100:]
+    assert sum(late) <= len(late) // EXPLORE_EVERY + 1  # only the exploration steps

@@ -32,7 +32,8 @@ Per step, speculators run in order and each one after the first is asked for
 only if it pays *given what the ones before it drafted*: the controller keeps,
 per speculator and per bin of the expected tokens already on the table
 (``CONTEXT_EDGES``), the tokens it added that no earlier speculator proposed,
-and skips it when those are worth less than its drafting time. A long,
+and skips it when those tokens, each valued at what a token costs now (recent
+seconds per emitted token), are worth less than its drafting time. A long,
 confident suffix match thus goes to the target alone, while the draft heads
 are asked where the suffix speculator has nothing to say.
 
@@ -249,6 +250,13 @@ class Controller:
         self.calib = [_Calibration() for _ in range(num_speculators)]
         self.cost = CostModel()
         self.draft_time = np.zeros(num_speculators)   # EWMA seconds per step, per speculator
+        # What a token costs now: EWMAs of a step's seconds (forward and
+        # drafting) and of the tokens it emitted (all requests together).
+        self.step_seconds = 0.0
+        self.step_tokens = 0.0
+        self._step_n = 0
+        self._this_step = 0.0   # seconds recorded in this step so far
+        self._this_forward = False
         self._draft_seen = np.zeros(num_speculators, bool)
         # Tokens a speculator added beyond the earlier ones, per context bin (EWMA).
         self.marginal = np.zeros((num_speculators, len(CONTEXT_EDGES) + 1))
@@ -264,6 +272,7 @@ class Controller:
         """Which speculators may propose this step (all, except the untrusted
         one of the fallback pair on most steps); :meth:`worth_running` then
         decides for each in turn."""
+        self._this_step, self._this_forward = 0.0, False   # a new step: its times follow
         run = [True] * self.num_speculators
         if self.select_mode == "all":
             return run
@@ -306,15 +315,25 @@ class Controller:
         n = self.marginal_n[speculator, b]
         if n < MIN_CONTEXT_OBS or self.steps % EXPLORE_EVERY == 0 or not self._draft_seen[speculator]:
             return True
-        # Tokens it adds (each worth a step's time), with an optimism that
-        # shrinks as evidence grows, against its drafting time: a speculator
+        # Tokens it adds per request, with an optimism that shrinks as
+        # evidence grows, each worth what a token costs now (a step's seconds
+        # over the tokens it emits), against its drafting time: a speculator
         # that costs next to nothing is never skipped on a run of bad luck.
+        # (A token used to be valued at a whole one-node forward, half as
+        # much again as a token cost with trees of 2.5 tokens.)
         value = self.marginal[speculator, b] + EXPLORE_BONUS / math.sqrt(n)
-        if value * self.cost(batch) >= self.draft_time[speculator]:
+        if value * batch * self.seconds_per_token(batch) >= self.draft_time[speculator]:
             return True
         self._context[speculator] = None
         self.skipped[speculator] += 1
         return False
+
+    def seconds_per_token(self, batch: int = 1) -> float:
+        """Recent wall seconds per emitted token (forwards and drafting);
+        before any step, a one-node forward per request."""
+        if self._step_n == 0 or self.step_tokens <= 0:
+            return self.cost(batch) / max(batch, 1)
+        return self.step_seconds / self.step_tokens
 
     def candidate_budget(self, batch: int) -> int:
         """Nodes each speculator may propose per request: enough to exceed
@@ -434,6 +453,13 @@ class Controller:
         parent was accepted (or is the root) is a trial for its proposers.
         ``ran`` says which speculators proposed this step (default: all)."""
         self.steps += 1
+        emitted = float(sum(len(acc) + 1 for acc in accepted))
+        if self._this_forward and emitted > 0:
+            self._step_n += 1
+            w = 1.0 / min(self._step_n, 50)
+            self.step_seconds += (self._this_step - self.step_seconds) * w
+            self.step_tokens += (emitted - self.step_tokens) * w
+        self._this_step, self._this_forward = 0.0, False
         credit = np.zeros(self.num_speculators)
         added = np.zeros(self.num_speculators)   # accepted, and proposed by no earlier speculator
         for orig, acc in zip(origins, accepted):
@@ -470,8 +496,11 @@ class Controller:
 
     def record_forward(self, nodes: int, seconds: float) -> None:
         self.cost.record(nodes, seconds)
+        self._this_step += seconds
+        self._this_forward = True
 
     def record_draft(self, speculator: int, seconds: float) -> None:
+        self._this_step += seconds
         if not self._draft_seen[speculator]:
             self.draft_time[speculator] = seconds
             self._draft_seen[speculator] = True
@@ -487,5 +516,6 @@ class Controller:
             "trusted": self.trusted,
             "forward_seconds": {n: round(self.cost(n), 5) for n in self.cost.known_sizes},
             "draft_seconds": [round(float(t), 6) for t in self.draft_time],
+            "seconds_per_token": round(self.seconds_per_token(), 5),
             "skipped_in_context": self.skipped.tolist(),
         }
