@@ -99,3 +99,19 @@ def test_bad_arguments_raise_clearly():
         lin.forward(x.numpy(), ro)
     lin.forward(x, out)            # still usable after the errors
     torch.testing.assert_close(out.double(), reference(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_alternating_thread_counts_stay_correct():
+    """The worker pool serves calls with different thread counts one after
+    the other (workers that a call does not need never read its job)."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(333, 40, generator=g)
+    lin = _native.PackedLinear(w)
+    x = torch.randn(5, 40, generator=g)
+    want = torch.empty(5, 333)
+    lin.forward(x, want, None, 1)
+    for i in range(300):
+        threads = (7, 2, 5, 1, 3)[i % 5]
+        out = torch.empty(5, 333)
+        lin.forward(x, out, None, threads)
+        assert torch.equal(out, want), (i, threads)

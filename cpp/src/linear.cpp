@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <memory>
 #include <condition_variable>
 #include <cstring>
 #include <mutex>
@@ -186,12 +187,16 @@ void run_panels(const Job& j, int64_t p0, int64_t p1) {
 
 // ---- the worker pool ---------------------------------------------------------------------
 //
-// One job at a time (forward() holds job_mu_ for the whole call): the caller
-// publishes it by bumping gen_, workers 1 .. parts-1 run their part and count
-// down remaining_, the caller runs part 0 and spins until remaining_ is 0. A
-// worker that saw no job for kLinearSpinMicros sleeps on cv_; the caller wakes
-// the sleepers through mu_, so a wake-up cannot be lost between a worker's
-// last look at gen_ and its wait.
+// One job at a time (run() holds job_mu_ for the whole call). Worker i (1, 2,
+// ...) waits on a counter of its own, `go`: the caller writes the job, sets
+// remaining_ to the number of workers it needs (parts - 1), and bumps the
+// counters of workers 1 .. parts-1 only; each runs its part and counts
+// remaining_ down, while the caller runs part 0 and spins until remaining_ is
+// 0. So a worker reads the job only when it takes part, and the caller writes
+// the next job only after every reader is done. A worker that saw no job for
+// kLinearSpinMicros sleeps on cv_; the caller wakes the sleepers through mu_,
+// so a wake-up cannot be lost between a worker's last look at its counter and
+// its wait.
 class Pool {
  public:
   static Pool& get() {
@@ -209,7 +214,7 @@ class Pool {
     grow(job.parts - 1);
     job_ = job;
     remaining_.store(job.parts - 1, std::memory_order_seq_cst);
-    gen_.fetch_add(1, std::memory_order_seq_cst);
+    for (int32_t i = 1; i < job.parts; ++i) slots_[static_cast<size_t>(i - 1)]->go.fetch_add(1, std::memory_order_seq_cst);
     if (sleepers_.load(std::memory_order_seq_cst) > 0) {
       { std::lock_guard<std::mutex> lk(mu_); }
       cv_.notify_all();
@@ -219,6 +224,10 @@ class Pool {
   }
 
  private:
+  struct alignas(64) Slot {  // one cache line per worker's counter
+    std::atomic<uint64_t> go{0};
+  };
+
   static Pool*& instance() {
     static Pool* p = nullptr;
     return p;
@@ -232,50 +241,42 @@ class Pool {
   }
 
   void grow(int32_t want) {
-    while (static_cast<int32_t>(workers_.size()) < want) {
-      // The worker starts from the current generation: the job about to be
-      // published is one it must run, however late the thread starts.
-      const int32_t index = static_cast<int32_t>(workers_.size()) + 1;
-      const uint64_t now = gen_.load(std::memory_order_seq_cst);
-      workers_.emplace_back([this, index, now] { loop(index, now); });
-      workers_.back().detach();
+    while (static_cast<int32_t>(slots_.size()) < want) {
+      slots_.push_back(std::make_unique<Slot>());
+      Slot* slot = slots_.back().get();
+      const int32_t index = static_cast<int32_t>(slots_.size());
+      std::thread([this, index, slot] { loop(index, slot); }).detach();
     }
   }
 
-  void loop(int32_t index, uint64_t seen) {
+  void loop(int32_t index, Slot* slot) {
+    uint64_t seen = 0;  // the slot's counter starts at 0 and only its jobs bump it
     for (;;) {
-      uint64_t g = gen_.load(std::memory_order_acquire);
-      if (g == seen) {
-        auto start = std::chrono::steady_clock::now();
-        for (int spins = 0; (g = gen_.load(std::memory_order_acquire)) == seen; ++spins) {
-          cpu_relax();
-          if ((spins & 255) == 255 &&
-              std::chrono::steady_clock::now() - start > std::chrono::microseconds(kLinearSpinMicros)) {
-            std::unique_lock<std::mutex> lk(mu_);
-            sleepers_.fetch_add(1, std::memory_order_seq_cst);
-            cv_.wait(lk, [&] { return gen_.load(std::memory_order_seq_cst) != seen; });
-            sleepers_.fetch_sub(1, std::memory_order_seq_cst);
-            start = std::chrono::steady_clock::now();
-          }
+      auto start = std::chrono::steady_clock::now();
+      for (int spins = 0; slot->go.load(std::memory_order_acquire) == seen; ++spins) {
+        cpu_relax();
+        if ((spins & 255) == 255 &&
+            std::chrono::steady_clock::now() - start > std::chrono::microseconds(kLinearSpinMicros)) {
+          std::unique_lock<std::mutex> lk(mu_);
+          sleepers_.fetch_add(1, std::memory_order_seq_cst);
+          cv_.wait(lk, [&] { return slot->go.load(std::memory_order_seq_cst) != seen; });
+          sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+          start = std::chrono::steady_clock::now();
         }
       }
-      seen = g;
-      const Job j = job_;
-      if (index < j.parts) {
-        part(j, index);
-        remaining_.fetch_sub(1, std::memory_order_acq_rel);
-      }
+      ++seen;  // one job at a time: the caller bumps it again only after this one is done
+      part(job_, index);
+      remaining_.fetch_sub(1, std::memory_order_acq_rel);
     }
   }
 
   std::mutex job_mu_;
   std::mutex mu_;
   std::condition_variable cv_;
-  std::atomic<uint64_t> gen_{0};
   std::atomic<int32_t> remaining_{0};
   std::atomic<int32_t> sleepers_{0};
   Job job_{};
-  std::vector<std::thread> workers_;
+  std::vector<std::unique_ptr<Slot>> slots_;  // worker i's counter is slots_[i - 1]
 };
 
 }  // namespace
