@@ -23,6 +23,7 @@ so give each sequence its own seed.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import List
 
@@ -147,3 +148,26 @@ def verify(logits, tokens, parents, tree_offsets=None, **params) -> VerifyResult
     """One-shot :class:`Verifier` call (allocates its workspace each time)."""
     vocab = int(logits.shape[-1]) if hasattr(logits, "shape") and len(logits.shape) == 2 else 1
     return Verifier(vocab)(logits, tokens, parents, tree_offsets, **params)
+
+
+_workspaces = threading.local()
+
+
+def top_k_probs(logits, k: int):
+    """Per row of ``logits`` (CPU float32 or bfloat16 ``[n, V]``, a numpy
+    array or a torch tensor, rows contiguous): the k most probable tokens at
+    temperature 1 (descending; equal logits in ascending id) and their softmax
+    probabilities over the whole row, as (ids ``[n, k]`` int32, probs
+    ``[n, k]`` float32). The native ``top_k_probs``: one single-threaded pass
+    per row with the verifier's numerics, allocation-free but for the outputs
+    (each thread keeps one workspace, grown to the largest vocabulary seen).
+    A row holding NaN or +inf, or only -inf, raises ValueError."""
+    n, vocab = logits.shape
+    need = _native.verify_workspace_bytes(int(vocab))
+    ws = getattr(_workspaces, "ws", None)
+    if ws is None or ws.shape[0] < need:
+        ws = _workspaces.ws = np.empty(need, np.uint8)
+    ids = np.empty((n, k), np.int32)
+    probs = np.empty((n, k), np.float32)
+    _native.top_k_probs(logits, k, ids, probs, ws)
+    return ids, probs

@@ -39,7 +39,6 @@ trainer trained.
 """
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
@@ -47,7 +46,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from .. import _native
+from ..verify import top_k_probs
 
 # A request the tap has not seen for this many records is over (observers get
 # no finish call); its tracked feature is dropped. An active request takes part
@@ -76,31 +75,19 @@ class Examples:
                         np.zeros(0, np.int64))
 
 
-_workspaces = threading.local()
-
-
 def topk_distribution(logits: torch.Tensor, k: int):
     """logits ``[n, vocab]`` -> (ids ``[n, k]`` int32, probs ``[n, k]``
     float32): the k most probable tokens (descending; equal logits in
     ascending id) and their softmax probabilities over the whole row.
 
-    CPU float32 and bfloat16 rows go through the native ``top_k_probs`` (one
-    thread, the verifier's numerics: 0.3 ms for 12 rows of SmolLM2's 49,152
-    logits, against 1.4 ms for torch's topk and logsumexp on one thread);
+    CPU float32 and bfloat16 rows go through :func:`atlas.verify.top_k_probs`
+    (one thread, the verifier's numerics: 0.3 ms for 12 rows of SmolLM2's
+    49,152 logits, against 1.4 ms for torch's topk and logsumexp on one thread);
     other rows through torch, on their device. A row holding NaN or +inf
     raises ValueError."""
     k = min(int(k), logits.shape[-1])
     if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16) and logits.dim() == 2:
-        n, vocab = logits.shape
-        if logits.stride(-1) != 1:
-            logits = logits.contiguous()
-        ws = getattr(_workspaces, "by_vocab", None)
-        if ws is None or ws.shape[0] != _native.verify_workspace_bytes(vocab):
-            ws = _workspaces.by_vocab = np.empty(_native.verify_workspace_bytes(vocab), np.uint8)
-        ids = np.empty((n, k), np.int32)
-        probs = np.empty((n, k), np.float32)
-        _native.top_k_probs(logits.detach(), k, ids, probs, ws)
-        return ids, probs
+        return top_k_probs(logits.detach() if logits.stride(-1) == 1 else logits.detach().contiguous(), k)
     logits = logits.float()
     if bool((torch.isnan(logits) | torch.isposinf(logits)).any()):
         raise ValueError("logits hold NaN or +inf")

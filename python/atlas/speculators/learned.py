@@ -32,23 +32,20 @@ import numpy as np
 import torch
 
 from .. import _native
+from ..verify import top_k_probs
 from . import Speculator
 
 
 def _top_probs(logits: np.ndarray, k: int):
     """Per row of ``logits`` ``[n, V]``: the k largest softmax probabilities,
-    descending, and their columns, as lists. In numpy on purpose: it runs on
-    the serving thread between target forwards, while a trainer process may
-    hold the other cores, and torch's multi-threaded reductions wait on
-    preempted threads there (measured with the float32 head: drafting 5.0 ->
-    9.7 ms per step beside a busy child process, unchanged with numpy)."""
-    m = logits.max(axis=1, keepdims=True)
-    e = np.exp(logits - m)
-    total = e.sum(axis=1, keepdims=True)
-    cols = np.argpartition(logits, logits.shape[1] - k, axis=1)[:, -k:]
-    vals = np.take_along_axis(e, cols, axis=1) / total
-    order = np.argsort(-vals, axis=1, kind="stable")
-    return np.take_along_axis(vals, order, axis=1).tolist(), np.take_along_axis(cols, order, axis=1).tolist()
+    descending, and their columns, as lists (:func:`atlas.verify.top_k_probs`).
+    Not torch: this runs on the serving thread between target forwards, while
+    a trainer process may hold the other cores, and torch's multi-threaded
+    reductions wait on preempted threads there (measured with the float32
+    head: drafting 5.0 -> 9.7 ms per step beside a busy child process,
+    unchanged single-threaded)."""
+    cols, probs = top_k_probs(logits, k)
+    return probs.tolist(), cols.tolist()
 
 
 class LearnedSpeculator(Speculator):
