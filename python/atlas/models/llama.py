@@ -9,6 +9,7 @@ loaded) with cos/sin tables computed once.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Mapping, Optional
 
@@ -64,6 +65,19 @@ def _packing_available() -> bool:
     ops = getattr(torch.ops, "mkldnn", None)
     return bool(torch.backends.mkldnn.is_available() and ops is not None
                 and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise"))
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """torch's intra-op thread count set to ``n`` for a block, then restored."""
+    outer = torch.get_num_threads()
+    if outer != n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if outer != n:
+            torch.set_num_threads(outer)
 
 
 def rope_inv_freq(config: ModelConfig, freq_factors: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -350,10 +364,11 @@ class LlamaModel:
         if top >= self.cos.shape[0]:
             self._grow_rope(max(top + 1, 2 * self.cos.shape[0]))
 
+        H, KH, D = c.num_heads, c.num_kv_heads, c.head_dim
         device = self.device
         if cache.storage.device != device:
             raise ValueError(f"cache is on {cache.storage.device}, the model on {device}")
-        gpu = gpu_inputs = None
+        gpu = None
         if device.type == "cuda":
             from .. import cuda as gpu
             # Rows that commits and copy-on-write left pending move first (no wait).
@@ -368,7 +383,6 @@ class LlamaModel:
             max_q = int(np.diff(np.asarray(q_offsets)).max())
             q_off_dev = torch.from_numpy(np.asarray(q_offsets, np.int64)).to(device, non_blocking=True)
             parents_dev = torch.from_numpy(np.asarray(parents, np.int32)).to(device, non_blocking=True)
-            gpu_inputs = (tables, lens, max_context, max_q, q_off_dev, parents_dev)
         # A forward of a few rows (plain decoding, a draft tree) runs its
         # matrices on the panel kernel's threads and everything else on one
         # torch thread: its small element-wise products gain nothing from
@@ -377,50 +391,31 @@ class LlamaModel:
         # 2 threads, 28.6 on 1).
         threads = torch.get_num_threads()
         few = gpu is None and self.lm_head_packed is not None and total <= _PANEL_MAX_ROWS and threads > 1
-        if few:
-            torch.set_num_threads(1)
-        try:
-            return self._layers(cache, seq_ids, tokens, positions, parents, q_offsets, slots, logit_rows, gpu,
-                                threads, gpu_inputs)
-        finally:
-            if few:
-                torch.set_num_threads(threads)
-
-    def _layers(self, cache, seq_ids, tokens, positions, parents, q_offsets, slots, logit_rows, gpu, threads,
-                gpu_inputs):
-        """The body of :meth:`forward` after its checks (``threads``: the
-        panel kernel's; ``gpu_inputs``: the CUDA attention's block tables and
-        bounds)."""
-        c = self.config
-        total = tokens.shape[0]
-        H, KH, D = c.num_heads, c.num_kv_heads, c.head_dim
-        device = self.device
-        if gpu is not None:
-            tables, lens, max_context, max_q, q_off_dev, parents_dev = gpu_inputs
-        cos = self.cos[positions].unsqueeze(1)  # [total, 1, D]
-        sin = self.sin[positions].unsqueeze(1)
-        x = self.embed[tokens]                   # [total, hidden]
-        attn = torch.empty((total, H, D), dtype=self.dtype, device=device)
-        for i, L in enumerate(self.layers):
-            h = rms_norm(x, L.attn_norm, c.rms_norm_eps)
-            qkv = linear(h, L.qkv, L.qkv_bias, L.packed.get("qkv"), threads).view(total, H + 2 * KH, D)
-            # RoPE on q and k at once: they are the first H + KH heads of qkv.
-            qk = qkv[:, : H + KH]
-            qk = qk * cos + qk.view(total, H + KH, 2, D // 2).flip(2).view(total, H + KH, D) * sin
-            cache.keys(i).index_copy_(0, slots, qk[:, H:])
-            cache.values(i).index_copy_(0, slots, qkv[:, H + KH:])
-            if gpu is None:
-                _native.tree_attention(cache, i, qk[:, :H], attn, seq_ids, q_offsets, parents, self.scale)
-            else:
-                gpu.tree_attention(cache, i, qk[:, :H].contiguous(), tables, lens, q_off_dev, parents_dev,
-                                   scale=self.scale, out=attn, max_context=max_context, max_q_per_seq=max_q,
-                                   check=False)
-            x = x + linear(attn.view(total, H * D), L.o, L.o_bias, L.packed.get("o"), threads)
-            h = rms_norm(x, L.mlp_norm, c.rms_norm_eps)
-            gu = linear(h, L.gate_up, L.gate_up_bias, L.packed.get("gate_up"), threads)
-            x = x + linear(F.silu(gu[:, : c.intermediate_size]) * gu[:, c.intermediate_size:],
-                             L.down, L.down_bias, L.packed.get("down"), threads)
-        hidden = rms_norm(x, self.norm, c.rms_norm_eps)
-        rows = hidden if logit_rows is None else hidden[logit_rows]
-        logits = linear(rows, self.lm_head, None, self.lm_head_packed, threads).float()
-        return logits, hidden
+        with _torch_threads(1 if few else threads):
+            cos = self.cos[positions].unsqueeze(1)  # [total, 1, D]
+            sin = self.sin[positions].unsqueeze(1)
+            x = self.embed[tokens]                   # [total, hidden]
+            attn = torch.empty((total, H, D), dtype=self.dtype, device=device)
+            for i, L in enumerate(self.layers):
+                h = rms_norm(x, L.attn_norm, c.rms_norm_eps)
+                qkv = linear(h, L.qkv, L.qkv_bias, L.packed.get("qkv"), threads).view(total, H + 2 * KH, D)
+                # RoPE on q and k at once: they are the first H + KH heads of qkv.
+                qk = qkv[:, : H + KH]
+                qk = qk * cos + qk.view(total, H + KH, 2, D // 2).flip(2).view(total, H + KH, D) * sin
+                cache.keys(i).index_copy_(0, slots, qk[:, H:])
+                cache.values(i).index_copy_(0, slots, qkv[:, H + KH:])
+                if gpu is None:
+                    _native.tree_attention(cache, i, qk[:, :H], attn, seq_ids, q_offsets, parents, self.scale)
+                else:
+                    gpu.tree_attention(cache, i, qk[:, :H].contiguous(), tables, lens, q_off_dev, parents_dev,
+                                       scale=self.scale, out=attn, max_context=max_context, max_q_per_seq=max_q,
+                                       check=False)
+                x = x + linear(attn.view(total, H * D), L.o, L.o_bias, L.packed.get("o"), threads)
+                h = rms_norm(x, L.mlp_norm, c.rms_norm_eps)
+                gu = linear(h, L.gate_up, L.gate_up_bias, L.packed.get("gate_up"), threads)
+                x = x + linear(F.silu(gu[:, : c.intermediate_size]) * gu[:, c.intermediate_size:],
+                                 L.down, L.down_bias, L.packed.get("down"), threads)
+            hidden = rms_norm(x, self.norm, c.rms_norm_eps)
+            rows = hidden if logit_rows is None else hidden[logit_rows]
+            logits = linear(rows, self.lm_head, None, self.lm_head_packed, threads).float()
+            return logits, hidden
