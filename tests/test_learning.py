@@ -359,6 +359,39 @@ def test_trainer_improves_the_held_out_metric_and_pushes(tiny):
     assert tr.stats()["train_steps"] == 240 and tr.errors == 0
 
 
+def test_the_self_fed_term_covers_the_asked_share_of_a_batch(tiny):
+    _, target, _, _ = tiny
+    buf, _ = tapped_buffer(tiny)
+    batch = buf.sample(64, np.random.default_rng(0))
+    assert int(batch.has_parent.sum()) > 32
+    head = fresh_head(target)
+    target_logits = torch.log(batch.topk_probs.clamp_min(1e-30))
+
+    def plain(rows):
+        return head.loss(batch.parent_feature, batch.token, batch.feature, target_logits, batch.topk_ids)[0] \
+            if rows is None else \
+            head.loss(head(batch.parent_parent_feature[rows], batch.parent_token[rows])[0], batch.token[rows],
+                      batch.feature[rows], target_logits[rows], batch.topk_ids[rows])[0]
+
+    with torch.no_grad():
+        base = plain(None)
+        for share in (0.0, 0.25, 1.0):
+            tr = Trainer(head, buf, None, self_feed=share)
+            got, _ = tr.loss(batch)
+            rows = batch.has_parent.clone()
+            rows[int(round(share * len(rows))):] = False
+            want = base + (plain(rows) if rows.any() else 0.0)
+            assert float(got) == pytest.approx(float(want), rel=1e-5), share
+    for bad in (-0.1, 1.5, "yes"):
+        with pytest.raises(ValueError, match="self_feed"):
+            Trainer(head, buf, None, self_feed=bad)
+    # The learning loop's trainer leaves the term out by default (its CPU time is scarce).
+    loop = LearningLoop(target, LearnedSpeculator(head), checkpoint=False, process=False)
+    assert loop.trainer.self_feed == 0.0
+    loop = LearningLoop(target, LearnedSpeculator(head), checkpoint=False, process=False, self_feed=1.0)
+    assert loop.trainer.self_feed == 1.0
+
+
 def test_trainer_does_not_push_a_worse_candidate(tiny):
     _, target, _, _ = tiny
     buf, _ = tapped_buffer(tiny)

@@ -55,6 +55,15 @@ log = logging.getLogger("atlas.learning")
 # trained 0 steps, at 0 about 20 a minute at 44 tokens/s: the forward kept its
 # speed, and drafting and the tap, which it now competes with, slowed.
 PROCESS_NICE = 0
+# The trainer's self-fed share in the loop, where its CPU time is scarce (the
+# gaps between forwards on a 2-core machine, about 15% of a core): none, which doubles a step's cost (batch 256 on one thread: 212 ms with it,
+# 83 without). Measured on SmolLM2-135M, the static head trained on the
+# outputs of 123 HumanEval requests and scored on the other 41, per second of
+# one core's CPU: depth-1 greedy acceptance 0.37 (static) -> 0.449 / 0.467 /
+# 0.481 after 5 / 10 / 40 s without it, 0.429 / 0.442 / 0.459 with it; at
+# depth 2 (the head reading its own predicted feature) 0.35 without and 0.39
+# with, about the same expected accepted length for a chain of two.
+LOOP_SELF_FEED = 0.0
 
 
 class LearningLoop:
@@ -74,7 +83,8 @@ class LearningLoop:
     :meth:`forward_begins`), so that it trains in the gaps between forwards
     instead of slowing them. Every other keyword goes to the :class:`Trainer` (``lr``,
     ``batch_size``, ``steps_per_round``, ``threads``, ``nice``,
-    ``max_share``, ``min_gain``, ...).
+    ``max_share``, ``min_gain``, ...); the loop's own defaults: ``self_feed``
+    ``LOOP_SELF_FEED``, and for a paused process ``max_share`` 1.
 
     ``trainer`` is the :class:`Trainer` or the
     :class:`~atlas.learning.process.TrainerProcess`; ``buffer`` the
@@ -133,6 +143,7 @@ class LearningLoop:
                 cand.load_export(fresh.export())
 
         self.config = head_config(cand)
+        trainer_kwargs.setdefault("self_feed", LOOP_SELF_FEED)
         self.process = os.name == "posix" if process is None else bool(process)
         # On the CPU the forward's threads use every core: a trainer that runs
         # beside them stalls the forward at each of its barriers (measured:
@@ -146,6 +157,12 @@ class LearningLoop:
             # Paused during forwards, the process competes with serving only in
             # the gaps between them (see PROCESS_NICE).
             trainer_kwargs.setdefault("nice", PROCESS_NICE)
+            if self.pause_during_forward:
+                # Paused while forwards run, the process already trains only
+                # in the gaps between them; a duty cycle on top would sleep
+                # through some (measured over 30 HumanEval requests: the child
+                # had 14% of a core at max_share 0.25, 15% at 1).
+                trainer_kwargs.setdefault("max_share", 1.0)
             self.trainer = TrainerProcess(cand, speculator, buffer=dict(buffer, topk=topk), live_weights=known_live,
                                           lm_head=target.model.lm_head, counts=lambda: self.tap.counts,
                                           on_push=self._on_push, max_pending_bytes=max_pending_bytes,

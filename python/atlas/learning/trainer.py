@@ -15,19 +15,20 @@ Vocabulary:
   nodes at which the head's argmax token, given the true parent feature and
   token, is the target's greedy choice (top-1 of the tapped distribution).
   That is the probability that greedy verification accepts the head's first
-  draft token; a head that is better at depth 1 is better at every depth in
-  practice, because deeper drafts read its own feature prediction, which the
-  loss trains alongside. The live version is evaluated through its native
+  draft token. The live version is evaluated through its native
   forward (what serves), the candidate through the twin with its matrices
   rounded to bfloat16 as a push rounds them
   (:meth:`~atlas.learning.head.DraftHead.forward_native`), so that both
   numbers measure the function that serves or would serve.
 
-Each training step adds a second, *self-fed* term for the rows whose parent
+A training step can add a second, *self-fed* term for the rows whose parent
 example is still in the buffer: the head's input feature is its own
 prediction at the parent node (from the parent example's inputs) instead of
 the target's, as drafting does below depth 1 (EAGLE's remedy for compounding
-feature error).
+feature error). ``self_feed`` is the share of a batch's rows that get it (1:
+all, the default, what ``atlas distill`` trains with; 0: none, the learning
+loop's default, see ``atlas.learning.loop.LOOP_SELF_FEED``): it costs
+a second forward and backward over those rows.
 
 Where it runs: :class:`Trainer` is the training logic and a background
 thread to run it in; :class:`~atlas.learning.process.TrainerProcess` runs the
@@ -199,7 +200,8 @@ def check_head_fits(head: DraftHead, speculator) -> None:
             f"{nat.intermediate}, draft_vocab {nat.draft_vocab})")
 
 
-def _check_settings(*, lr, batch_size, steps_per_round, min_held_out, threads, max_share, **_) -> None:
+def _check_settings(*, lr, batch_size, steps_per_round, min_held_out, threads, max_share, self_feed=1.0,
+                    **_) -> None:
     for name, v in (("batch_size", batch_size), ("steps_per_round", steps_per_round),
                     ("min_held_out", min_held_out)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -210,6 +212,8 @@ def _check_settings(*, lr, batch_size, steps_per_round, min_held_out, threads, m
         raise ValueError(f"threads must be an int >= 0 (0: leave torch's setting), got {threads!r}")
     if not float(lr) > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
+    if not isinstance(self_feed, (int, float)) or not 0.0 <= float(self_feed) <= 1.0:
+        raise ValueError(f"self_feed must be a share in [0, 1] (True: 1, False: 0), got {self_feed!r}")
 
 
 class Trainer:
@@ -247,7 +251,7 @@ class Trainer:
     def __init__(self, head: DraftHead, buffer: ReplayBuffer, speculator=None, *,
                  lm_head: Optional[torch.Tensor] = None, counts: Optional[Callable[[], np.ndarray]] = None,
                  lr: float = 2e-3, batch_size: int = 256, steps_per_round: int = 20,
-                 feature_weight: float = 1.0, self_feed: bool = True, min_gain: float = 0.0,
+                 feature_weight: float = 1.0, self_feed: float = 1.0, min_gain: float = 0.0,
                  min_train: Optional[int] = None, min_held_out: int = 32, threads: int = 1, nice: int = 10,
                  max_share: float = 0.25, revocab_min_change: float = 0.02,
                  on_push: Optional[Callable[[int, dict, float], None]] = None, seed: int = 0):
@@ -256,11 +260,11 @@ class Trainer:
         if speculator is not None:
             check_head_fits(head, speculator)
         _check_settings(lr=lr, batch_size=batch_size, steps_per_round=steps_per_round,
-                        min_held_out=min_held_out, threads=threads, max_share=max_share)
+                        min_held_out=min_held_out, threads=threads, max_share=max_share, self_feed=self_feed)
         self.head, self.buffer, self.speculator = head, buffer, speculator
         self.lm_head, self.counts = lm_head, counts
         self.lr, self.batch_size, self.steps_per_round = float(lr), batch_size, steps_per_round
-        self.feature_weight, self.self_feed, self.min_gain = float(feature_weight), self_feed, float(min_gain)
+        self.feature_weight, self.self_feed, self.min_gain = float(feature_weight), float(self_feed), float(min_gain)
         self.min_train = batch_size if min_train is None else int(min_train)
         self.min_held_out = min_held_out
         self.threads, self.nice, self.max_share = threads, int(nice), float(max_share)
@@ -294,8 +298,13 @@ class Trainer:
         target_logits = torch.log(batch.topk_probs.clamp_min(1e-30))
         loss, info = head.loss(batch.parent_feature, batch.token, batch.feature, target_logits,
                                batch.topk_ids, feature_weight=self.feature_weight)
-        if self.self_feed and bool(batch.has_parent.any()):
-            m = batch.has_parent
+        m = batch.has_parent
+        if self.self_feed < 1.0:
+            # The self-fed term for the first self_feed share of the batch's
+            # rows (samples come in random order).
+            m = m.clone()
+            m[int(round(self.self_feed * len(m))):] = False
+        if bool(m.any()):
             f_prev, _ = head(batch.parent_parent_feature[m], batch.parent_token[m])
             loss2, _ = head.loss(f_prev, batch.token[m], batch.feature[m], target_logits[m],
                                  batch.topk_ids[m], feature_weight=self.feature_weight)
