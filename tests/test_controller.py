@@ -161,3 +161,36 @@ def test_a_token_is_valued_at_what_a_token_costs_now():
     assert ctl.seconds_per_token() == pytest.approx(0.012, rel=0.02)
     late = ran[100:]
     assert sum(late) <= len(late) // EXPLORE_EVERY + 1  # only the exploration steps
+
+
+def test_the_drafting_hint_is_a_low_percentile_of_cutoffs_measured_on_exploration_steps():
+    """A speculator's cutoff in a step: its smallest selected own path
+    probability below depth 1, or, when the step selected none of those, the
+    largest it proposed. It is measured on exploration steps only, where the
+    hint is 0, so that what the hint leaves out is still measured."""
+    def run(ctl, steps):
+        hints = []
+        for _ in range(steps):
+            hints.append((ctl.steps, ctl.path_hint(1)))
+            cands = [[None, chain([5, 6, 7, 8], 0.9)]]
+            trees, origins = ctl.select([0], cands, VOCAB, [16], 0.0)
+            ctl.observe(trees, origins, [np.zeros(0, np.int32)], [False, True])
+        return hints
+
+    cheap = Controller(2)
+    for n in range(1, 9):
+        cheap.cost.record(n, 0.02)     # every node pays: the whole chain is selected
+    hints = run(cheap, 7 * EXPLORE_EVERY + 1)
+    assert all(h == 0.0 for _, h in hints)           # fewer than 8 cutoffs measured, or exploring
+    assert cheap.path_hint(0) == 0.0                 # speculator 0 proposed nothing
+    assert cheap.path_hint(1) == pytest.approx(0.9 ** 4, rel=1e-6)
+    run(cheap, EXPLORE_EVERY - 1)
+    assert cheap.steps % EXPLORE_EVERY == 0 and cheap.path_hint(1) == 0.0
+
+    dear = Controller(2)
+    dear.cost.record(1, 0.02)
+    dear.cost.record(2, 1.0)           # no drafted node pays
+    run(dear, 7 * EXPLORE_EVERY + 1)
+    # None selected: the largest proposed below depth 1 (depth 2) is the cutoff.
+    assert dear.path_hint(1) == pytest.approx(0.9 ** 2, rel=1e-6)
+    assert Controller(2, select="all").path_hint(1) == 0.0

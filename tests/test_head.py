@@ -613,6 +613,25 @@ def test_best_first_drafting_keeps_the_most_probable_nodes():
             assert tree.confidences[i] == pytest.approx(cond, rel=1e-4, abs=1e-6)
         assert got == want
         assert set(tree.proposers[1:]) == {1 << 2}
+        # With the engine's hint (the tree's min_path_prob), nodes below depth 1 whose path
+        # probability is under it are left out; depth 1 keeps every candidate.
+        deep = sorted((pp for p, pp in paths.items() if len(p) >= 2), reverse=True)
+        assert deep[1] - deep[2] > 1e-6, "a near tie at the floor: choose another seed"
+        floor = (deep[1] + deep[2]) / 2
+        floored = DraftTree(roots[rid], budget + 1, 41, min_path_prob=floor)
+        spec.propose([rid], [[3, 4, 5] if rid == 0 else [7, 8, 9, 10, 11, 12]], [floored], proposer=2)
+        allowed = sorted(((p, pp) for p, pp in paths.items() if len(p) == 1 or pp >= floor), key=lambda kv: -kv[1])
+        got = set()
+        for i in range(1, len(floored)):
+            path, j = [], i
+            while j > 0:
+                path.append(int(floored.tokens[j]))
+                j = int(floored.parents[j])
+            got.add(tuple(reversed(path)))
+        assert got == {p for p, _ in allowed[:budget]}
+        assert sum(len(p) >= 2 for p in got) == 2
+    with pytest.raises(ValueError, match="min_path_prob"):
+        DraftTree(1, 4, 41, min_path_prob=1.0)
 
 
 def test_observe_reads_the_feature_of_the_roots_parent():

@@ -37,6 +37,15 @@ seconds per emitted token), are worth less than its drafting time. A long,
 confident suffix match thus goes to the target alone, while the draft heads
 are asked where the suffix speculator has nothing to say.
 
+Drafting hint: a speculator that pays for each depth it drafts (a learned
+head runs a forward per depth) learns from :meth:`Controller.path_hint`
+where to stop. Its *cutoff* in a step is, among its nodes below depth 1,
+the smallest path probability in its own terms (the product of its
+confidences from the root) that the step selected, or when none was
+selected the largest it proposed. The hint is a low percentile of recent
+cutoffs, measured on exploration steps, where the hint is 0 (so that what is
+not drafted still gets measured).
+
 Fallback: given a pair (adaptive, static) of speculator indices, the
 controller runs only the one whose recent acceptance is higher, trying the
 other on a small share of steps so that a recovering adaptive speculator is
@@ -85,6 +94,11 @@ MIN_CONTEXT_OBS = 5
 EXPLORE_BONUS = 0.05
 # Forwards after which a tree size's measured cost is forgotten (see CostModel).
 STALE_RECORDS = 400
+# The drafting hint (see Controller.path_hint): the CUTOFF_QUANTILE percentile
+# of a speculator's last CUTOFF_STEPS cutoffs, measured on exploration steps.
+CUTOFF_STEPS = 64
+CUTOFF_QUANTILE = 10
+MIN_CUTOFFS = 8
 
 
 @dataclass
@@ -263,6 +277,8 @@ class Controller:
         self.marginal_n = np.zeros((num_speculators, len(CONTEXT_EDGES) + 1))
         self._context: List[Optional[int]] = [None] * num_speculators
         self.skipped = np.zeros(num_speculators, np.int64)   # steps skipped by the context rule
+        # Per speculator: its cutoffs on recent exploration steps (see path_hint).
+        self._cutoffs: List[List[float]] = [[] for _ in range(num_speculators)]
         self.steps = 0
         self.trusted: Optional[int] = None if fallback is None else fallback[1]
 
@@ -334,6 +350,15 @@ class Controller:
         if self._step_n == 0 or self.step_tokens <= 0:
             return self.cost(batch) / max(batch, 1)
         return self.step_seconds / self.step_tokens
+
+    def path_hint(self, speculator: int) -> float:
+        """A path probability, in ``speculator``'s own terms, below which its
+        nodes below depth 1 have rarely been selected (see the module
+        docstring); 0 on exploration steps and until it has been measured."""
+        cut = self._cutoffs[speculator]
+        if self.select_mode == "all" or self.steps % EXPLORE_EVERY == 0 or len(cut) < MIN_CUTOFFS:
+            return 0.0
+        return min(float(np.percentile(cut, CUTOFF_QUANTILE)), 0.99)
 
     def candidate_budget(self, batch: int) -> int:
         """Nodes each speculator may propose per request: enough to exceed
@@ -433,6 +458,9 @@ class Controller:
             for c in children[b][i]:
                 heapq.heappush(heap, (-path[b][c], b, c))
 
+        if self.steps % EXPLORE_EVERY == 0 and self.select_mode != "all":
+            self._record_cutoffs(merged, chosen)
+
         # 3. Build the final trees (chosen nodes are ancestor-closed).
         trees, tree_origins = [], []
         for b, (toks, pars, depth, prob, origins) in enumerate(merged):
@@ -444,6 +472,29 @@ class Controller:
             trees.append(t)
             tree_origins.append([origins[i] for i in keep])
         return trees, tree_origins
+
+    def _record_cutoffs(self, merged, chosen) -> None:
+        """Each speculator's cutoff in this step (see the module docstring)."""
+        lo = [math.inf] * self.num_speculators    # smallest selected
+        hi = [-math.inf] * self.num_speculators   # largest proposed
+        for (toks, pars, depth, _, origins), keep in zip(merged, chosen):
+            keep = set(keep)
+            own = [dict() for _ in toks]   # per node: speculator -> its own path probability
+            for i in range(1, len(toks)):
+                parent = own[pars[i]]
+                for s, conf in origins[i]:
+                    p = parent.get(s, 1.0) * conf
+                    own[i][s] = p
+                    if depth[i] >= 2:
+                        hi[s] = max(hi[s], p)
+                        if i in keep:
+                            lo[s] = min(lo[s], p)
+        for s in range(self.num_speculators):
+            cut = lo[s] if lo[s] < math.inf else hi[s]
+            if cut > -math.inf:
+                self._cutoffs[s].append(cut)
+                if len(self._cutoffs[s]) > CUTOFF_STEPS:
+                    del self._cutoffs[s][0]
 
     # ---- learning from the step ----------------------------------------------------------
 

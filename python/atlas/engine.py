@@ -569,7 +569,8 @@ class Engine:
                 run[pid] = False
                 continue
             t0 = time.perf_counter()
-            trees = [DraftTree(root, min(cand_budget, budget), self.config.vocab_size)
+            hint = ctl.path_hint(pid)
+            trees = [DraftTree(root, min(cand_budget, budget), self.config.vocab_size, hint)
                      for root, budget in zip(roots, budgets)]
             s.propose(ids, contexts, trees, pid)
             dt = time.perf_counter() - t0

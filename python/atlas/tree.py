@@ -42,10 +42,20 @@ class DraftTree(_native.DraftTree):
     reached, further nodes are left out (``add_child`` returns -1,
     ``add_path`` reports how many tokens it placed). With ``vocab_size > 0``
     every token is checked against ``[0, vocab_size)``.
+
+    ``min_path_prob``: the engine's hint (from its controller) that a node
+    below depth 1 whose path probability, the product of its proposer's own
+    confidences from the root, is below it would probably not be verified
+    this step; a speculator that pays for each depth it drafts may leave
+    those out.
     """
 
-    def __init__(self, root_token: int, max_nodes: int = 64, vocab_size: int = 0):
+    def __init__(self, root_token: int, max_nodes: int = 64, vocab_size: int = 0, min_path_prob: float = 0.0):
+        if isinstance(min_path_prob, bool) or not isinstance(min_path_prob, (int, float)) \
+                or not 0.0 <= min_path_prob < 1.0:
+            raise ValueError(f"min_path_prob must be in [0, 1), got {min_path_prob!r}")
         super().__init__(root_token, max_nodes, vocab_size)
+        self.min_path_prob = float(min_path_prob)
 
     def add_path(self, tokens: Sequence[int], confidences: Optional[Sequence[float]] = None,
                  proposer: int = 0, parent: int = 0) -> tuple[int, int]:

@@ -16,8 +16,11 @@ the ``width`` most probable nodes of the previous depth, each into its ``topk``
 most probable children, all requests in one native forward call per depth;
 then it keeps the ``max_nodes - len(tree)`` most probable candidates. A
 frontier node is expanded only while its path probability could still put a
-child among those kept, so trees stop growing as soon as no deeper node can
-compete. A node's confidence is the head's conditional probability of its
+child among those kept and is at least the larger of the tree's
+``min_path_prob`` (the engine's hint of what its controller would not
+verify) and the speculator's own; below depth 1, candidates under that floor
+are left out. So trees stop growing as soon as no deeper node can compete:
+each depth costs a forward of the head. A node's confidence is the head's conditional probability of its
 token. Drafts are deterministic, so sampling stays lossless under the
 verifier's one-hot rule.
 
@@ -138,7 +141,8 @@ class LearnedSpeculator(Speculator):
             feat = self._feature.get(rid)
             budget = trees[b].max_nodes - len(trees[b])
             if feat is not None and budget > 0:
-                jobs.append(dict(b=b, budget=budget, path=[], cond=[], token=[], parent=[]))
+                jobs.append(dict(b=b, budget=budget, path=[], cond=[], token=[], parent=[],
+                                 floor=max(self.min_path_prob, float(getattr(trees[b], "min_path_prob", 0.0)))))
         if not jobs:
             return
         # The frontier: (job, candidate or -1 for the root, its path prob), and the
@@ -157,8 +161,8 @@ class LearnedSpeculator(Speculator):
                 job = jobs[j]
                 for p, col in zip(top_p[row][:job["budget"]], top_j[row][:job["budget"]]):
                     path = pp * p
-                    if path < self.min_path_prob or path <= 0.0:
-                        continue
+                    if path <= 0.0 or (depth and path < job["floor"]):
+                        break   # top_p is descending
                     job["path"].append(path)
                     job["cond"].append(min(max(p, 0.0), 1.0))
                     job["token"].append(int(ids[col]))
@@ -175,7 +179,7 @@ class LearnedSpeculator(Speculator):
                 cut = sorted(paths, reverse=True)[job["budget"] - 1] if len(paths) >= job["budget"] else -1.0
                 best = sorted(cands, key=lambda c: -paths[c[0]])[:min(self.width, job["budget"])]
                 for c, row in best:
-                    if paths[c] > cut:
+                    if paths[c] > cut and paths[c] >= job["floor"]:
                         frontier.append((j, c, paths[c]))
                         rows.append(row)
             if not frontier:
