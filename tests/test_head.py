@@ -564,6 +564,18 @@ class _Record:
         self.hidden, self.accepted = hidden, accepted
 
 
+def token_paths(tree):
+    """Per node of a tree but the root, in order: its tokens from below the root down to it."""
+    out = []
+    for i in range(1, len(tree)):
+        path, j = [], i
+        while j > 0:
+            path.append(int(tree.tokens[j]))
+            j = int(tree.parents[j])
+        out.append(tuple(reversed(path)))
+    return out
+
+
 def test_best_first_drafting_keeps_the_most_probable_nodes():
     """With width and topk >= the budget, best-first drafting must keep exactly
     the budget most probable nodes of the depth-limited tree of all
@@ -601,17 +613,12 @@ def test_best_first_drafting_keeps_the_most_probable_nodes():
         want = {p for p, _ in ranked[:budget]}
         gap = ranked[budget - 1][1] - ranked[budget][1]
         assert gap > 1e-6, "a near tie at the cut: choose another seed"
-        got = set()
-        for i in range(1, len(tree)):
-            path, j = [], i
-            while j > 0:
-                path.append(int(tree.tokens[j]))
-                j = int(tree.parents[j])
-            got.add(tuple(reversed(path)))
+        got = token_paths(tree)
+        for i, path in enumerate(got, start=1):
             # Confidence: the conditional probability of the node's token.
-            cond = paths[tuple(reversed(path))] / paths.get(tuple(reversed(path))[:-1], 1.0)
+            cond = paths[path] / paths.get(path[:-1], 1.0)
             assert tree.confidences[i] == pytest.approx(cond, rel=1e-4, abs=1e-6)
-        assert got == want
+        assert set(got) == want
         assert set(tree.proposers[1:]) == {1 << 2}
         # With the engine's hint (the tree's min_path_prob), nodes below depth 1 whose path
         # probability is under it are left out; depth 1 keeps every candidate.
@@ -621,13 +628,7 @@ def test_best_first_drafting_keeps_the_most_probable_nodes():
         floored = DraftTree(roots[rid], budget + 1, 41, min_path_prob=floor)
         spec.propose([rid], [[3, 4, 5] if rid == 0 else [7, 8, 9, 10, 11, 12]], [floored], proposer=2)
         allowed = sorted(((p, pp) for p, pp in paths.items() if len(p) == 1 or pp >= floor), key=lambda kv: -kv[1])
-        got = set()
-        for i in range(1, len(floored)):
-            path, j = [], i
-            while j > 0:
-                path.append(int(floored.tokens[j]))
-                j = int(floored.parents[j])
-            got.add(tuple(reversed(path)))
+        got = set(token_paths(floored))
         assert got == {p for p, _ in allowed[:budget]}
         assert sum(len(p) >= 2 for p in got) == 2
     with pytest.raises(ValueError, match="min_path_prob"):
