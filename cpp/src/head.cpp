@@ -27,11 +27,7 @@
 #include "atlas/head.h"
 
 // The wide (AVX2 + FMA) path needs GCC or Clang function targets on x86-64.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define ATLAS_HEAD_WIDE 1
-#else
-#define ATLAS_HEAD_WIDE 0
-#endif
+#include "atlas/cpu.h"
 
 #include <algorithm>
 #include <cmath>
@@ -343,7 +339,7 @@ void gemm_panels_baseline(const float* x, int64_t ldx, int64_t rows, int64_t k_l
   gemm_panels_impl<Vec4, 4>(x, ldx, rows, k_len, panels, n, bias, y, ldy);
 }
 
-#if ATLAS_HEAD_WIDE
+#if ATLAS_X86_TARGETS
 // Wide path, chosen at run time on CPUs with AVX2 and FMA (every x86-64 CPU
 // since 2013-2015): 8 rows x 1 Vec8 = 8 of the 16 AVX registers, and the
 // multiply-adds fuse. Twice the baseline's speed when the forward is
@@ -355,15 +351,6 @@ __attribute__((target("avx2,fma"))) void gemm_panels_wide(const float* x, int64_
   gemm_panels_impl<Vec8, 8>(x, ldx, rows, k_len, panels, n, bias, y, ldy);
 }
 #endif
-
-bool cpu_has_wide_path() {
-#if ATLAS_HEAD_WIDE
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-#else
-  return false;
-#endif
-}
 
 using GemmFn = void (*)(const float*, int64_t, int64_t, int64_t, const uint32_t*, int64_t, const float*,
                         float*, int64_t);
@@ -404,7 +391,7 @@ Status DraftHead::init(const HeadConfig& c, const float* embed) {
                            std::to_string(static_cast<int>(c.simd)));
   config_ = c;
   embed_ = embed;
-  wide_ = c.simd == HeadSimd::kAuto && cpu_has_wide_path();
+  wide_ = c.simd == HeadSimd::kAuto && cpu::has_avx2_fma();
   ready_ = true;
   return Status::Ok();
 }
@@ -560,7 +547,7 @@ Status DraftHead::forward(const HeadWeights* w, const float* features, int64_t f
   float* gate = nrm + T * H;     // [T, I]   W_gate n, then silu(.) * up
   float* up = gate + T * I;      // [T, I]
   const float eps = c.eps;
-#if ATLAS_HEAD_WIDE
+#if ATLAS_X86_TARGETS
   const GemmFn gemm_panels = wide_ ? gemm_panels_wide : gemm_panels_baseline;
 #else
   const GemmFn gemm_panels = gemm_panels_baseline;

@@ -24,11 +24,7 @@
 #include <string>
 #include <thread>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define ATLAS_LINEAR_WIDE 1
-#else
-#define ATLAS_LINEAR_WIDE 0
-#endif
+#include "atlas/cpu.h"
 
 namespace atlas {
 
@@ -124,7 +120,7 @@ void panels_baseline(const float* x, int64_t rows, int64_t ldx, int64_t k_len, c
   panels_impl<F4, 3>(x, rows, ldx, k_len, panels, n, bias, y, ldy, p0, p1);
 }
 
-#if ATLAS_LINEAR_WIDE
+#if ATLAS_X86_TARGETS
 // Wide: 8-float vectors, 2 per panel row; 6 rows = 12 of the 16 AVX registers,
 // the multiply-adds fused.
 __attribute__((target("avx2,fma"))) void panels_wide(const float* x, int64_t rows, int64_t ldx, int64_t k_len,
@@ -141,24 +137,6 @@ __attribute__((target("avx512f"))) void panels_512(const float* x, int64_t rows,
 }
 #endif
 
-bool cpu_512() {
-#if ATLAS_LINEAR_WIDE
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-#else
-  return false;
-#endif
-}
-
-bool cpu_wide() {
-#if ATLAS_LINEAR_WIDE
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-#else
-  return false;
-#endif
-}
-
 struct Job {
   const float* x;
   int64_t rows, ldx, k_len;
@@ -172,8 +150,8 @@ struct Job {
 };
 
 void run_panels(const Job& j, int64_t p0, int64_t p1) {
-#if ATLAS_LINEAR_WIDE
-  if (j.wide && cpu_512()) {
+#if ATLAS_X86_TARGETS
+  if (j.wide && cpu::has_avx512f()) {
     panels_512(j.x, j.rows, j.ldx, j.k_len, j.panels, j.n, j.bias, j.y, j.ldy, p0, p1);
     return;
   }
@@ -298,7 +276,7 @@ Status PackedLinear::init(const float* w, int64_t n, int64_t k, int64_t row_stri
   }
   n_ = n;
   k_ = k;
-  wide_ = allow_wide && cpu_wide();
+  wide_ = allow_wide && cpu::has_avx2_fma();
   ready_ = true;
   return Status::Ok();
 }

@@ -279,6 +279,7 @@ class Controller:
         self.skipped = np.zeros(num_speculators, np.int64)   # steps skipped by the context rule
         # Per speculator: its cutoffs on recent exploration steps (see path_hint).
         self._cutoffs: List[List[float]] = [[] for _ in range(num_speculators)]
+        self._hints = [0.0] * num_speculators   # their percentile, updated as they are recorded
         self.steps = 0
         self.trusted: Optional[int] = None if fallback is None else fallback[1]
 
@@ -355,10 +356,9 @@ class Controller:
         """A path probability, in ``speculator``'s own terms, below which its
         nodes below depth 1 have rarely been selected (see the module
         docstring); 0 on exploration steps and until it has been measured."""
-        cut = self._cutoffs[speculator]
-        if self.select_mode == "all" or self.steps % EXPLORE_EVERY == 0 or len(cut) < MIN_CUTOFFS:
+        if self.select_mode == "all" or self.steps % EXPLORE_EVERY == 0:
             return 0.0
-        return min(float(np.percentile(cut, CUTOFF_QUANTILE)), 0.99)
+        return self._hints[speculator]
 
     def candidate_budget(self, batch: int) -> int:
         """Nodes each speculator may propose per request: enough to exceed
@@ -492,9 +492,12 @@ class Controller:
         for s in range(self.num_speculators):
             cut = lo[s] if lo[s] < math.inf else hi[s]
             if cut > -math.inf:
-                self._cutoffs[s].append(cut)
-                if len(self._cutoffs[s]) > CUTOFF_STEPS:
-                    del self._cutoffs[s][0]
+                cuts = self._cutoffs[s]
+                cuts.append(cut)
+                if len(cuts) > CUTOFF_STEPS:
+                    del cuts[0]
+                if len(cuts) >= MIN_CUTOFFS:
+                    self._hints[s] = min(float(np.percentile(cuts, CUTOFF_QUANTILE)), 0.99)
 
     # ---- learning from the step ----------------------------------------------------------
 
