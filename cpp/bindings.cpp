@@ -18,6 +18,7 @@
 
 #include "atlas/attention.h"
 #include "atlas/common.h"
+#include "atlas/cpu.h"
 #include "atlas/head.h"
 #include "atlas/kv_cache.h"
 #include "atlas/suffix.h"
@@ -307,6 +308,15 @@ py::dict build_info() {
     start = end + 1;
   }
   d["cuda_archs"] = archs;
+  return d;
+}
+
+py::dict cpu_features() {
+  py::dict d;
+  d["avx2_fma"] = atlas::cpu::has_avx2_fma();
+  d["avx512f"] = atlas::cpu::has_avx512f();
+  d["avx512_bf16"] = atlas::cpu::has_avx512_bf16();
+  d["amx_bf16"] = atlas::cpu::has_amx_bf16();
   return d;
 }
 
@@ -1136,6 +1146,9 @@ PYBIND11_MODULE(_native, m) {
   py::register_exception<CacheFullError>(m, "CacheFullError", PyExc_RuntimeError);
 
   m.def("build_info", &build_info, "What this extension was built with.");
+  m.def("cpu_features", &cpu_features,
+        "The CPU features atlas checks at run time (all False off x86-64): avx2_fma and avx512f (the "
+        "kernels' wide paths), avx512_bf16 and amx_bf16 (bfloat16 dot products).");
 
   // -- draft tree
   py::class_<atlas::DraftTree>(m, "DraftTree")

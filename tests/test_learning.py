@@ -350,11 +350,11 @@ def test_trainer_improves_the_held_out_metric_and_pushes(tiny):
     # The version history holds the metric each version was pushed with.
     hist = dict(spec.history)
     assert hist[pushed[-1][0]] == pytest.approx(pushed[-1][1])
-    # After a push the live version is the candidate: the native forward agrees with the twin
-    # (up to a rare argmax flip where two logits are within rounding).
+    # After a push the live version is the trainer's average: the native forward agrees with
+    # the twin (up to a rare argmax flip where two logits are within rounding).
     held = buf.held_out_batch()
     if results[-1]["pushed"] is not None:
-        assert native_metric(spec.native, held) == pytest.approx(head_metric(tr.head, held),
+        assert native_metric(spec.native, held) == pytest.approx(head_metric(tr.average, held),
                                                                  abs=2 / len(held))
     assert tr.stats()["train_steps"] == 240 and tr.errors == 0
 
@@ -376,7 +376,7 @@ def test_the_self_fed_term_covers_the_asked_share_of_a_batch(tiny):
     with torch.no_grad():
         base = plain(None)
         for share in (0.0, 0.25, 1.0):
-            tr = Trainer(head, buf, None, self_feed=share)
+            tr = Trainer(head, buf, None, self_feed=share, precision="float32")
             got, _ = tr.loss(batch)
             rows = batch.has_parent.clone()
             rows[int(round(share * len(rows))):] = False
@@ -390,6 +390,59 @@ def test_the_self_fed_term_covers_the_asked_share_of_a_batch(tiny):
     assert loop.trainer.self_feed == 0.0
     loop = LearningLoop(target, LearnedSpeculator(head), checkpoint=False, process=False, self_feed=1.0)
     assert loop.trainer.self_feed == 1.0
+
+
+def test_rounds_evaluate_and_push_the_moving_average_of_the_weights(tiny):
+    _, target, _, _ = tiny
+    buf, _ = tapped_buffer(tiny)
+    spec = LearnedSpeculator(fresh_head(target), max_depth=3)
+    tr = Trainer(fresh_head(target), buf, spec, ema=0.5, steps_per_round=1, lr=3e-3, precision="float32",
+                 min_gain=-1.0)   # push whatever the round measures
+    # The average shares the frozen embedding and starts as a copy of the weights.
+    assert tr.average is not tr.head and tr.average.embed.data_ptr() == tr.head.embed.data_ptr()
+    before = {k: v.detach().clone() for k, v in tr.head.named_parameters()}
+    assert tr.train_steps(1) == 1
+    for name, p in tr.average.named_parameters():
+        want = 0.5 * before[name] + 0.5 * getattr(tr.head, name).detach()
+        assert torch.allclose(p.detach(), want, rtol=1e-6, atol=1e-7), name
+    assert not torch.equal(tr.average.w_out, tr.head.w_out)
+    out = tr.round()
+    assert out["pushed"] == spec.version == 2
+    held = buf.held_out_batch()
+    assert out["candidate"] == pytest.approx(head_metric(tr.average, held))
+    pushed = spec.native.snapshot()
+    assert np.array_equal(pushed.draft_ids, tr.average.draft_ids.numpy())
+    assert native_metric(spec.native, held) == pytest.approx(head_metric(tr.average, held), abs=2 / len(held))
+    # ema=0: no average, the rounds use the weights themselves.
+    tr0 = Trainer(fresh_head(target), buf, None, ema=0)
+    assert tr0.average is tr0.head
+    for bad in (-0.1, 1.0, True, "0.9"):
+        with pytest.raises(ValueError, match="ema"):
+            Trainer(fresh_head(target), buf, None, ema=bad)
+
+
+def test_trainer_precision(tiny):
+    _, target, _, _ = tiny
+    buf, _ = tapped_buffer(tiny)
+    features = atlas._native.cpu_features()
+    assert set(features) == {"avx2_fma", "avx512f", "avx512_bf16", "amx_bf16"}
+    assert all(isinstance(v, bool) for v in features.values())
+    native_bf16 = features["avx512_bf16"] or features["amx_bf16"]
+    head = fresh_head(target)
+    assert Trainer(head, buf, None).precision == ("bfloat16" if native_bf16 else "float32")
+    batch = buf.sample(64, np.random.default_rng(0))
+    with torch.no_grad():
+        full, _ = Trainer(head, buf, None, precision="float32").loss(batch)
+        half, _ = Trainer(head, buf, None, precision="bfloat16").loss(batch)
+    # bfloat16 products: about 3 significant digits.
+    assert float(half) == pytest.approx(float(full), rel=2e-2) and float(half) != float(full)
+    with pytest.raises(ValueError, match="precision"):
+        Trainer(head, buf, None, precision="float16")
+    # bfloat16 steps learn: the held-out metric rises as in float32.
+    tr = Trainer(fresh_head(target), buf, None, lr=3e-3, precision="bfloat16", ema=0)
+    start, _ = tr.evaluate()
+    tr.train_steps(120)
+    assert tr.evaluate()[0] >= start + 0.2 and all(p.dtype == torch.float32 for p in tr.head.parameters())
 
 
 def test_trainer_does_not_push_a_worse_candidate(tiny):
@@ -488,6 +541,11 @@ def test_trainer_rechooses_the_draft_vocabulary_from_traffic(tiny):
     torch.testing.assert_close(head.w_out.detach()[head.full_to_draft[50]], trained_row)
     torch.testing.assert_close(head.w_out.detach()[head.full_to_draft[310]],
                                target.model.lm_head[310].float())
+    # The average (a copy of the weights before any step) moved with them.
+    avg = tr.average
+    assert avg is not head and np.array_equal(avg.draft_ids.numpy(), ids)
+    for name in ("w_out", "w_in", "norm2"):
+        torch.testing.assert_close(getattr(avg, name), getattr(head, name))
     assert not tr.maybe_revocab()                         # stable once chosen
     assert tr.train_steps(3) == 3                         # the optimiser follows the new parameters
 

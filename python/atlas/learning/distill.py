@@ -31,8 +31,9 @@ fresh :class:`DraftHead` on all but the last ``held_out_fraction`` of the
 examples (windows are added in a seeded random order, so both kinds are held
 out; training samples uniformly), and the metric on that last part (expected
 greedy acceptance at depth 1, see :mod:`atlas.learning.trainer`) is reported
-before and after. The head is saved as ``static.npz`` in the model's
-checkpoint folder (:mod:`atlas.learning.checkpoint`).
+before and after. What is saved, as ``static.npz`` in the model's checkpoint
+folder (:mod:`atlas.learning.checkpoint`), is the trainer's moving average
+of the head's weights (see :mod:`atlas.learning.trainer`).
 
 :func:`load_static` returns a :class:`LearnedSpeculator` with those weights.
 When there are none it raises :class:`FileNotFoundError` saying how to make
@@ -273,6 +274,7 @@ def distill(target=None, *, model: Optional[str] = None, tokens: int = 16384, pr
         done += trainer.train_steps(min(every, steps - done))
         say(f"distill: step {done}/{steps} loss {trainer.last_loss:.4f} ({time.perf_counter() - t1:.0f} s)")
     train_seconds = time.perf_counter() - t1
+    head = trainer.average   # what a trainer evaluates and pushes: its weights' moving average
     metric = head_metric(head, held_batch)
     say(f"distill: held-out metric (expected greedy acceptance at depth 1) {untrained:.4f} -> {metric:.4f}")
 

@@ -150,6 +150,14 @@ class DraftHead(nn.Module):
         # device the target runs on.
         return cls(embed.cpu(), lm_head.cpu(), draft_ids, **kwargs)
 
+    def twin(self) -> "DraftHead":
+        """A copy of this head's weights that shares its frozen embedding
+        (no second ``[vocab, H]`` table)."""
+        copy = DraftHead(self.embed, self.embed, self.draft_ids.numpy(), intermediate=self.intermediate,
+                         eps=self.eps)
+        copy.load_export(self.export())
+        return copy
+
     @property
     def draft_vocab(self) -> int:
         return int(self.draft_ids.numel())

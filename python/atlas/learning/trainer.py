@@ -6,17 +6,20 @@ Vocabulary:
 * **candidate**: the trainer's own PyTorch :class:`~atlas.learning.head.DraftHead`,
   trained continuously with Adam on :func:`~atlas.learning.head.distillation_loss`
   over replay-buffer samples;
+* **average**: an exponential moving average of the candidate's weights
+  (decay ``ema`` per step), what rounds evaluate and push (``ema=0``: the
+  candidate itself);
 * **live**: the weight version the :class:`~atlas.speculators.LearnedSpeculator`
   serves with (its native head);
-* **round**: ``steps_per_round`` training steps, then an evaluation of candidate
-  and live on the held-out slice of the buffer, then a push of the candidate if
-  it beats the live version by more than ``min_gain``;
+* **round**: ``steps_per_round`` training steps, then an evaluation of the
+  average and live on the held-out slice of the buffer, then a push of the
+  average if it beats the live version by more than ``min_gain``;
 * **metric** (expected greedy acceptance at depth 1): the share of held-out
   nodes at which the head's argmax token, given the true parent feature and
   token, is the target's greedy choice (top-1 of the tapped distribution).
   That is the probability that greedy verification accepts the head's first
   draft token. The live version is evaluated through its native
-  forward (what serves), the candidate through the twin with its matrices
+  forward (what serves), the average through the twin with its matrices
   rounded to bfloat16 as a push rounds them
   (:meth:`~atlas.learning.head.DraftHead.forward_native`), so that both
   numbers measure the function that serves or would serve.
@@ -29,6 +32,30 @@ feature error). ``self_feed`` is the share of a batch's rows that get it (1:
 all, the default, what ``atlas distill`` trains with; 0: none, the learning
 loop's default, see ``atlas.learning.loop.LOOP_SELF_FEED``): it costs
 a second forward and backward over those rows.
+
+Why an average: Adam at a constant learning rate (a continual learner has
+no schedule to anneal) leaves the weights wandering around the optimum, and
+the held-out metric of the latest weights jumps by a point or two from one
+round to the next; the average of the last few dozen steps sits nearer the
+optimum. Measured on SmolLM2-135M (the tapped records of 123 HumanEval
+requests arriving in order, 200 steps spread over them, depth-1 greedy
+acceptance on the other 41 requests' outputs): 0.458 for the latest weights,
+0.486 for their average at decay 0.95 and 0.489 at 0.98 (350 steps: 0.453,
+0.485 and 0.492). An update costs an ``lerp`` over the weights, about 2 ms.
+
+Arithmetic: ``precision`` ``"bfloat16"`` runs the step's matrix products in
+bfloat16 under ``torch.autocast`` (weights, gradients and Adam's moments stay
+float32), ``"float32"`` in float32; ``"auto"`` (the default) picks bfloat16
+where the CPU has bfloat16 dot products (``atlas._native.cpu_features()``:
+AVX-512 BF16 or AMX), where it is the faster, and float32 elsewhere. Adam is
+torch's fused implementation where torch has one for the CPU (2.4 and
+later). Measured on this project's 2-core AMD EPYC (AVX-512 BF16), one
+thread, batch 256 without the self-fed term: 96 ms a step in float32 with
+the for-loop Adam, 78 with the fused one, 55 in bfloat16 with the fused one;
+per second of CPU the bfloat16 steps learn faster (the static head trained
+on the outputs of 123 HumanEval requests, scored on the other 41: 0.493
+after 40 s against 0.462), per step as fast (0.458 against 0.458 after the
+200 steps above).
 
 Where it runs: :class:`Trainer` is the training logic and a background
 thread to run it in; :class:`~atlas.learning.process.TrainerProcess` runs the
@@ -133,6 +160,8 @@ from .replay import Batch, ReplayBuffer
 
 log = logging.getLogger("atlas.learning")
 
+PRECISIONS = ("auto", "float32", "bfloat16")
+
 # Rows per native forward when evaluating the live version: a drafting step
 # that needs the head's workspace lock meanwhile waits for one chunk at most,
 # for SmolLM2's head with 4096 draft tokens 0.35 ms with its weights in the
@@ -179,6 +208,33 @@ def native_metric_arrays(native, features: np.ndarray, tokens: np.ndarray, top1:
     return hits / max(len(toks), 1)
 
 
+def bf16_dot_products() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (AVX-512 BF16
+    or AMX-BF16), where torch's bfloat16 products beat float32's."""
+    from .. import _native
+    features = _native.cpu_features()
+    return bool(features["avx512_bf16"] or features["amx_bf16"])
+
+
+def resolve_precision(precision: str) -> str:
+    """``"float32"`` or ``"bfloat16"`` for a ``precision`` setting (see the
+    module docstring)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bfloat16" if bf16_dot_products() else "float32"
+    return precision
+
+
+def adam(params, lr: float) -> torch.optim.Optimizer:
+    """Adam over ``params``, fused where torch fuses it on the CPU."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):   # torch < 2.4 has no fused CPU Adam
+        return torch.optim.Adam(params, lr=lr)
+
+
 def _lower_thread_priority(nice: int) -> None:
     if nice <= 0 or not sys.platform.startswith("linux") or not hasattr(threading, "get_native_id"):
         return
@@ -201,7 +257,7 @@ def check_head_fits(head: DraftHead, speculator) -> None:
 
 
 def _check_settings(*, lr, batch_size, steps_per_round, min_held_out, threads, max_share, self_feed=1.0,
-                    **_) -> None:
+                    ema=0.0, precision="auto", **_) -> None:
     for name, v in (("batch_size", batch_size), ("steps_per_round", steps_per_round),
                     ("min_held_out", min_held_out)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -214,6 +270,10 @@ def _check_settings(*, lr, batch_size, steps_per_round, min_held_out, threads, m
         raise ValueError(f"lr must be > 0, got {lr}")
     if not isinstance(self_feed, (int, float)) or not 0.0 <= float(self_feed) <= 1.0:
         raise ValueError(f"self_feed must be a share in [0, 1] (True: 1, False: 0), got {self_feed!r}")
+    if not isinstance(ema, (int, float)) or isinstance(ema, bool) or not 0.0 <= float(ema) < 1.0:
+        raise ValueError(f"ema must be a decay in [0, 1) (0: no average), got {ema!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
 class Trainer:
@@ -232,8 +292,9 @@ class Trainer:
     """
 
     # The keyword settings (everything but the objects the trainer is wired to).
-    SETTINGS = ("lr", "batch_size", "steps_per_round", "feature_weight", "self_feed", "min_gain", "min_train",
-                "min_held_out", "threads", "nice", "max_share", "revocab_min_change", "seed")
+    SETTINGS = ("lr", "batch_size", "steps_per_round", "feature_weight", "self_feed", "ema", "precision",
+                "min_gain", "min_train", "min_held_out", "threads", "nice", "max_share", "revocab_min_change",
+                "seed")
 
     @classmethod
     def check_settings(cls, **settings) -> dict:
@@ -251,7 +312,8 @@ class Trainer:
     def __init__(self, head: DraftHead, buffer: ReplayBuffer, speculator=None, *,
                  lm_head: Optional[torch.Tensor] = None, counts: Optional[Callable[[], np.ndarray]] = None,
                  lr: float = 2e-3, batch_size: int = 256, steps_per_round: int = 20,
-                 feature_weight: float = 1.0, self_feed: float = 1.0, min_gain: float = 0.0,
+                 feature_weight: float = 1.0, self_feed: float = 1.0, ema: float = 0.98,
+                 precision: str = "auto", min_gain: float = 0.0,
                  min_train: Optional[int] = None, min_held_out: int = 32, threads: int = 1, nice: int = 10,
                  max_share: float = 0.25, revocab_min_change: float = 0.02,
                  on_push: Optional[Callable[[int, dict, float], None]] = None, seed: int = 0):
@@ -260,7 +322,8 @@ class Trainer:
         if speculator is not None:
             check_head_fits(head, speculator)
         _check_settings(lr=lr, batch_size=batch_size, steps_per_round=steps_per_round,
-                        min_held_out=min_held_out, threads=threads, max_share=max_share, self_feed=self_feed)
+                        min_held_out=min_held_out, threads=threads, max_share=max_share, self_feed=self_feed,
+                        ema=ema, precision=precision)
         self.head, self.buffer, self.speculator = head, buffer, speculator
         self.lm_head, self.counts = lm_head, counts
         self.lr, self.batch_size, self.steps_per_round = float(lr), batch_size, steps_per_round
@@ -271,7 +334,10 @@ class Trainer:
         self.revocab_min_change = float(revocab_min_change)
         self.on_push = on_push
         self.rng = np.random.default_rng(seed)
-        self.opt = torch.optim.Adam(head.parameters(), lr=self.lr)
+        self.ema, self.precision = float(ema), resolve_precision(precision)
+        # What rounds evaluate and push: the average of the candidate's weights.
+        self.average = head.twin() if self.ema > 0 else head
+        self.opt = adam(head.parameters(), self.lr)
         # Counters (read by stats(); written by the one thread that trains).
         self.steps_done = 0
         self.skipped_steps = 0        # non-finite losses, not applied
@@ -294,6 +360,10 @@ class Trainer:
 
     def loss(self, batch: Batch):
         """Distillation loss of the candidate on a batch, plus the self-fed term."""
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bfloat16"):
+            return self._loss(batch)
+
+    def _loss(self, batch: Batch):
         head = self.head
         target_logits = torch.log(batch.topk_probs.clamp_min(1e-30))
         loss, info = head.loss(batch.parent_feature, batch.token, batch.feature, target_logits,
@@ -328,6 +398,7 @@ class Trainer:
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.opt.step()
+                self._update_average()
                 self.last_loss = float(loss.detach())
             else:
                 self.skipped_steps += 1
@@ -338,6 +409,13 @@ class Trainer:
             if throttle and self.max_share < 1.0:
                 self._stop.wait(cpu * (1.0 - self.max_share) / self.max_share)
         return done
+
+    def _update_average(self) -> None:
+        if self.average is self.head:
+            return
+        with torch.no_grad():
+            for avg, p in zip(self.average.parameters(), self.head.parameters()):
+                avg.lerp_(p, 1.0 - self.ema)
 
     def ready(self) -> bool:
         """Enough data for a round: a training region of min_train examples and
@@ -364,15 +442,17 @@ class Trainer:
         changed = head.draft_vocab - len(np.intersect1d(new, current, assume_unique=True))
         if changed < max(1, self.revocab_min_change * head.draft_vocab):
             return False
-        weights = head.export()
         old_col = head.full_to_draft.numpy()[new]               # [Vd], -1 for new tokens
         rows = torch.from_numpy(new.astype(np.int64)).to(self.lm_head.device)
-        w_out = self.lm_head.detach()[rows].to("cpu", torch.float32).numpy().copy()
+        fresh = self.lm_head.detach()[rows].to("cpu", torch.float32).numpy()
         kept = old_col >= 0
-        w_out[kept] = weights["w_out"][old_col[kept]]
-        weights["w_out"], weights["draft_ids"] = w_out, new
-        head.load_export(weights)
-        self.opt = torch.optim.Adam(head.parameters(), lr=self.lr)  # the moments of w_out rows moved
+        for h in {id(head): head, id(self.average): self.average}.values():   # the average may be head
+            weights = h.export()
+            w_out = fresh.copy()
+            w_out[kept] = weights["w_out"][old_col[kept]]
+            weights["w_out"], weights["draft_ids"] = w_out, new
+            h.load_export(weights)
+        self.opt = adam(head.parameters(), self.lr)  # the moments of w_out rows moved
         self.revocabs += 1
         log.info("draft vocabulary: %d of %d tokens replaced by frequent traffic tokens", changed,
                  head.draft_vocab)
@@ -381,11 +461,11 @@ class Trainer:
     # ---- evaluation and pushes -------------------------------------------------------------
 
     def evaluate(self, batch: Optional[Batch] = None):
-        """(candidate metric, live metric or None) on the held-out slice."""
+        """(the average's metric, live metric or None) on the held-out slice."""
         batch = self.buffer.held_out_batch() if batch is None else batch
         if batch is None:
             return None, None
-        return head_metric(self.head, batch), self.measure_live(batch)
+        return head_metric(self.average, batch), self.measure_live(batch)
 
     def measure_live(self, batch: Batch) -> Optional[float]:
         """The live version's metric on a batch, through its native forward
@@ -433,7 +513,7 @@ class Trainer:
             return out
         self.record_live(live)
         if cand > live + self.min_gain:
-            out["pushed"] = self.push(self.head.export(), cand)
+            out["pushed"] = self.push(self.average.export(), cand)
         else:
             self.refused += 1
         return out
@@ -505,4 +585,4 @@ class Trainer:
                     push_errors=self.push_errors,
                     revocabs=self.revocabs, errors=self.errors, last_error=self.last_error,
                     last_loss=self.last_loss, candidate_metric=self.candidate_metric,
-                    live_metric=self.live_metric, train_seconds=self.seconds)
+                    live_metric=self.live_metric, train_seconds=self.seconds, precision=self.precision)
