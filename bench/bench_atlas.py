@@ -3,9 +3,14 @@ full atlas, on a stream of HumanEval prompts served in order with learning on.
 
 Full atlas (suffix + adaptive head + static head under the controller) serves
 the whole stream; plain decoding, the suffix speculator alone and the static
-head alone serve its first and last quarter. All greedy on the default model
-(SmolLM2-135M-Instruct). Prints tokens per second and tau for each, as ratios
-to plain decoding, and writes the learning curve as a PNG.
+head alone serve its first and last quarter, each of those requests right
+after full atlas has served it (its trainer process paused meanwhile, so that
+it trains only in full atlas's own gaps): the machine's speed drifts by 10%
+and more over a run, and interleaving exposes every decoder to the same
+drift (they are warmed up with one short request first; full atlas is not,
+so its first quarter includes its start-up). All greedy on the default model (SmolLM2-135M-Instruct). Prints tokens
+per second and tau for each, as ratios to plain decoding, and writes the
+learning curve as a PNG.
 
 It also measures what learning bought, on requests the learner had not seen:
 the adaptive head's weights live when the first three quarters of the stream
@@ -137,27 +142,44 @@ def main():
 
     prompts = humaneval_prompts(args.prompts)
     q = max(1, len(prompts) // 4)
-    ends = prompts[:q] + prompts[-q:]
-    rows = {}
-    for name, specs in (("plain", None), ("suffix alone", [SuffixSpeculator(vocab_size=target.config.vocab_size)]),
-                        ("static head alone", [LearnedSpeculator(head)])):
-        print(f"\n{name}: first and last quarter ({2 * q} requests)", flush=True)
-        served = run(atlas.Engine(target, speculators=specs, max_batch=1), ends, args.new_tokens, name)
-        rows[name] = (totals(served[:q]), totals(served[q:]))
-    print(f"\nfull atlas: the whole stream ({len(prompts)} requests, learning on)", flush=True)
+    ends = set(range(q)) | set(range(len(prompts) - q, len(prompts)))
+    baselines = {"plain": atlas.Engine(target, speculators=None, max_batch=1),
+                 "suffix alone": atlas.Engine(target, speculators=[SuffixSpeculator(
+                     vocab_size=target.config.vocab_size)], max_batch=1),
+                 "static head alone": atlas.Engine(target, speculators=[LearnedSpeculator(head)], max_batch=1)}
+    for base in baselines.values():   # their first request's start-up (the controller's timings) left out
+        base.generate(["def warm_up():\n"], max_new_tokens=8)
+    side = {name: [] for name in baselines}
+    print(f"\nfull atlas: the whole stream ({len(prompts)} requests, learning on); plain decoding and each "
+          f"speculator alone: the first and last {q}, each right after full atlas", flush=True)
     frozen, outputs = {}, []
     with atlas.Engine(target, max_batch=1, cache_dir=cache) as engine:
         adaptive = engine.speculators[1].native
+        trainer = engine.observers[0].trainer
 
         def keep(s, o):
             outputs.append(o.token_ids)
             if s.index + 1 == len(prompts) - q:   # three quarters served: freeze the adaptive head
                 frozen["adaptive"] = adaptive.snapshot()
                 frozen["version"] = adaptive.version
+            if s.index not in ends:
+                return
+            pause = getattr(trainer, "pause", None)   # a trainer process; a thread cannot be paused
+            if pause is not None:
+                pause()
+            try:
+                for name, base in baselines.items():
+                    got = serve(base, [prompts[s.index]], args.new_tokens)[0]
+                    side[name].append(got)
+                    print(f"      {name}: {got.tokens_per_second:6.1f} tokens/s, tau {got.tau:4.2f}", flush=True)
+            finally:
+                if pause is not None:
+                    trainer.resume()
         served = run(engine, prompts, args.new_tokens, "atlas", keep)
         summary = engine.controller.summary()
         loop = engine.observers[0]
         learn = loop.stats()
+    rows = {name: (totals(got[:q]), totals(got[-q:])) for name, got in side.items()}
     rows["full atlas"] = (totals(served[:q]), totals(served[-q:]))
     unseen = [(target.tokenizer.encode(p), out) for p, out in zip(prompts[-q:], outputs[-q:])]
     static_acc = depth1_acceptance(target, LearnedSpeculator(head).native.snapshot(), unseen)
