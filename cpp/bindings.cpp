@@ -313,10 +313,11 @@ py::dict build_info() {
 
 py::dict cpu_features() {
   py::dict d;
-  d["avx2_fma"] = atlas::cpu::has_avx2_fma();
-  d["avx512f"] = atlas::cpu::has_avx512f();
-  d["avx512_bf16"] = atlas::cpu::has_avx512_bf16();
-  d["amx_bf16"] = atlas::cpu::has_amx_bf16();
+  const atlas::cpu::Features& f = atlas::cpu::features();
+  d["avx2_fma"] = f.avx2_fma;
+  d["avx512f"] = f.avx512f;
+  d["avx512_bf16"] = f.avx512_bf16;
+  d["amx_bf16"] = f.amx_bf16;
   return d;
 }
 

@@ -16,44 +16,29 @@
 
 namespace atlas::cpu {
 
-// AVX2 with fused multiply-add.
-inline bool has_avx2_fma() {
+struct Features {
+  bool avx2_fma = false;     // AVX2 with fused multiply-add
+  bool avx512f = false;
+  bool avx512_bf16 = false;  // AVX-512 bfloat16 dot products (vdpbf16ps)
+  bool amx_bf16 = false;     // AMX tiles with bfloat16 (whether the kernel lets a
+                             // process use them is the library's to ask: oneDNN does)
+};
+
+inline const Features& features() {
+  static const Features f = [] {
+    Features d;
 #if ATLAS_X86_TARGETS
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-#else
-  return false;
+    d.avx2_fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    d.avx512f = __builtin_cpu_supports("avx512f");
+    d.avx512_bf16 = __builtin_cpu_supports("avx512bf16");
+    d.amx_bf16 = __builtin_cpu_supports("amx-bf16");
 #endif
+    return d;
+  }();
+  return f;
 }
 
-inline bool has_avx512f() {
-#if ATLAS_X86_TARGETS
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-#else
-  return false;
-#endif
-}
-
-// AVX-512 bfloat16 dot products (vdpbf16ps).
-inline bool has_avx512_bf16() {
-#if ATLAS_X86_TARGETS
-  static const bool has = __builtin_cpu_supports("avx512bf16");
-  return has;
-#else
-  return false;
-#endif
-}
-
-// AMX tiles with bfloat16 (whether the kernel lets a process use them is
-// the library's to ask: oneDNN does before it runs AMX code).
-inline bool has_amx_bf16() {
-#if ATLAS_X86_TARGETS
-  static const bool has = __builtin_cpu_supports("amx-bf16");
-  return has;
-#else
-  return false;
-#endif
-}
+inline bool has_avx2_fma() { return features().avx2_fma; }
+inline bool has_avx512f() { return features().avx512f; }
 
 }  // namespace atlas::cpu
