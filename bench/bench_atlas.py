@@ -8,9 +8,9 @@ after full atlas has served it (its trainer process paused meanwhile, so that
 it trains only in full atlas's own gaps): the machine's speed drifts by 10%
 and more over a run, and interleaving exposes every decoder to the same
 drift (they are warmed up with one short request first; full atlas is not,
-so its first quarter includes its start-up). All greedy on the default model (SmolLM2-135M-Instruct). Prints tokens
-per second and tau for each, as ratios to plain decoding, and writes the
-learning curve as a PNG.
+so its first quarter includes its start-up). All greedy on the default model
+(SmolLM2-135M-Instruct). Prints tokens per second and tau for each, as ratios
+to plain decoding, and writes the learning curve as a PNG.
 
 It also measures what learning bought, on requests the learner had not seen:
 the adaptive head's weights live when the first three quarters of the stream
@@ -164,16 +164,16 @@ def main():
                 frozen["version"] = adaptive.version
             if s.index not in ends:
                 return
-            pause = getattr(trainer, "pause", None)   # a trainer process; a thread cannot be paused
-            if pause is not None:
-                pause()
+            pausable = hasattr(trainer, "pause")   # a trainer process; a thread cannot be paused
+            if pausable:
+                trainer.pause()
             try:
                 for name, base in baselines.items():
                     got = serve(base, [prompts[s.index]], args.new_tokens)[0]
                     side[name].append(got)
                     print(f"      {name}: {got.tokens_per_second:6.1f} tokens/s, tau {got.tau:4.2f}", flush=True)
             finally:
-                if pause is not None:
+                if pausable:
                     trainer.resume()
         served = run(engine, prompts, args.new_tokens, "atlas", keep)
         summary = engine.controller.summary()

@@ -56,8 +56,9 @@ log = logging.getLogger("atlas.learning")
 # speed, and drafting and the tap, which it now competes with, slowed.
 PROCESS_NICE = 0
 # The trainer's self-fed share in the loop, where its CPU time is scarce (the
-# gaps between forwards on a 2-core machine, about 15% of a core): none, which doubles a step's cost (batch 256 on one thread: 212 ms with it,
-# 83 without). Measured on SmolLM2-135M, the static head trained on the
+# gaps between forwards on a 2-core machine, about 15% of a core): none. The
+# term doubles a step's cost (batch 256 on one thread, float32: 212 ms with
+# it, 83 without). Measured on SmolLM2-135M, the static head trained on the
 # outputs of 123 HumanEval requests and scored on the other 41, per second of
 # one core's CPU: depth-1 greedy acceptance 0.37 (static) -> 0.449 / 0.467 /
 # 0.481 after 5 / 10 / 40 s without it, 0.429 / 0.442 / 0.459 with it; at

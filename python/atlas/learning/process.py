@@ -690,8 +690,7 @@ class _ChildTrainer(Trainer):
             return None
         self.pushes += 1
         if self.live_head is None:
-            self.live_head = DraftHead(self.head.embed, self.lm_head if self.lm_head is not None else self.head.embed,
-                                       weights["draft_ids"], intermediate=self.head.intermediate, eps=self.head.eps)
+            self.live_head = self.head.twin()
         self.live_head.load_export(weights)
         return version
 

@@ -446,7 +446,7 @@ class Trainer:
         rows = torch.from_numpy(new.astype(np.int64)).to(self.lm_head.device)
         fresh = self.lm_head.detach()[rows].to("cpu", torch.float32).numpy()
         kept = old_col >= 0
-        for h in {id(head): head, id(self.average): self.average}.values():   # the average may be head
+        for h in [head] if self.average is head else [head, self.average]:
             weights = h.export()
             w_out = fresh.copy()
             w_out[kept] = weights["w_out"][old_col[kept]]
