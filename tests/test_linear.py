@@ -36,11 +36,11 @@ def test_a_rows_bits_do_not_depend_on_the_batch_or_the_threads():
     g = torch.Generator().manual_seed(1)
     w = torch.randn(200, 96, generator=g)
     lin = _native.PackedLinear(w)
-    x = torch.randn(13, 96, generator=g)
-    alone = torch.empty(13, 200)
-    for r in range(13):
+    x = torch.randn(32, 96, generator=g)
+    alone = torch.empty(32, 200)
+    for r in range(32):
         lin.forward(x[r:r + 1], alone[r:r + 1], None, 1)
-    for rows in (2, 3, 8, 12, 13):
+    for rows in (2, 3, 8, 12, 13, 25, 32):             # 13 rows run as two groups of 7 and 6
         for threads in (1, 2, 3, 7):
             out = torch.empty(rows, 200)
             lin.forward(x[:rows], out, None, threads)

@@ -4,7 +4,7 @@
 // Three compilations of one kernel, written with GCC/Clang generic vectors
 // (the code needs GCC or Clang): the baseline (the build's SSE4.2, 4-float
 // vectors, 3 rows at a time), and where the CPU has them AVX2 + FMA (8-float
-// vectors, 6 rows) or AVX-512 (16-float vectors, 12 rows: 32 registers). The
+// vectors, 6 rows) or AVX-512 (16-float vectors, 12 rows of 32 registers). The
 // last two run the same fused multiply-adds in the same order on every
 // element, so they give the same bits; the baseline, without FMA, rounds
 // each product. Measured on the development machine (Zen 4, SmolLM2's
@@ -45,8 +45,16 @@ inline void cpu_relax() {
 #endif
 }
 
-// How far ahead of the multiply-adds the weight stream is requested: 4 KiB.
-constexpr int64_t kAheadFloats = 1024;
+// How far ahead of the multiply-adds the weight stream is requested: 8 KiB,
+// into the L2 cache (prefetcht1), not L1. Why: with 8-12 rows a panel line
+// takes 8-12 multiply-adds, and the memory must keep pace with them on every
+// core. Requests into L1 tie up its few miss buffers, and the stream fell
+// behind: the weights' fetch and the arithmetic took turns instead of
+// overlapping. Measured (2 threads, the 49152 x 576 LM head from DRAM, 12
+// rows): 6.7 ms with L1 requests 4 KiB ahead, 4.1 ms with these; the whole
+// SmolLM2-135M forward of a 12-node tree 38-43 ms -> 31-34 ms; one row
+// unchanged (about 23 ms).
+constexpr int64_t kAheadFloats = 2048;
 
 // R rows of x against one panel: y[r, c] for the panel's `cols` columns.
 template <typename V, int R>
@@ -61,7 +69,7 @@ __attribute__((always_inline)) inline void panel_rows(const float* __restrict x,
     for (int v = 0; v < kVecs; ++v) acc[r][v] = V{};
   for (int64_t k = 0; k < k_len; ++k) {
     const float* wk = panel + k * kLinearPanel;
-    __builtin_prefetch(wk + kAheadFloats);  // one cache line per k
+    __builtin_prefetch(wk + kAheadFloats, 0, 2);  // one cache line per k
     V w[kVecs];
     for (int v = 0; v < kVecs; ++v) w[v] = *reinterpret_cast<const VL*>(wk + v * kLanes);
     for (int r = 0; r < R; ++r) {
@@ -81,35 +89,38 @@ __attribute__((always_inline)) inline void panel_rows(const float* __restrict x,
   }
 }
 
-// Panels [p0, p1) for all rows: groups of kRows rows (accumulators for kRows
-// rows fill most of the vector registers), then the rest in one group.
+// `rows` (1 <= rows <= kRows) rows against one panel, in one group.
+template <typename V, int kRows>
+__attribute__((always_inline)) inline void panel_upto(int64_t rows, const float* x, int64_t ldx, int64_t k_len,
+                                                      const float* panel, const float* bias, float* y,
+                                                      int64_t ldy, int64_t cols) {
+  if (rows == kRows) {
+    panel_rows<V, kRows>(x, ldx, k_len, panel, bias, y, ldy, cols);
+    return;
+  }
+  if constexpr (kRows > 1) panel_upto<V, kRows - 1>(rows, x, ldx, k_len, panel, bias, y, ldy, cols);
+}
+
+// Panels [p0, p1) for all rows, in groups of at most kRows rows (accumulators
+// for kRows rows fill most of the vector registers) whose sizes differ by at
+// most one: 13 rows run as 7 + 6, not 12 + 1, since a group costs a pass over
+// the panel whatever its size. A panel's later groups read it from the cache
+// its first group brought it to. (13 rows of SmolLM2-135M: 38 ms as 12 + 1,
+// 35 ms as 7 + 6.)
 template <typename V, int kRows>
 __attribute__((always_inline)) inline void panels_impl(const float* x, int64_t rows, int64_t ldx, int64_t k_len,
                                                        const float* panels, int64_t n, const float* bias,
                                                        float* y, int64_t ldy, int64_t p0, int64_t p1) {
+  const int64_t groups = (rows + kRows - 1) / kRows;
   for (int64_t p = p0; p < p1; ++p) {
     const float* panel = panels + p * k_len * kLinearPanel;
     const int64_t c0 = p * kLinearPanel;
     const int64_t cols = std::min<int64_t>(kLinearPanel, n - c0);
     const float* b = bias != nullptr ? bias + c0 : nullptr;
-    int64_t r = 0;
-    for (; r + kRows <= rows; r += kRows)
-      panel_rows<V, kRows>(x + r * ldx, ldx, k_len, panel, b, y + r * ldy + c0, ldy, cols);
-    const float* xr = x + r * ldx;
-    float* yr = y + r * ldy + c0;
-    switch (rows - r) {
-      case 1: panel_rows<V, 1>(xr, ldx, k_len, panel, b, yr, ldy, cols); break;
-      case 2: panel_rows<V, (kRows > 2 ? 2 : 1)>(xr, ldx, k_len, panel, b, yr, ldy, cols); break;
-      case 3: panel_rows<V, (kRows > 3 ? 3 : 1)>(xr, ldx, k_len, panel, b, yr, ldy, cols); break;
-      case 4: panel_rows<V, (kRows > 4 ? 4 : 1)>(xr, ldx, k_len, panel, b, yr, ldy, cols); break;
-      case 5: panel_rows<V, (kRows > 5 ? 5 : 1)>(xr, ldx, k_len, panel, b, yr, ldy, cols); break;
-      case 6: panel_rows<V, (kRows > 6 ? 6 : 1)>(xr, ldx, k_len, panel, b, yr, ldy, cols); break;
-      case 7: panel_rows<V, (kRows > 7 ? 7 : 1)>(xr, ldx, k_len, panel, b, yr, ldy, cols); break;
-      case 8: panel_rows<V, (kRows > 8 ? 8 : 1)>(xr, ldx, k_len, panel, b, yr, ldy, cols); break;
-      case 9: panel_rows<V, (kRows > 9 ? 9 : 1)>(xr, ldx, k_len, panel, b, yr, ldy, cols); break;
-      case 10: panel_rows<V, (kRows > 10 ? 10 : 1)>(xr, ldx, k_len, panel, b, yr, ldy, cols); break;
-      case 11: panel_rows<V, (kRows > 11 ? 11 : 1)>(xr, ldx, k_len, panel, b, yr, ldy, cols); break;
-      default: break;
+    for (int64_t g = 0, r = 0; g < groups; ++g) {
+      const int64_t m = rows / groups + (g < rows % groups ? 1 : 0);
+      panel_upto<V, kRows>(m, x + r * ldx, ldx, k_len, panel, b, y + r * ldy + c0, ldy, cols);
+      r += m;
     }
   }
 }
@@ -129,7 +140,8 @@ __attribute__((target("avx2,fma"))) void panels_wide(const float* x, int64_t row
   panels_impl<F8, 6>(x, rows, ldx, k_len, panels, n, bias, y, ldy, p0, p1);
 }
 
-// AVX-512: one 16-float vector per panel row; 12 rows = 12 of the 32 registers.
+// AVX-512: one 16-float vector per panel row, 12 rows a group. (Groups of 8
+// and 16 measured the same over 1-32 rows; 24 spilled and ran 2x slower.)
 __attribute__((target("avx512f"))) void panels_512(const float* x, int64_t rows, int64_t ldx, int64_t k_len,
                                                    const float* panels, int64_t n, const float* bias, float* y,
                                                    int64_t ldy, int64_t p0, int64_t p1) {

@@ -37,14 +37,14 @@ _INITIAL_ROPE_ROWS = 4096
 # triple the weights' memory (about 1.1 GB more for SmolLM2-135M).
 # Up to ``_PANEL_MAX_ROWS`` rows the forward also runs everything else on one
 # torch thread (see :meth:`LlamaModel.forward`). SmolLM2-135M forward at 250
-# tokens of context, 2 threads, median of 10 or 16, ms, measured with
+# tokens of context, 2 threads, median of 36 (panels) or 16, ms, measured with
 # throwaway scripts on the 2-core development machine (Zen 4, so the panel
-# kernel runs its AVX-512 form):
-#   rows                  1    2    3    4    6    8   12   16
+# kernel runs its AVX-512 form; the machine's speed drifts by 10-15%):
+#   rows                  1    2    3    4    6    8   12   16   24   32
 #   W @ x^T / x @ W^T    23   24   35   35   51   55   93   97
-#   oneDNN, packed       23*  24*  28   27   29   34   40   47   (* W @ x^T)
-#   panels               23   24   25   25   27   28   38   46*  (* oneDNN)
-_PANEL_MAX_ROWS = 12
+#   oneDNN, packed       23*  24*  28   27   29   34   40   47   61   75  (* W @ x^T)
+#   panels               23   24   25   25   27   28   31   38   51   64
+_PANEL_MAX_ROWS = 32
 _PACKED_MIN_ROWS = 3
 _SMALL_ROWS = {1: 6}
 _SMALL_ROWS_DEFAULT = 8
