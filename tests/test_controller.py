@@ -21,10 +21,14 @@ def test_cost_model_never_exceeds_separate_forwards():
     cost.record(1, 0.05)
     cost.record(4, 5.0)            # a stalled measurement
     cost.record(8, 0.09)
-    assert cost(4) == pytest.approx(0.2)
+    assert cost(4) == pytest.approx(0.09)       # not above the larger size's
     assert cost(8) == pytest.approx(0.09)
     assert cost(2) <= 0.1
     assert cost(1) == pytest.approx(0.05)
+    cost.record(12, 0.08)                        # a larger size measured cheaper still
+    assert cost(8) == pytest.approx(0.08) and cost(4) == pytest.approx(0.08)
+    cost.record(2, 0.03)                         # and the one-node figure held to two nodes'
+    assert cost(2) == pytest.approx(0.03) and cost(1) == pytest.approx(0.03)
 
 
 def test_cost_model_forgets_stale_sizes():
