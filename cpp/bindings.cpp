@@ -539,8 +539,10 @@ void packed_linear_forward(const atlas::PackedLinear& lin, py::handle x_obj, py:
 // ---- tree attention ------------------------------------------------------------------
 
 void tree_attention(const KVCache& kv, py::handle layer, py::handle q_obj, py::handle out_obj,
-                    py::handle seq_obj, py::handle qoff_obj, py::handle parents_obj, double scale) {
+                    py::handle seq_obj, py::handle qoff_obj, py::handle parents_obj, double scale,
+                    py::handle threads_obj) {
   const auto& c = kv.cache.config();
+  const int64_t threads = checked_int(threads_obj, "threads", 1, atlas::kPoolMaxThreads);
   const int64_t lay = checked_int(layer, "layer", 0, c.num_layers - 1);
   const Elem want = c.dtype == atlas::DType::kFloat32 ? Elem::kF32 : Elem::kBF16;
   View q = view_of(q_obj, "q");
@@ -585,6 +587,7 @@ void tree_attention(const KVCache& kv, py::handle layer, py::handle q_obj, py::h
   p.parents = parents.ptr<const int32_t>();
   p.batch = seqs.shape[0];
   p.scale = static_cast<float>(scale);
+  p.threads = static_cast<int32_t>(threads);
   atlas::Status st;
   {
     // GIL first, then the mutex: a thread that holds the mutex never waits for
@@ -1422,8 +1425,9 @@ PYBIND11_MODULE(_native, m) {
       }, py::arg("seed"));
 
   m.def("tree_attention", &tree_attention, py::arg("cache"), py::arg("layer"), py::arg("q"), py::arg("out"),
-        py::arg("seq_ids"), py::arg("q_offsets"), py::arg("parents"), py::arg("scale"),
-        "Attention of tree nodes (queries) over their sequence's committed context and their ancestors.");
+        py::arg("seq_ids"), py::arg("q_offsets"), py::arg("parents"), py::arg("scale"), py::arg("threads") = 1,
+        "Attention of tree nodes (queries) over their sequence's committed context and their ancestors; "
+        "`threads` share each tile's kv heads (the result does not depend on it).");
 
 #ifdef ATLAS_WITH_CUDA
   // -- CUDA kernels: tensors on one CUDA device, `stream` = torch.cuda.current_stream().cuda_stream

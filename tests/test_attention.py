@@ -20,14 +20,15 @@ import torch
 import atlas
 
 
-def run_tree_attention(cache, layer, q, seqs, trees, scale=None):
+def run_tree_attention(cache, layer, q, seqs, trees, scale=None, threads=1):
     """q: [total_q, num_q_heads, head_dim]; trees: one parents array per sequence."""
     offsets = np.zeros(len(trees) + 1, np.int64)
     offsets[1:] = np.cumsum([len(t) for t in trees])
     parents = np.concatenate([np.asarray(t, np.int32) for t in trees]) if trees else np.zeros(0, np.int32)
     out = torch.empty(q.shape, dtype=q.dtype)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    atlas._native.tree_attention(cache, layer, q, out, np.asarray(seqs, np.int32), offsets, parents, scale)
+    atlas._native.tree_attention(cache, layer, q, out, np.asarray(seqs, np.int32), offsets, parents, scale,
+                                 threads)
     return out
 
 
@@ -137,6 +138,9 @@ def test_matches_reference(dtype, head_dim, kv_heads, group):
     for layer in range(2):
         out = run_tree_attention(cache, layer, q, seqs, trees)
         check_against_reference(cache, layer, q, seqs, trees, out)
+        # The kv heads split over threads: the same bits whatever the split.
+        for threads in (2, 3, 5):
+            assert torch.equal(run_tree_attention(cache, layer, q, seqs, trees, threads=threads), out)
 
 
 def test_strided_queries_and_in_place_output():
@@ -254,6 +258,9 @@ def bad_setup():
     (dict(layer=2), "layer must be in"),
     (dict(scale=-1.0), "scale"),
     (dict(scale=float("nan")), "scale"),
+    (dict(threads=0), "threads must be in"),
+    (dict(threads=65), "threads must be in"),
+    (dict(threads=1.5), "threads"),
 ])
 def test_bad_input_raises(change, match):
     cache, s, dead, good = bad_setup()

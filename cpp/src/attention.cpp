@@ -1,6 +1,7 @@
 // atlas/attention.cpp: tree attention over the paged KV cache on the CPU.
 //
-// Work is organised as a small blocked GEMM per sequence and kv head: the
+// Work is organised as a small blocked GEMM per sequence and kv head (the kv
+// heads of a tile split over the pool's threads, see atlas/attention.h): the
 // "rows" are a tile of queries (up to kTileFloats / head_dim rows) times the G
 // query heads that share the kv head, so every key and value row read from the
 // paged cache serves all of them. The rows walk their positions in chunks of
@@ -41,6 +42,7 @@
 #include "atlas/attention.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -49,6 +51,8 @@
 #include <new>
 #include <string>
 #include <vector>
+
+#include "atlas/pool.h"
 
 // The wide paths need GCC or Clang function targets on x86-64.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -81,8 +85,13 @@ std::string str(int64_t v) { return std::to_string(v); }
 // several caches concurrently). It only grows, so steady-state calls with the
 // same shapes never allocate.
 struct Workspace {
-  std::vector<float> qt, acc, m, l, alpha, s, maskf, kbuf, vbuf;
+  std::vector<float> maskf;
   std::vector<uint8_t> any;
+};
+
+// Scratch of one thread's kv-head passes (see Tile).
+struct HeadScratch {
+  std::vector<float> qt, acc, m, l, alpha, s, kbuf, vbuf;
 };
 
 template <typename V>
@@ -619,6 +628,8 @@ Status validate(const TreeAttentionProblem& p, int64_t* max_queries) {
                            str(cfg.num_kv_heads) + ", got " + str(p.num_q_heads));
   if (!(p.scale > 0.0f) || !std::isfinite(p.scale))
     return Status::Invalid("scale must be a positive finite number");
+  if (p.threads < 1 || p.threads > kPoolMaxThreads)
+    return Status::Invalid("threads must be in [1, " + str(kPoolMaxThreads) + "], got " + str(p.threads));
   if (p.batch < 0) return Status::Invalid("batch must be >= 0, got " + str(p.batch));
   *max_queries = 0;
   if (p.batch == 0) return Status::Ok();
@@ -665,6 +676,79 @@ Status validate(const TreeAttentionProblem& p, int64_t* max_queries) {
   return Status::Ok();
 }
 
+// One tile of queries of one sequence: what its kv heads' passes share. The
+// heads are independent (each reads its own K and V columns and writes its
+// own output heads), so parts of the pool take contiguous ranges of them, each
+// with scratch of its own; a head's result does not depend on the split.
+template <typename T>
+struct Tile {
+  Job job;  // all but the scratch pointers
+  const T* q = nullptr;
+  T* out = nullptr;
+  const T* kplane = nullptr;
+  const T* vplane = nullptr;
+  int64_t q_stride_token = 0, q_stride_head = 0;
+  int64_t first = 0, tq = 0;  // the tile's first query (batch-wide index) and its query count
+  int group = 0, nkv = 0, num_q_heads = 0, width = 0;
+  int64_t rows_max = 0, rp_max = 0;
+  mutable std::atomic<bool> failed{false};  // a part could not allocate its scratch
+};
+
+template <typename T>
+void tile_heads(const void* arg, int32_t part, int32_t parts) {
+  const Tile<T>& t = *static_cast<const Tile<T>*>(arg);
+  const int g0 = static_cast<int>(int64_t{t.nkv} * part / parts);
+  const int g1 = static_cast<int>(int64_t{t.nkv} * (part + 1) / parts);
+  if (g0 >= g1) return;
+  const int dim = t.job.dim, group = t.group;
+  Job job = t.job;
+  thread_local HeadScratch ws;
+  try {
+    job.qt = grow(ws.qt, static_cast<size_t>(t.rp_max * dim));
+    job.acc = grow(ws.acc, static_cast<size_t>(t.rows_max * dim));
+    job.m = grow(ws.m, static_cast<size_t>(t.rp_max));
+    job.l = grow(ws.l, static_cast<size_t>(t.rp_max));
+    job.alpha = grow(ws.alpha, static_cast<size_t>(t.rp_max));
+    job.s = grow(ws.s, static_cast<size_t>(kChunk * t.rp_max));
+    job.kbuf = grow(ws.kbuf, static_cast<size_t>(kChunk) * dim);
+    job.vbuf = grow(ws.vbuf, static_cast<size_t>(kChunk) * dim);
+  } catch (const std::bad_alloc&) {
+    t.failed.store(true);
+    return;
+  }
+  float* qt = ws.qt.data();
+  const int rows = job.rows, rp = job.rp;
+  for (int g = g0; g < g1; ++g) {
+    // qt[d * rp + r] = query row r (query first + r / group, head g * group + r % group),
+    // or qt[r * dim + d] on the dot-product path.
+    for (int64_t qi = 0; qi < t.tq; ++qi)
+      for (int h = 0; h < group; ++h) {
+        const T* src = t.q + (t.first + qi) * t.q_stride_token + (static_cast<int64_t>(g) * group + h) * t.q_stride_head;
+        const int64_t r = qi * group + h;
+        if (job.dot)
+          for (int d = 0; d < dim; ++d) qt[r * dim + d] = to_float(src[d]);
+        else
+          for (int d = 0; d < dim; ++d) qt[static_cast<int64_t>(d) * rp + r] = to_float(src[d]);
+      }
+    if (!job.dot)
+      for (int d = 0; d < dim; ++d)
+        std::fill(qt + static_cast<int64_t>(d) * rp + rows, qt + static_cast<int64_t>(d + 1) * rp, 0.0f);
+    job.k = t.kplane + static_cast<int64_t>(g) * dim;
+    job.v = t.vplane + static_cast<int64_t>(g) * dim;
+    attend<T>(t.width, job);
+
+    const float* l = job.l;
+    for (int64_t qi = 0; qi < t.tq; ++qi)
+      for (int h = 0; h < group; ++h) {
+        const int64_t r = qi * group + h;
+        const float inv = 1.0f / l[r];
+        T* dst = t.out + ((t.first + qi) * t.num_q_heads + static_cast<int64_t>(g) * group + h) * dim;
+        const float* a = job.acc + r * dim;
+        for (int d = 0; d < dim; ++d) store_out(dst + d, a[d] * inv);
+      }
+  }
+}
+
 template <typename T>
 void run(const TreeAttentionProblem& p, int64_t max_queries) {
   const KVCacheConfig& cfg = p.cache->config();
@@ -674,44 +758,36 @@ void run(const TreeAttentionProblem& p, int64_t max_queries) {
   const int64_t bs = cfg.block_size;
   const int64_t row = static_cast<int64_t>(nkv) * dim;  // elements per token row of a plane
   const int64_t plane = static_cast<int64_t>(cfg.num_blocks) * bs * row;
-  const T* kplane = static_cast<const T*>(p.cache->storage()) + (2 * static_cast<int64_t>(p.layer)) * plane;
-  const T* vplane = kplane + plane;
-  const T* q = static_cast<const T*>(p.q);
-  T* out = static_cast<T*>(p.out);
   const int width = simd_width();
 
   const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(max_queries, kTileFloats / (group * dim)));
-  const int64_t rows_max = tile * group;
-  const int64_t rp_max = (rows_max + 7) / 8 * 8;
   thread_local Workspace ws;
-  float* qt = grow(ws.qt, static_cast<size_t>(rp_max * dim));
-  float* acc = grow(ws.acc, static_cast<size_t>(rows_max * dim));
-  float* m = grow(ws.m, static_cast<size_t>(rp_max));
-  float* l = grow(ws.l, static_cast<size_t>(rp_max));
-  float* alpha = grow(ws.alpha, static_cast<size_t>(rp_max));
-  float* s = grow(ws.s, static_cast<size_t>(kChunk * rp_max));
-  float* maskf = grow(ws.maskf, static_cast<size_t>(max_queries * rp_max));
+  Tile<T> t;
+  t.rows_max = tile * group;
+  t.rp_max = (t.rows_max + 7) / 8 * 8;
+  float* maskf = grow(ws.maskf, static_cast<size_t>(max_queries * t.rp_max));
   uint8_t* any = grow(ws.any, static_cast<size_t>(max_queries));
-  float* kbuf = grow(ws.kbuf, static_cast<size_t>(kChunk) * dim);
-  float* vbuf = grow(ws.vbuf, static_cast<size_t>(kChunk) * dim);
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
-  Job job;
+  t.kplane = static_cast<const T*>(p.cache->storage()) + (2 * static_cast<int64_t>(p.layer)) * plane;
+  t.vplane = t.kplane + plane;
+  t.q = static_cast<const T*>(p.q);
+  t.out = static_cast<T*>(p.out);
+  t.q_stride_token = p.q_stride_token;
+  t.q_stride_head = p.q_stride_head;
+  t.group = group;
+  t.nkv = nkv;
+  t.num_q_heads = p.num_q_heads;
+  t.width = width;
+  Job& job = t.job;
   job.table = nullptr;
   job.block_size = bs;
   job.row = row;
   job.dim = dim;
   job.scale = p.scale;
-  job.qt = qt;
   job.maskf = maskf;
   job.any = any;
-  job.acc = acc;
-  job.m = m;
-  job.l = l;
-  job.alpha = alpha;
-  job.s = s;
-  job.kbuf = kbuf;
-  job.vbuf = vbuf;
+  const int32_t parts = std::min<int32_t>(p.threads, nkv);
 
   for (int64_t b = 0; b < p.batch; ++b) {
     const int64_t q0 = p.q_offsets[b];
@@ -743,36 +819,10 @@ void run(const TreeAttentionProblem& p, int64_t max_queries) {
       job.rows = rows;
       job.rp = rp;
       job.dot = rows <= dot_rows(width) && dim % width == 0;
-
-      for (int g = 0; g < nkv; ++g) {
-        // qt[d * rp + r] = query row r (query t0 + r / group, head g * group + r % group),
-        // or qt[r * dim + d] on the dot-product path.
-        for (int64_t qi = 0; qi < tq; ++qi)
-          for (int h = 0; h < group; ++h) {
-            const T* src = q + (q0 + t0 + qi) * p.q_stride_token +
-                           (static_cast<int64_t>(g) * group + h) * p.q_stride_head;
-            const int64_t r = qi * group + h;
-            if (job.dot)
-              for (int d = 0; d < dim; ++d) qt[r * dim + d] = to_float(src[d]);
-            else
-              for (int d = 0; d < dim; ++d) qt[static_cast<int64_t>(d) * rp + r] = to_float(src[d]);
-          }
-        if (!job.dot)
-          for (int d = 0; d < dim; ++d)
-            std::fill(qt + static_cast<int64_t>(d) * rp + rows, qt + static_cast<int64_t>(d + 1) * rp, 0.0f);
-        job.k = kplane + static_cast<int64_t>(g) * dim;
-        job.v = vplane + static_cast<int64_t>(g) * dim;
-        attend<T>(width, job);
-
-        for (int64_t qi = 0; qi < tq; ++qi)
-          for (int h = 0; h < group; ++h) {
-            const int64_t r = qi * group + h;
-            const float inv = 1.0f / l[r];
-            T* dst = out + ((q0 + t0 + qi) * p.num_q_heads + static_cast<int64_t>(g) * group + h) * dim;
-            const float* a = acc + r * dim;
-            for (int d = 0; d < dim; ++d) store_out(dst + d, a[d] * inv);
-          }
-      }
+      t.first = q0 + t0;
+      t.tq = tq;
+      parallel_parts(parts, tile_heads<T>, &t);
+      if (t.failed.load()) throw std::bad_alloc();
     }
   }
 }

@@ -1,5 +1,5 @@
 // Small-batch linear layers on the CPU (see atlas/linear.h for the layout, the
-// numerics and the threads).
+// numerics and the threads; atlas/pool.h for the worker threads).
 //
 // Three compilations of one kernel, written with GCC/Clang generic vectors
 // (the code needs GCC or Clang): the baseline (the build's SSE4.2, 4-float
@@ -12,19 +12,12 @@
 // with AVX-512, 24 ms with AVX2, 26 ms with oneDNN's packed kernels.
 #include "atlas/linear.h"
 
-#include <pthread.h>
-
 #include <algorithm>
-#include <atomic>
-#include <chrono>
-#include <memory>
-#include <condition_variable>
 #include <cstring>
-#include <mutex>
 #include <string>
-#include <thread>
 
 #include "atlas/cpu.h"
+#include "atlas/pool.h"
 
 namespace atlas {
 
@@ -38,12 +31,6 @@ template <typename V>
 struct Loose {  // an unaligned, aliasing V in memory
   typedef V type __attribute__((aligned(4), may_alias));
 };
-
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#endif
-}
 
 // How far ahead of the multiply-adds the weight stream is requested: 8 KiB,
 // into the L2 cache (prefetcht1), not L1. Why: with 8-12 rows a panel line
@@ -157,7 +144,6 @@ struct Job {
   const float* bias;
   float* y;
   int64_t ldy, num_panels;
-  int32_t parts;
   bool wide;
 };
 
@@ -175,99 +161,12 @@ void run_panels(const Job& j, int64_t p0, int64_t p1) {
   panels_baseline(j.x, j.rows, j.ldx, j.k_len, j.panels, j.n, j.bias, j.y, j.ldy, p0, p1);
 }
 
-// ---- the worker pool ---------------------------------------------------------------------
-//
-// One job at a time (run() holds job_mu_ for the whole call). Worker i (1, 2,
-// ...) waits on a counter of its own, `go`: the caller writes the job, sets
-// remaining_ to the number of workers it needs (parts - 1), and bumps the
-// counters of workers 1 .. parts-1 only; each runs its part and counts
-// remaining_ down, while the caller runs part 0 and spins until remaining_ is
-// 0. So a worker reads the job only when it takes part, and the caller writes
-// the next job only after every reader is done. A worker that saw no job for
-// kLinearSpinMicros sleeps on cv_; the caller wakes the sleepers through mu_,
-// so a wake-up cannot be lost between a worker's last look at its counter and
-// its wait.
-class Pool {
- public:
-  static Pool& get() {
-    // After fork() the child has none of the workers: it starts a pool of its
-    // own (the parent's is left as it is in the child's memory).
-    static const bool registered = pthread_atfork(nullptr, nullptr, forget) == 0;
-    (void)registered;
-    Pool*& p = instance();
-    if (p == nullptr) p = new Pool();  // never deleted: workers live as long as the process
-    return *p;
-  }
-
-  void run(const Job& job) {
-    std::lock_guard<std::mutex> one_job(job_mu_);
-    grow(job.parts - 1);
-    job_ = job;
-    remaining_.store(job.parts - 1, std::memory_order_seq_cst);
-    for (int32_t i = 1; i < job.parts; ++i) slots_[static_cast<size_t>(i - 1)]->go.fetch_add(1, std::memory_order_seq_cst);
-    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
-      { std::lock_guard<std::mutex> lk(mu_); }
-      cv_.notify_all();
-    }
-    part(job_, 0);
-    while (remaining_.load(std::memory_order_acquire) != 0) cpu_relax();
-  }
-
- private:
-  struct alignas(64) Slot {  // one cache line per worker's counter
-    std::atomic<uint64_t> go{0};
-  };
-
-  static Pool*& instance() {
-    static Pool* p = nullptr;
-    return p;
-  }
-  static void forget() { instance() = nullptr; }
-
-  static void part(const Job& j, int32_t i) {
-    const int64_t p0 = j.num_panels * i / j.parts, p1 = j.num_panels * (i + 1) / j.parts;
-    if (p0 >= p1) return;
-    run_panels(j, p0, p1);
-  }
-
-  void grow(int32_t want) {
-    while (static_cast<int32_t>(slots_.size()) < want) {
-      slots_.push_back(std::make_unique<Slot>());
-      Slot* slot = slots_.back().get();
-      const int32_t index = static_cast<int32_t>(slots_.size());
-      std::thread([this, index, slot] { loop(index, slot); }).detach();
-    }
-  }
-
-  void loop(int32_t index, Slot* slot) {
-    uint64_t seen = 0;  // the slot's counter starts at 0 and only its jobs bump it
-    for (;;) {
-      auto start = std::chrono::steady_clock::now();
-      for (int spins = 0; slot->go.load(std::memory_order_acquire) == seen; ++spins) {
-        cpu_relax();
-        if ((spins & 255) == 255 &&
-            std::chrono::steady_clock::now() - start > std::chrono::microseconds(kLinearSpinMicros)) {
-          std::unique_lock<std::mutex> lk(mu_);
-          sleepers_.fetch_add(1, std::memory_order_seq_cst);
-          cv_.wait(lk, [&] { return slot->go.load(std::memory_order_seq_cst) != seen; });
-          sleepers_.fetch_sub(1, std::memory_order_seq_cst);
-          start = std::chrono::steady_clock::now();
-        }
-      }
-      ++seen;  // one job at a time: the caller bumps it again only after this one is done
-      part(job_, index);
-      remaining_.fetch_sub(1, std::memory_order_acq_rel);
-    }
-  }
-
-  std::mutex job_mu_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::atomic<int32_t> remaining_{0};
-  std::atomic<int32_t> sleepers_{0};
-  Job job_{};
-  std::vector<std::unique_ptr<Slot>> slots_;  // worker i's counter is slots_[i - 1]
-};
+// Part i of `parts`: a contiguous range of the panels.
+void run_part(const void* arg, int32_t i, int32_t parts) {
+  const Job& j = *static_cast<const Job*>(arg);
+  const int64_t p0 = j.num_panels * i / parts, p1 = j.num_panels * (i + 1) / parts;
+  if (p0 < p1) run_panels(j, p0, p1);
+}
 
 }  // namespace
 
@@ -305,11 +204,8 @@ Status PackedLinear::forward(const float* x, int64_t rows, int64_t ldx, const fl
   if (x == nullptr || y == nullptr) return Status::Invalid("x and y must not be null");
   const int64_t num_panels = (n_ + kLinearPanel - 1) / kLinearPanel;
   const int32_t parts = static_cast<int32_t>(std::min<int64_t>(threads, num_panels));
-  const Job job{x, rows, ldx, k_, panels_.data(), n_, bias, y, ldy, num_panels, parts, wide_};
-  if (parts == 1)
-    run_panels(job, 0, num_panels);
-  else
-    Pool::get().run(job);
+  const Job job{x, rows, ldx, k_, panels_.data(), n_, bias, y, ldy, num_panels, wide_};
+  parallel_parts(parts, run_part, &job);
   return Status::Ok();
 }
 

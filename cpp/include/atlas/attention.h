@@ -10,6 +10,10 @@
 // table: the context is never gathered or copied.
 //
 // GQA: query head h reads kv head h / (num_q_heads / num_kv_heads).
+//
+// Threads: the kv heads of each tile of queries are split over `threads`
+// parts (the calling thread and the pool's workers), contiguous ranges of
+// heads each. SmolLM2-135M has 3 kv heads, so 2 threads take 1 and 2 of them.
 #pragma once
 
 #include <cstdint>
@@ -38,6 +42,10 @@ struct TreeAttentionProblem {
   const int32_t* parents = nullptr;     // [total_q] tree-local parent, -1 at each root
   int64_t batch = 0;
   float scale = 0.0f;                   // softmax scale, usually 1/sqrt(head_dim)
+  // Threads of atlas/pool.h that share each tile's kv heads (at most
+  // num_kv_heads take part), in [1, kPoolMaxThreads]. The result does not
+  // depend on it.
+  int32_t threads = 1;
 };
 
 // Each sequence must have exactly q_offsets[b+1] - q_offsets[b] reserved slots.

@@ -23,22 +23,20 @@
 // a twelve-node forward.
 //
 // Threads: forward() splits the panels into `threads` contiguous ranges; the
-// calling thread runs the first and persistent worker threads the others. A
-// worker spins for about kLinearSpinMicros after each job, since within a
-// forward the next layer calls back within tens of microseconds, then sleeps
-// until woken, so that between forwards it leaves its core to others.
+// calling thread runs the first and the persistent workers of atlas/pool.h
+// the others.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
 #include "atlas/common.h"
+#include "atlas/pool.h"
 
 namespace atlas {
 
 constexpr int64_t kLinearPanel = 16;
-constexpr int64_t kLinearMaxThreads = 64;
-constexpr int64_t kLinearSpinMicros = 200;
+constexpr int64_t kLinearMaxThreads = kPoolMaxThreads;
 
 class PackedLinear {
  public:

@@ -384,7 +384,8 @@ class LlamaModel:
             q_off_dev = torch.from_numpy(np.asarray(q_offsets, np.int64)).to(device, non_blocking=True)
             parents_dev = torch.from_numpy(np.asarray(parents, np.int32)).to(device, non_blocking=True)
         # A forward of a few rows (plain decoding, a draft tree) runs its
-        # matrices on the panel kernel's threads and everything else on one
+        # matrices and tree attention (its kv heads split, see
+        # atlas/attention.h) on atlas's pool threads and everything else on one
         # torch thread: its small element-wise products gain nothing from
         # more, and torch's OpenMP team would fight the panel workers for the
         # cores (measured, 8 rows on 2 cores: 36.3 ms a forward with torch on
@@ -405,7 +406,8 @@ class LlamaModel:
                 cache.keys(i).index_copy_(0, slots, qk[:, H:])
                 cache.values(i).index_copy_(0, slots, qkv[:, H + KH:])
                 if gpu is None:
-                    _native.tree_attention(cache, i, qk[:, :H], attn, seq_ids, q_offsets, parents, self.scale)
+                    _native.tree_attention(cache, i, qk[:, :H], attn, seq_ids, q_offsets, parents, self.scale,
+                                           threads)
                 else:
                     gpu.tree_attention(cache, i, qk[:, :H].contiguous(), tables, lens, q_off_dev, parents_dev,
                                        scale=self.scale, out=attn, max_context=max_context, max_q_per_seq=max_q,
