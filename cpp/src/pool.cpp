@@ -86,7 +86,7 @@ class Pool {
   }
 
   void loop(int32_t index, Slot* slot) {
-    uint64_t seen = 0;  // the slot's counter starts at 0 and only its jobs bump it
+    uint64_t seen = 0;  // the slot's counter starts at 0 and only its tasks bump it
     for (;;) {
       auto start = std::chrono::steady_clock::now();
       for (int spins = 0; slot->go.load(std::memory_order_acquire) == seen; ++spins) {
