@@ -723,7 +723,8 @@ void tile_heads(const void* arg, int32_t part, int32_t parts) {
     // or qt[r * dim + d] on the dot-product path.
     for (int64_t qi = 0; qi < t.tq; ++qi)
       for (int h = 0; h < group; ++h) {
-        const T* src = t.q + (t.first + qi) * t.q_stride_token + (static_cast<int64_t>(g) * group + h) * t.q_stride_head;
+        const T* src = t.q + (t.first + qi) * t.q_stride_token +
+                       (static_cast<int64_t>(g) * group + h) * t.q_stride_head;
         const int64_t r = qi * group + h;
         if (job.dot)
           for (int d = 0; d < dim; ++d) qt[r * dim + d] = to_float(src[d]);

@@ -54,7 +54,8 @@ class Pool {
     grow(task.parts - 1);
     task_ = task;
     remaining_.store(task.parts - 1, std::memory_order_seq_cst);
-    for (int32_t i = 1; i < task.parts; ++i) slots_[static_cast<size_t>(i - 1)]->go.fetch_add(1, std::memory_order_seq_cst);
+    for (int32_t i = 1; i < task.parts; ++i)
+      slots_[static_cast<size_t>(i - 1)]->go.fetch_add(1, std::memory_order_seq_cst);
     if (sleepers_.load(std::memory_order_seq_cst) > 0) {
       { std::lock_guard<std::mutex> lk(mu_); }
       cv_.notify_all();
