@@ -198,3 +198,62 @@ def test_the_drafting_hint_is_a_low_percentile_of_cutoffs_measured_on_exploratio
     # None selected: the largest proposed below depth 1 (depth 2) is the cutoff.
     assert dear.path_hint(1) == pytest.approx(0.9 ** 2, rel=1e-6)
     assert Controller(2, select="all").path_hint(1) == 0.0
+
+
+def fallback_step(ctl, k, adaptive_right, static_right, emitted=True):
+    """One step with a fallback pair: 0 the adaptive head, 1 the static one.
+    The target's next token is 7. The adaptive head drafts a chain whose
+    deeper nodes are always wrong, the static one a single node; each
+    one's first token is 7 when ``*_right(k)``. Returns which ones drafted."""
+    run = ctl.active()
+    cands = [[None, None]]
+    if run[0]:
+        cands[0][0] = chain([7 if adaptive_right(k) else 8, 9, 9, 9], 0.9)
+    if run[1]:
+        cands[0][1] = chain([7 if static_right(k) else 8], 0.9)
+    trees, origins = ctl.select([0], cands, VOCAB, [16], 0.0)
+    tree = trees[0]
+    acc = [i for i in range(1, len(tree)) if tree.parents[i] == 0 and tree.tokens[i] == 7]
+    ctl.observe(trees, origins, [np.asarray(acc, np.int32)], run, [[7, 3]] if emitted else None)
+    return run
+
+
+def test_the_fallback_trusts_the_head_whose_first_tokens_the_target_emits():
+    """Compared on the steps where both drafted: the adaptive head's first
+    token is right 4 times in 5, the static head's every other time, so the
+    adaptive head serves. When its first tokens go wrong it is dropped within
+    a few dozen comparisons, and trusted again when they recover."""
+    from atlas.controller import MIN_PAIRS, PAIR_MEMORY
+    ctl = Controller(2, max_nodes=16, fallback=(0, 1))
+    for n in range(1, 9):
+        ctl.record_forward(n, 0.02 + 0.001 * n)
+    # Patterns over the exploration steps (every EXPLORE_EVERY-th), where both draft.
+    good = lambda k: (k // EXPLORE_EVERY) % 5 != 0      # noqa: E731
+    half = lambda k: (k // EXPLORE_EVERY) % 2 == 0      # noqa: E731
+    bad = lambda k: (k // EXPLORE_EVERY) % 5 == 0       # noqa: E731
+    assert ctl.trusted == 1
+    runs = [fallback_step(ctl, k, good, half) for k in range(600)]
+    # Until MIN_PAIRS comparisons the static head serves (the adaptive one
+    # drafts on exploration steps only).
+    assert runs[0] == [True, True] and runs[1] == [False, True]
+    assert ctl.trusted == 0
+    assert ctl.pair_hits[0] == pytest.approx(0.8, abs=0.05) and ctl.pair_hits[1] == pytest.approx(0.5, abs=0.05)
+    late = runs[300:]
+    assert sum(r[0] for r in late) == len(late)
+    assert sum(r[1] for r in late) <= len(late) // EXPLORE_EVERY + 1
+    assert ctl.summary()["fallback_first_token_hits"][2] == min(60, PAIR_MEMORY)
+    # The adaptive head's first tokens go bad: dropped within 50 comparisons.
+    runs = [fallback_step(ctl, k, bad, half) for k in range(50 * EXPLORE_EVERY)]
+    assert ctl.trusted == 1
+    assert sum(r[0] for r in runs[-100:]) <= 100 // EXPLORE_EVERY + 1
+    runs = [fallback_step(ctl, k, good, half) for k in range(60 * EXPLORE_EVERY)]
+    assert ctl.trusted == 0 and MIN_PAIRS < PAIR_MEMORY <= 100
+
+
+def test_without_emitted_tokens_the_fallback_keeps_the_static_head():
+    ctl = Controller(2, max_nodes=16, fallback=(0, 1))
+    for n in range(1, 9):
+        ctl.record_forward(n, 0.02 + 0.001 * n)
+    for k in range(300):
+        fallback_step(ctl, k, lambda k: True, lambda k: False, emitted=False)
+    assert ctl.trusted == 1 and ctl.pair_n == 0

@@ -47,10 +47,21 @@ cutoffs, measured on exploration steps, where the hint is 0 (so that what is
 not drafted still gets measured).
 
 Fallback: given a pair (adaptive, static) of speculator indices, the
-controller runs only the one whose recent acceptance is higher, trying the
-other on a small share of steps so that a recovering adaptive speculator is
-noticed; the adaptive one is dropped as soon as its acceptance drifts below
-the static one's.
+controller runs only the one it trusts, trying the other on a small share of
+steps (``EXPLORE_EVERY``) so that a recovering adaptive speculator is
+noticed. It compares the two on exactly those steps, where both drafted for
+the same contexts: per request, whether each one's most confident first
+token is the token the target emitted there (for greedy decoding, depth-1
+greedy acceptance, what the learning loop's trainer scores before a push).
+It trusts the adaptive one while its rate over the last ``PAIR_MEMORY``
+such pairs is at least the static one's, and drops it as soon as it falls
+below. (It used to compare each speculator's acceptance over the nodes the
+controller had selected from it. That rate depends on how deep the
+controller reaches into a speculator's tree, and on which steps it ran, not
+only on how good its drafts are: measured on HumanEval, an adaptive head
+whose depth-1 acceptance had risen from 0.39 to 0.48 read 0.28 against the
+static head's 0.29, and the static head served most of the steps after the
+fortieth request.)
 """
 from __future__ import annotations
 
@@ -83,6 +94,13 @@ DRIFT_RANGE = (0.2, 2.0)
 # Share of steps on which the speculator not currently trusted (fallback pair)
 # still runs, so that its acceptance estimate stays current.
 EXPLORE_EVERY = 10
+# The fallback's comparison (see the module docstring): EWMAs over about this
+# many (adaptive, static) pairs of first tokens, one per request every
+# EXPLORE_EVERY steps (so a head that turns worse is dropped within a few
+# requests), and the pairs needed before the adaptive speculator is trusted
+# (until then the static one serves).
+PAIR_MEMORY = 50
+MIN_PAIRS = 20
 # Bins of the expected tokens (sum of calibrated path probabilities) that the
 # speculators run earlier in a step already proposed, per request: the context
 # in which a later speculator's added value is learnt and judged.
@@ -237,6 +255,20 @@ class CostModel:
         return max(med[edge] + slope * (nodes - edge), 1e-9)
 
 
+def _first_token(tree: Optional[DraftTree]) -> Optional[int]:
+    """The token of a candidate tree's most confident depth-1 node (the
+    lowest index among equals), or None when it has none."""
+    if tree is None or len(tree) <= 1:
+        return None
+    par = tree.parents
+    conf = tree.confidences
+    best = None
+    for i in range(1, len(par)):
+        if par[i] == 0 and (best is None or conf[i] > conf[best]):
+            best = i
+    return None if best is None else int(tree.tokens[best])
+
+
 @dataclass
 class _NodeOrigin:
     """Per node of a selected tree: (speculator, its confidence) pairs."""
@@ -291,6 +323,11 @@ class Controller:
         self._hints = [0.0] * num_speculators   # their percentile, updated as they are recorded
         self.steps = 0
         self.trusted: Optional[int] = None if fallback is None else fallback[1]
+        # The fallback's comparison: rates at which the (adaptive, static) first
+        # tokens were the target's, over pairs (EWMA), and this step's pairs.
+        self.pair_hits = np.zeros(2)
+        self.pair_n = 0.0
+        self._firsts: Optional[List[Tuple[Optional[int], Optional[int]]]] = None
 
     # ---- which speculators run this step -------------------------------------------
 
@@ -305,9 +342,9 @@ class Controller:
         explore = self.steps % EXPLORE_EVERY == 0
         if self.fallback is not None:
             adaptive, static = self.fallback
-            ca, cs = self.calib[adaptive], self.calib[static]
             # Trust the adaptive speculator once it is measured and at least as good.
-            self.trusted = adaptive if (ca.recent_n >= 20 and ca.recent >= cs.recent) else static
+            good = self.pair_n >= MIN_PAIRS and self.pair_hits[0] >= self.pair_hits[1]
+            self.trusted = adaptive if good else static
             other = static if self.trusted == adaptive else adaptive
             run[other] = run[other] and explore
         return run
@@ -399,6 +436,9 @@ class Controller:
         run) and keeps the best nodes across the step. Returns one DraftTree
         per request and the origins of its nodes (for :meth:`observe`)."""
         batch = len(roots)
+        if self.fallback is not None:
+            a, s = self.fallback
+            self._firsts = [(_first_token(c[a]), _first_token(c[s])) for c in candidates]
         # 1. Merge each request's candidates into one trie with calibrated
         #    acceptances (max over the speculators proposing a node).
         merged = []  # per request: (tokens, parents, depth, accept prob, origins)
@@ -511,11 +551,21 @@ class Controller:
     # ---- learning from the step ----------------------------------------------------------
 
     def observe(self, trees: List[DraftTree], origins, accepted: List[np.ndarray],
-                ran: Optional[Sequence[bool]] = None) -> None:
+                ran: Optional[Sequence[bool]] = None, emitted: Optional[Sequence[Sequence[int]]] = None) -> None:
         """Updates the calibrations from a verified step: every node whose
         parent was accepted (or is the root) is a trial for its proposers.
-        ``ran`` says which speculators proposed this step (default: all)."""
+        ``ran`` says which speculators proposed this step (default: all);
+        ``emitted[b]`` the tokens request b emitted (the fallback's comparison
+        reads the first; without it the comparison learns nothing)."""
         self.steps += 1
+        firsts, self._firsts = self._firsts, None
+        if firsts is not None and emitted is not None:
+            for (fa, fs), em in zip(firsts, emitted):
+                if fa is None or fs is None or len(em) == 0:
+                    continue
+                self.pair_n = min(self.pair_n + 1.0, PAIR_MEMORY)
+                hit = np.array([fa == int(em[0]), fs == int(em[0])], float)
+                self.pair_hits += (hit - self.pair_hits) / self.pair_n
         emitted = float(sum(len(acc) + 1 for acc in accepted))
         if self._this_forward and emitted > 0:
             self._step_n += 1
@@ -577,6 +627,8 @@ class Controller:
             "drift": [round(c.drift, 3) for c in self.calib],
             "tokens_per_step": [round(float(g), 4) for g in self.gain],
             "trusted": self.trusted,
+            "fallback_first_token_hits": None if self.fallback is None else
+            [round(float(h), 4) for h in self.pair_hits] + [round(self.pair_n, 1)],
             "forward_seconds": {n: round(self.cost(n), 5) for n in self.cost.known_sizes},
             "draft_seconds": [round(float(t), 6) for t in self.draft_time],
             "seconds_per_token": round(self.seconds_per_token(), 5),

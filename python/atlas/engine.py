@@ -633,7 +633,7 @@ class Engine:
         if self.speculators:
             self.controller.record_forward(int(q_offsets[-1]), t_fwd)
             if self.max_tree_nodes > 1:
-                self.controller.observe(trees, origins, res.accepted, ran)
+                self.controller.observe(trees, origins, res.accepted, ran, res.emitted)
         if self.speculators or self.observers:
             self._observe(StepRecord(False, [r.rid for r in reqs], q_offsets, tokens, parents, hidden, logits,
                                      res.accepted, [c[1] for c in committed]))
