@@ -392,6 +392,30 @@ def test_the_self_fed_term_covers_the_asked_share_of_a_batch(tiny):
     assert loop.trainer.self_feed == 1.0
 
 
+def test_a_frozen_output_layer_stays_as_it_was_while_the_rest_learns(tiny):
+    _, target, _, _ = tiny
+    buf, _ = tapped_buffer(tiny)
+    head = fresh_head(target)
+    before = head.export()
+    tr = Trainer(head, buf, None, train_output=False, batch_size=32, min_train=32, min_held_out=1,
+                 precision="float32")
+    assert tr.train_steps(5) == 5 and tr.skipped_steps == 0
+    after, avg = head.export(), tr.average.export()
+    np.testing.assert_array_equal(after["w_out"], before["w_out"])
+    np.testing.assert_array_equal(avg["w_out"], before["w_out"])
+    for name in ("w_in", "w_gate", "w_up", "w_down"):
+        assert not np.array_equal(after[name], before[name]), name
+        assert not np.array_equal(avg[name], before[name]), name
+    assert all(p is not head.w_out for g in tr.opt.param_groups for p in g["params"])
+    with pytest.raises(ValueError, match="train_output"):
+        Trainer(head, buf, None, train_output="no")
+    # The learning loop freezes it by default, and trains it when asked.
+    loop = LearningLoop(target, LearnedSpeculator(head), checkpoint=False, process=False)
+    assert loop.trainer.train_output is False and loop.trainer.head.w_out.requires_grad is False
+    loop = LearningLoop(target, LearnedSpeculator(head), checkpoint=False, process=False, train_output=True)
+    assert loop.trainer.head.w_out.requires_grad is True
+
+
 def test_rounds_evaluate_and_push_the_moving_average_of_the_weights(tiny):
     _, target, _, _ = tiny
     buf, _ = tapped_buffer(tiny)

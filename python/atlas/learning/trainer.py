@@ -33,6 +33,12 @@ all, the default, what ``atlas distill`` trains with; 0: none, the learning
 loop's default, see ``atlas.learning.loop.LOOP_SELF_FEED``): it costs
 a second forward and backward over those rows.
 
+``train_output=False`` freezes the head's output layer ``W_out`` (the
+target's LM head rows of the draft tokens, as the static head left them;
+rows that a new draft vocabulary brings in start from the target's LM head
+as always): the learning loop's default (``LOOP_TRAIN_OUTPUT``), where
+a step's cost includes what it does to serving (see there).
+
 Why an average: Adam at a constant learning rate (a continual learner has
 no schedule to anneal) leaves the weights wandering around the optimum, and
 the held-out metric of the latest weights jumps by a point or two from one
@@ -257,7 +263,7 @@ def check_head_fits(head: DraftHead, speculator) -> None:
 
 
 def _check_settings(*, lr, batch_size, steps_per_round, min_held_out, threads, max_share, self_feed=1.0,
-                    ema=0.0, precision="auto", **_) -> None:
+                    train_output=True, ema=0.0, precision="auto", **_) -> None:
     for name, v in (("batch_size", batch_size), ("steps_per_round", steps_per_round),
                     ("min_held_out", min_held_out)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -270,6 +276,8 @@ def _check_settings(*, lr, batch_size, steps_per_round, min_held_out, threads, m
         raise ValueError(f"lr must be > 0, got {lr}")
     if not isinstance(self_feed, (int, float)) or not 0.0 <= float(self_feed) <= 1.0:
         raise ValueError(f"self_feed must be a share in [0, 1] (True: 1, False: 0), got {self_feed!r}")
+    if not isinstance(train_output, (bool, np.bool_)):
+        raise ValueError(f"train_output must be a bool, got {train_output!r}")
     if not isinstance(ema, (int, float)) or isinstance(ema, bool) or not 0.0 <= float(ema) < 1.0:
         raise ValueError(f"ema must be a decay in [0, 1) (0: no average), got {ema!r}")
     if precision not in PRECISIONS:
@@ -292,7 +300,8 @@ class Trainer:
     """
 
     # The keyword settings (everything but the objects the trainer is wired to).
-    SETTINGS = ("lr", "batch_size", "steps_per_round", "feature_weight", "self_feed", "ema", "precision",
+    SETTINGS = ("lr", "batch_size", "steps_per_round", "feature_weight", "self_feed", "train_output", "ema",
+                "precision",
                 "min_gain", "min_train", "min_held_out", "threads", "nice", "max_share", "revocab_min_change",
                 "seed")
 
@@ -312,7 +321,8 @@ class Trainer:
     def __init__(self, head: DraftHead, buffer: ReplayBuffer, speculator=None, *,
                  lm_head: Optional[torch.Tensor] = None, counts: Optional[Callable[[], np.ndarray]] = None,
                  lr: float = 2e-3, batch_size: int = 256, steps_per_round: int = 20,
-                 feature_weight: float = 1.0, self_feed: float = 1.0, ema: float = 0.98,
+                 feature_weight: float = 1.0, self_feed: float = 1.0, train_output: bool = True,
+                 ema: float = 0.98,
                  precision: str = "auto", min_gain: float = 0.0,
                  min_train: Optional[int] = None, min_held_out: int = 32, threads: int = 1, nice: int = 10,
                  max_share: float = 0.25, revocab_min_change: float = 0.02,
@@ -323,7 +333,7 @@ class Trainer:
             check_head_fits(head, speculator)
         _check_settings(lr=lr, batch_size=batch_size, steps_per_round=steps_per_round,
                         min_held_out=min_held_out, threads=threads, max_share=max_share, self_feed=self_feed,
-                        ema=ema, precision=precision)
+                        train_output=train_output, ema=ema, precision=precision)
         self.head, self.buffer, self.speculator = head, buffer, speculator
         self.lm_head, self.counts = lm_head, counts
         self.lr, self.batch_size, self.steps_per_round = float(lr), batch_size, steps_per_round
@@ -337,7 +347,9 @@ class Trainer:
         self.ema, self.precision = float(ema), resolve_precision(precision)
         # What rounds evaluate and push: the average of the candidate's weights.
         self.average = head.twin() if self.ema > 0 else head
-        self.opt = adam(head.parameters(), self.lr)
+        self.train_output = bool(train_output)
+        head.w_out.requires_grad_(self.train_output)
+        self.opt = adam(self._trained(), self.lr)
         # Counters (read by stats(); written by the one thread that trains).
         self.steps_done = 0
         self.skipped_steps = 0        # non-finite losses, not applied
@@ -410,12 +422,18 @@ class Trainer:
                 self._stop.wait(cpu * (1.0 - self.max_share) / self.max_share)
         return done
 
+    def _trained(self):
+        """The candidate's parameters that training updates (all but a frozen
+        output layer)."""
+        return [p for p in self.head.parameters() if p.requires_grad]
+
     def _update_average(self) -> None:
         if self.average is self.head:
             return
         with torch.no_grad():
             for avg, p in zip(self.average.parameters(), self.head.parameters()):
-                avg.lerp_(p, 1.0 - self.ema)
+                if p.requires_grad:   # a frozen one equals its average
+                    avg.lerp_(p, 1.0 - self.ema)
 
     def ready(self) -> bool:
         """Enough data for a round: a training region of min_train examples and
@@ -452,7 +470,7 @@ class Trainer:
             w_out[kept] = weights["w_out"][old_col[kept]]
             weights["w_out"], weights["draft_ids"] = w_out, new
             h.load_export(weights)
-        self.opt = adam(head.parameters(), self.lr)  # the moments of w_out rows moved
+        self.opt = adam(self._trained(), self.lr)  # the moments of w_out rows moved
         self.revocabs += 1
         log.info("draft vocabulary: %d of %d tokens replaced by frequent traffic tokens", changed,
                  head.draft_vocab)
