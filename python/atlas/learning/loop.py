@@ -77,7 +77,9 @@ LOOP_SELF_FEED = 0.0
 # (the tapped records of 123 HumanEval requests, from the static head, depth-1
 # greedy acceptance on the other 41) 0.491 after 390 steps of 256 with
 # everything trained (20 s of CPU), 0.493 with W_out frozen (17 s), 0.491
-# after 195 steps of 512 with W_out frozen (16 s).
+# after 195 steps of 512 with W_out frozen (16 s). Served (the same A/B) with
+# these defaults: forwards 0.9 ms and drafting 0.5 ms a step longer than with
+# learning off, and 3.7% fewer tokens a second, against 6.4% before.
 LOOP_TRAIN_OUTPUT = False
 LOOP_BATCH_SIZE = 512
 LOOP_STEPS_PER_ROUND = 10
