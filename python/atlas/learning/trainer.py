@@ -305,9 +305,8 @@ class Trainer:
 
     # The keyword settings (everything but the objects the trainer is wired to).
     SETTINGS = ("lr", "batch_size", "steps_per_round", "feature_weight", "self_feed", "train_output", "ema",
-                "precision",
-                "min_gain", "min_train", "min_held_out", "threads", "nice", "max_share", "revocab_min_change",
-                "seed")
+                "precision", "min_gain", "min_train", "min_held_out", "threads", "nice", "max_share",
+                "revocab_min_change", "seed")
 
     @classmethod
     def check_settings(cls, **settings) -> dict:
@@ -326,8 +325,7 @@ class Trainer:
                  lm_head: Optional[torch.Tensor] = None, counts: Optional[Callable[[], np.ndarray]] = None,
                  lr: float = 2e-3, batch_size: int = 256, steps_per_round: int = 20,
                  feature_weight: float = 1.0, self_feed: float = 1.0, train_output: bool = True,
-                 ema: float = 0.98,
-                 precision: str = "auto", min_gain: float = 0.0,
+                 ema: float = 0.98, precision: str = "auto", min_gain: float = 0.0,
                  min_train: Optional[int] = None, min_held_out: int = 32, threads: int = 1, nice: int = 10,
                  max_share: float = 0.25, revocab_min_change: float = 0.02,
                  on_push: Optional[Callable[[int, dict, float], None]] = None, seed: int = 0):
