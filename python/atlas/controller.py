@@ -260,13 +260,10 @@ def _first_token(tree: Optional[DraftTree]) -> Optional[int]:
     lowest index among equals), or None when it has none."""
     if tree is None or len(tree) <= 1:
         return None
-    par = tree.parents
-    conf = tree.confidences
-    best = None
-    for i in range(1, len(par)):
-        if par[i] == 0 and (best is None or conf[i] > conf[best]):
-            best = i
-    return None if best is None else int(tree.tokens[best])
+    children = np.flatnonzero(tree.parents == 0)
+    if len(children) == 0:
+        return None
+    return int(tree.tokens[children[np.argmax(tree.confidences[children])]])
 
 
 @dataclass
@@ -437,8 +434,9 @@ class Controller:
         per request and the origins of its nodes (for :meth:`observe`)."""
         batch = len(roots)
         if self.fallback is not None:
-            a, s = self.fallback
-            self._firsts = [(_first_token(c[a]), _first_token(c[s])) for c in candidates]
+            a, s = self.fallback   # compared only where both drafted
+            self._firsts = [(_first_token(c[a]), _first_token(c[s])) if c[a] is not None and c[s] is not None
+                            else (None, None) for c in candidates]
         # 1. Merge each request's candidates into one trie with calibrated
         #    acceptances (max over the speculators proposing a node).
         merged = []  # per request: (tokens, parents, depth, accept prob, origins)
@@ -566,12 +564,12 @@ class Controller:
                 self.pair_n = min(self.pair_n + 1.0, PAIR_MEMORY)
                 hit = np.array([fa == int(em[0]), fs == int(em[0])], float)
                 self.pair_hits += (hit - self.pair_hits) / self.pair_n
-        emitted = float(sum(len(acc) + 1 for acc in accepted))
-        if self._this_forward and emitted > 0:
+        step_emitted = float(sum(len(acc) + 1 for acc in accepted))
+        if self._this_forward and step_emitted > 0:
             self._step_n += 1
             w = 1.0 / min(self._step_n, 50)
             self.step_seconds += (self._this_step - self.step_seconds) * w
-            self.step_tokens += (emitted - self.step_tokens) * w
+            self.step_tokens += (step_emitted - self.step_tokens) * w
         self._this_step, self._this_forward = 0.0, False
         credit = np.zeros(self.num_speculators)
         added = np.zeros(self.num_speculators)   # accepted, and proposed by no earlier speculator
