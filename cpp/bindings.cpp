@@ -501,6 +501,24 @@ void top_k_probs(py::handle logits_obj, py::handle k_obj, py::handle ids_obj, py
   call_nogil([&] { return atlas::top_k_probs(p); });
 }
 
+void greedy_tokens(py::handle logits_obj, py::handle tokens_obj) {
+  View logits = view_of(logits_obj, "logits");
+  logits.dtype({Elem::kF32, Elem::kBF16}).dims(2).cpu().inner_dense();
+  const int64_t rows = logits.shape[0];
+  const int64_t vocab = logits.shape[1];
+  if (vocab < 1) fail("logits must have at least one column (vocab >= 1), got shape " + logits.shape_str());
+  View tokens = view_of(tokens_obj, "tokens_out");
+  tokens.dtype({Elem::kI32}).dims(1).cpu().dense().output().dim(0, rows, "logits.shape[0]");
+  atlas::GreedyProblem p;
+  p.logits = logits.data;
+  p.logits_dtype = logits.elem == Elem::kF32 ? atlas::DType::kFloat32 : atlas::DType::kBFloat16;
+  p.vocab = vocab;
+  p.logits_row_stride = rows > 1 ? logits.strides[0] : vocab;
+  p.rows = rows;
+  p.tokens_out = tokens.ptr<int32_t>();
+  call_nogil([&] { return atlas::greedy_tokens(p); });
+}
+
 // ---- small-batch linear layers ------------------------------------------------------------
 
 std::unique_ptr<atlas::PackedLinear> make_packed_linear(py::handle weight_obj, const std::string& simd) {
@@ -1277,6 +1295,9 @@ PYBIND11_MODULE(_native, m) {
         py::arg("workspace"),
         "Per logits row: the k most probable tokens (descending) and their softmax probabilities over the "
         "whole row, into ids_out [rows, k] int32 and probs_out [rows, k] float32 (verify.h: top_k_probs).");
+  m.def("greedy_tokens", &greedy_tokens, py::arg("logits"), py::arg("tokens_out"),
+        "Per logits row [rows, vocab] (float32 or bfloat16): its argmax, the lowest id among equal maxima, "
+        "into tokens_out [rows] int32 (verify.h: greedy_tokens).");
   m.def("philox_uniform", [](uint64_t seed, uint64_t position, uint32_t stream, uint32_t j) {
     return atlas::philox_uniform(seed, position, stream, j);
   }, py::arg("seed"), py::arg("position"), py::arg("stream"), py::arg("j"),

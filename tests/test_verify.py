@@ -1201,12 +1201,12 @@ def test_nasty_inputs_do_not_crash_the_interpreter():
     assert sum(line.startswith("raised") for line in lines) >= 10, run.stdout
 
 
-# ---- top_k_probs: the learning tap's view of a target distribution --------------------------------
+# ---- top_k_probs: the learned speculator's view of its draft distribution -------------------------
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_top_k_probs_matches_a_float64_softmax(dtype):
-    from atlas.learning.tap import topk_distribution
+    from atlas.verify import top_k_probs
     g = torch.Generator().manual_seed(3)
     vocab = 5000
     logits = (torch.randn(7, vocab, generator=g) * 4).to(dtype)
@@ -1215,7 +1215,7 @@ def test_top_k_probs_matches_a_float64_softmax(dtype):
     logits[3] = -30.0
     logits[3, 4999] = 30.0                        # one certain token
     for k in (1, 16, 64, vocab):
-        ids, probs = topk_distribution(logits, k)
+        ids, probs = top_k_probs(logits, k)
         assert ids.shape == probs.shape == (7, k) and ids.dtype == np.int32 and probs.dtype == np.float32
         x = logits.double()
         p = torch.softmax(x, -1)
@@ -1258,6 +1258,37 @@ def test_top_k_probs_rejects_bad_input_clearly():
         _native.top_k_probs(good.astype(np.float64), 4, ids, probs, ws)
     with pytest.raises(ValueError, match="logits"):
         _native.top_k_probs(good[:, ::2], 4, ids, probs, ws)
-    from atlas.learning.tap import topk_distribution
-    with pytest.raises(ValueError, match="NaN"):
-        topk_distribution(torch.from_numpy(bad_row).half(), 4)   # the torch path checks too
+
+
+def test_greedy_tokens_are_the_verifiers_argmax():
+    from atlas.verify import greedy_tokens
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 300, generator=g)
+    logits[1, 40:50] = 9.0                        # ties: the lowest id, as the verifier takes
+    logits[2, :] = -float("inf")
+    logits[2, 299] = 0.0
+    want = [int(torch.argmax(r)) for r in logits]
+    for x in (logits, logits.numpy(), logits.to(torch.bfloat16), logits.t().contiguous().t()):
+        got = greedy_tokens(x)   # native, numpy, bfloat16, and torch for rows that are not contiguous
+        rows = torch.as_tensor(x).float()   # bfloat16 rounding may make new ties
+        assert got.dtype == np.int32 and got.tolist() == [int(torch.argmax(r)) for r in rows]
+    assert want[1] == 40 and want[2] == 299
+    assert greedy_tokens(logits[:0]).shape == (0,)
+    for x in (logits, logits.t().contiguous().t()):
+        for bad, row in ((float("nan"), 3), (float("inf"), 4)):
+            y = x.clone()
+            y[row, 7] = bad
+            with pytest.raises(ValueError, match=f"row {row} holds NaN or \\+inf"):
+                greedy_tokens(y)
+        y = x.clone()
+        y[5] = -float("inf")
+        with pytest.raises(ValueError, match="row 5 is all -inf"):
+            greedy_tokens(y)
+    with pytest.raises(ValueError, match="2-D"):
+        greedy_tokens(logits[0])
+    with pytest.raises(ValueError, match="logits"):
+        greedy_tokens(logits.double().numpy())
+    with pytest.raises(ValueError, match="tokens_out"):
+        _native.greedy_tokens(logits.numpy(), np.empty(5, np.int32))
+    with pytest.raises(ValueError, match="tokens_out"):
+        _native.greedy_tokens(logits.numpy(), np.empty(6, np.int64))

@@ -1401,6 +1401,25 @@ Status top_k_probs(const TopKProblem& p) {
   return Status::Ok();
 }
 
+Status greedy_tokens(const GreedyProblem& p) {
+  if (p.vocab < 1 || p.vocab > kMaxVocab)
+    return Status::Invalid("vocab must be in [1, 2^30], got " + std::to_string(p.vocab));
+  if (p.rows < 0) return Status::Invalid("rows must be >= 0, got " + std::to_string(p.rows));
+  if (p.logits_row_stride < p.vocab) return Status::Invalid("the logits row stride must be >= vocab");
+  if (p.rows > 0 && (!p.logits || !p.tokens_out)) return Status::Invalid("logits and tokens_out must not be null");
+  const int32_t n = static_cast<int32_t>(p.vocab);
+  for (int64_t r = 0; r < p.rows; ++r) {
+    const RowMax m =
+        p.logits_dtype == DType::kFloat32
+            ? scan_row(static_cast<const float*>(p.logits) + r * p.logits_row_stride, n)
+            : scan_row(static_cast<const uint16_t*>(p.logits) + r * p.logits_row_stride, n);
+    if (!m.finite || m.max == -kInf)
+      return Status::Invalid("logits row " + std::to_string(r) + (m.finite ? " is all -inf" : " holds NaN or +inf"));
+    p.tokens_out[r] = m.argmax;
+  }
+  return Status::Ok();
+}
+
 double philox_uniform(uint64_t seed, uint64_t position, uint32_t stream, uint32_t j) {
   const PhiloxOut out = philox_two_words(seed, position, stream, j);
   const uint64_t bits = (static_cast<uint64_t>(out.w0) << 21) | (out.w1 >> 11);

@@ -158,6 +158,22 @@ struct TopKProblem {
 };
 Status top_k_probs(const TopKProblem& problem);
 
+// The target's greedy token of each logits row, for the learning tap: the
+// argmax, the lowest id among equal maxima (as greedy verification takes
+// it), in one single-threaded pass per row, allocation-free. Validates
+// everything first and writes nothing when the problem is invalid; a row
+// holding NaN or +inf, or only -inf, is an error naming the row (rows before
+// it are written).
+struct GreedyProblem {
+  const void* logits = nullptr;          // [rows, vocab]
+  DType logits_dtype = DType::kFloat32;
+  int64_t vocab = 0;
+  int64_t logits_row_stride = 0;         // elements, >= vocab
+  int64_t rows = 0;
+  int32_t* tokens_out = nullptr;         // [rows]
+};
+Status greedy_tokens(const GreedyProblem& problem);
+
 // The Philox-4x32-10 uniform described above; exposed for tests and the CUDA twin.
 double philox_uniform(uint64_t seed, uint64_t position, uint32_t stream, uint32_t j);
 

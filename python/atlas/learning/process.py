@@ -210,14 +210,13 @@ class TrainerProcess:
     :class:`LearnedSpeculator`), with the in-process :class:`Trainer`'s
     rounds, settings and counters (see the module docstring).
 
-    ``buffer``: the :class:`ReplayBuffer`'s keyword arguments (``topk`` and
-    its sizes). ``live_weights``: what the speculator serves now, when the
-    caller knows it (the child measures the live version on a twin of them;
-    when None it asks the parent to measure the native head, once a round,
-    until its first push). ``lm_head`` (``[vocab, H]``) and ``counts`` (a
-    callable returning ``[vocab]`` token counts) enable re-choosing the draft
-    vocabulary, as for :class:`Trainer`; the counts reach the child as
-    snapshots, at most one per ``REPORT_SECONDS`` (cumulative, so a dropped
+    ``buffer``: the :class:`ReplayBuffer`'s keyword arguments (its sizes).
+    ``live_weights``: what the speculator serves now, when the caller knows
+    it (the child measures the live version on a twin of them; when None it
+    asks the parent to measure the native head, once a round, until its
+    first push). ``counts`` (a callable returning ``[vocab]`` token counts)
+    enables re-choosing the draft vocabulary, as for :class:`Trainer`; the
+    counts reach the child as snapshots, at most one per ``REPORT_SECONDS`` (cumulative, so a dropped
     snapshot loses nothing). ``on_push(version, weights, metric)`` runs in
     the parent after each accepted push. ``max_pending_bytes`` bounds the
     examples waiting for the child. Every other keyword is a :class:`Trainer`
@@ -226,7 +225,7 @@ class TrainerProcess:
     """
 
     def __init__(self, head: DraftHead, speculator, *, buffer: Optional[dict] = None,
-                 live_weights: Optional[Dict[str, np.ndarray]] = None, lm_head: Optional[torch.Tensor] = None,
+                 live_weights: Optional[Dict[str, np.ndarray]] = None,
                  counts: Optional[Callable[[], np.ndarray]] = None,
                  on_push: Optional[Callable[[int, dict, float], None]] = None,
                  max_pending_bytes: int = MAX_PENDING_BYTES, **settings):
@@ -241,25 +240,13 @@ class TrainerProcess:
         self.config = dict(hidden=head.hidden, intermediate=head.intermediate, draft_vocab=head.draft_vocab,
                            vocab=head.vocab, eps=head.eps)
         self.buffer = BufferView(self, capacity)
-        # The tables the child needs: the embedding as the head holds it
-        # (float32 on the host: the target's own memory when it is float32
-        # there), and the LM head unless it is the same table.
+        # The tables the child needs, as the head holds them (float32 on the
+        # host: the target's own memory when it is float32 there): the
+        # embedding, and the LM head unless it is the same table.
         self._embed = head.embed
-        self._lm_head: Optional[torch.Tensor] = None
-        self._tied = False
-        if lm_head is not None:
-            lm = lm_head.detach()
-            if lm.shape != self._embed.shape:
-                raise ValueError(f"lm_head must have the embedding's shape {tuple(self._embed.shape)}, "
-                                 f"got {tuple(lm.shape)}")
-            if lm.device.type == "cpu" and lm.dtype == torch.float32 and lm.is_contiguous() \
-                    and lm.data_ptr() == self._embed.data_ptr():
-                self._tied = True
-            else:
-                lm = lm.to("cpu", torch.float32).contiguous()
-                self._tied = bool(torch.equal(lm, self._embed))
-                self._lm_head = None if self._tied else lm
-        self._revocab = lm_head is not None
+        self._tied = head.lm_head.data_ptr() == head.embed.data_ptr()
+        self._lm_head: Optional[torch.Tensor] = None if self._tied else head.lm_head
+        self._revocab = counts is not None
         self._start_weights = head.export()   # where the first child's candidate starts
         self._resume: Optional[dict] = None   # the candidate a cleanly stopped child returned
         self._live_weights = live_weights
@@ -287,13 +274,12 @@ class TrainerProcess:
         child runs or the pending bound would be exceeded. Never waits."""
         ch = self._child
         n = len(ex)
-        size = sum(a.nbytes for a in (ex.parent_feature, ex.token, ex.topk_ids, ex.topk_probs, ex.feature,
-                                      ex.parent_back))
+        size = sum(a.nbytes for a in (ex.parent_feature, ex.token, ex.top1, ex.feature, ex.parent_back))
         if ch is None or ch.broken or ch.closing or not self._queue(ch, size, ("examples", ex)):
             self._drop(n)
             return
         self.sent += 1
-        if self.counts is not None and self._revocab:
+        if self._revocab:
             now = time.monotonic()
             if now - ch.last_counts >= REPORT_SECONDS:
                 ch.last_counts = now
@@ -668,8 +654,8 @@ class _ChildTrainer(Trainer):
     its native head), and a push is a request that the parent answers."""
 
     def __init__(self, link: "_Link", head: DraftHead, buffer: ReplayBuffer, live_head: Optional[DraftHead],
-                 **kwargs):
-        super().__init__(head, buffer, None, counts=link.latest_counts, **kwargs)
+                 revocab: bool, **kwargs):
+        super().__init__(head, buffer, None, counts=link.latest_counts if revocab else None, **kwargs)
         self.link, self.live_head = link, live_head
 
     def measure_live(self, batch: Batch) -> Optional[float]:
@@ -741,7 +727,7 @@ class _Link:
 
     def measure(self, batch: Batch) -> Optional[float]:
         return self.request(("measure", batch.parent_feature.numpy(), batch.token.numpy(),
-                             batch.topk_ids[:, 0].numpy()), "measured")
+                             batch.top1.numpy()), "measured")
 
     def stats(self) -> dict:
         st = self.trainer.stats()
@@ -834,8 +820,7 @@ def child_main(argv) -> int:
             if init["live_is_start"] or init["live_weights"] is not None else None
         link.vocab = cfg["vocab"]
         link.buffer = ReplayBuffer(cfg["hidden"], **init["buffer"])
-        trainer = link.trainer = _ChildTrainer(link, head, link.buffer, live,
-                                               lm_head=lm_head if init["revocab"] else None, **s)
+        trainer = link.trainer = _ChildTrainer(link, head, link.buffer, live, init["revocab"], **s)
         trainer.state = "running"
         threading.Thread(target=link.inbox, name="atlas-trainer-inbox", daemon=True).start()
         trainer.run_rounds()

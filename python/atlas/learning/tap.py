@@ -8,10 +8,12 @@ correct distribution at every node it verified, whichever branch won).
 Vocabulary (see :mod:`atlas.learning.head` for *feature*):
 
 * **example**: one verified node i, as the head would have drafted it. Inputs:
-  the *parent feature* ``[H]`` and the node's token. Targets: the target's
-  next-token distribution at i, kept as its top-k token ids and their
-  probabilities (softmax over the whole vocabulary, so a row sums to at most
-  1), and the node's own feature ``[H]`` (what the head's ``f_hat`` predicts).
+  the *parent feature* ``[H]`` and the node's token. Targets: the node's own
+  feature ``[H]`` (what the head's ``f_hat`` predicts, and all the trainer
+  needs to compute the target's next-token distribution at i, see
+  :mod:`atlas.learning.head`) and the target's greedy token there (``top1``,
+  the argmax of its logits row: what the held-out metric compares the head's
+  first draft token with).
 * **parent feature**: the feature at the position of i's parent. Inside a tree
   it is the parent node's row. For a tree root it is the feature of the
   previous step's last accepted node of that request (that step's root when
@@ -29,13 +31,18 @@ gives one example per request (its last prompt token, when the prompt has two
 tokens or more). The tap also counts the tokens of committed traffic (prompts
 and emitted tokens) for the choice of the draft vocabulary.
 
-Cost: one native top-k pass over the step's logit rows (``top_k_probs``,
-single-threaded), one gather of hidden rows, and a few numpy operations per
-request. Measured in full atlas on SmolLM2-135M (HumanEval, 2 cores, the
-engine running its work between forwards on one thread beside the trainer
-process): about 1 ms per record, against 1.9 ms with torch's ``topk`` and
-``logsumexp`` on that thread and 3.4 ms with them on two threads while the
-trainer trained.
+Cost: one native argmax pass over the step's logits rows
+(:func:`atlas.verify.greedy_tokens`), one gather of hidden rows, and a few
+numpy operations per request. Measured on SmolLM2-135M's records of
+HumanEval requests (7.3 rows each, one thread, in isolation): 0.14 ms a
+record, against 0.50 with torch's ``max`` for the argmax, and 0.53 when the
+tap kept the target's top-16 probabilities of every example (a native top-k
+pass over a copy of the rows) instead of letting the trainer compute the
+target's distributions from the features. In full atlas (HumanEval requests
+123-140, 2 cores, the engine's work between forwards on one thread), the
+learning loop's ``observe`` took 0.37 ms a step with the trainer process
+stopped and 0.78 ms while it trained beside it, against 0.91 and 1.76 ms
+with the top-16.
 """
 from __future__ import annotations
 
@@ -46,7 +53,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from ..verify import top_k_probs
+from ..verify import greedy_tokens
 
 # A request the tap has not seen for this many records is over (observers get
 # no finish call); its tracked feature is dropped. An active request takes part
@@ -60,8 +67,7 @@ class Examples:
 
     parent_feature: np.ndarray  # [n, H] float32
     token: np.ndarray           # [n] int32, the node's token
-    topk_ids: np.ndarray        # [n, k] int32, the target's k most probable next tokens at the node
-    topk_probs: np.ndarray      # [n, k] float32, their probabilities (descending)
+    top1: np.ndarray            # [n] int32, the target's greedy next token at the node
     feature: np.ndarray         # [n, H] float32, the node's own feature
     parent_back: np.ndarray     # [n] int64, examples back to the parent node's example, 0 = none
 
@@ -69,31 +75,9 @@ class Examples:
         return int(self.token.shape[0])
 
     @staticmethod
-    def empty(hidden: int, k: int) -> "Examples":
-        return Examples(np.zeros((0, hidden), np.float32), np.zeros(0, np.int32), np.zeros((0, k), np.int32),
-                        np.zeros((0, k), np.float32), np.zeros((0, hidden), np.float32),
-                        np.zeros(0, np.int64))
-
-
-def topk_distribution(logits: torch.Tensor, k: int):
-    """logits ``[n, vocab]`` -> (ids ``[n, k]`` int32, probs ``[n, k]``
-    float32): the k most probable tokens (descending; equal logits in
-    ascending id) and their softmax probabilities over the whole row.
-
-    CPU float32 and bfloat16 rows go through :func:`atlas.verify.top_k_probs`
-    (one thread, the verifier's numerics: 0.3 ms for 12 rows of SmolLM2's
-    49,152 logits, against 1.4 ms for torch's topk and logsumexp on one thread);
-    other rows through torch, on their device. A row holding NaN or +inf
-    raises ValueError."""
-    k = min(int(k), logits.shape[-1])
-    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16) and logits.dim() == 2:
-        return top_k_probs(logits.detach() if logits.stride(-1) == 1 else logits.detach().contiguous(), k)
-    logits = logits.float()
-    if bool((torch.isnan(logits) | torch.isposinf(logits)).any()):
-        raise ValueError("logits hold NaN or +inf")
-    vals, ids = torch.topk(logits, k, dim=-1)
-    probs = torch.exp(vals - torch.logsumexp(logits, dim=-1, keepdim=True))
-    return ids.to(torch.int32).cpu().numpy(), probs.cpu().numpy()
+    def empty(hidden: int) -> "Examples":
+        return Examples(np.zeros((0, hidden), np.float32), np.zeros(0, np.int32), np.zeros(0, np.int32),
+                        np.zeros((0, hidden), np.float32), np.zeros(0, np.int64))
 
 
 @dataclass
@@ -107,17 +91,13 @@ class Tap:
     """Turns StepRecords into :class:`Examples` and hands each batch to
     ``sink`` (e.g. :meth:`atlas.learning.replay.ReplayBuffer.add`).
 
-    ``vocab`` sizes the token counts; ``topk`` is how many of the target's most
-    probable next tokens each example keeps (16 to 32 covers nearly all of the
-    probability mass of a confident target at a few hundred bytes).
+    ``vocab`` sizes the token counts.
     """
 
-    def __init__(self, vocab: int, topk: int = 16, sink: Optional[Callable[[Examples], None]] = None):
-        if not isinstance(vocab, int) or vocab < 1:
+    def __init__(self, vocab: int, sink: Optional[Callable[[Examples], None]] = None):
+        if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
             raise ValueError(f"vocab must be a positive int, got {vocab!r}")
-        if not isinstance(topk, int) or isinstance(topk, bool) or not 1 <= topk <= vocab:
-            raise ValueError(f"topk must be an int in [1, vocab], got {topk!r}")
-        self.vocab, self.topk, self.sink = vocab, topk, sink
+        self.vocab, self.sink = vocab, sink
         self.counts = np.zeros(vocab, np.int64)   # [vocab] tokens of committed traffic
         self.examples = 0                         # examples emitted so far (the next example's id)
         self.records = 0                          # records observed
@@ -200,7 +180,6 @@ class Tap:
                 np.add.at(self.counts, np.asarray(emitted, np.int64) % self.vocab, 1)
 
         hidden = record.hidden
-        k = self.topk
         if node_rows:
             node_rows_a = np.concatenate(node_rows)
             parent_rows_a = np.concatenate(parent_rows)
@@ -220,13 +199,13 @@ class Tap:
         track_feats = gathered[2 * n_ex:]
 
         if n_ex:
-            top_ids, top_p = topk_distribution(record.logits[torch.from_numpy(logit_rows_a)], k)
+            top1 = greedy_tokens(record.logits)[logit_rows_a]
             ids_a = np.concatenate(ids)
             par_ids_a = np.concatenate(parent_ids)
             back = np.where(par_ids_a >= 0, ids_a - par_ids_a, 0).astype(np.int64)
-            out = Examples(par_feats, tokens[node_rows_a].astype(np.int32), top_ids, top_p, feats, back)
+            out = Examples(par_feats, tokens[node_rows_a].astype(np.int32), top1, feats, back)
         else:
-            out = Examples.empty(hidden.shape[1], k)
+            out = Examples.empty(hidden.shape[1])
         self.examples = next_id
 
         for i, (rid, _, ex_id) in enumerate(tracked):

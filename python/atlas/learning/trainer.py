@@ -16,7 +16,7 @@ Vocabulary:
   average if it beats the live version by more than ``min_gain``;
 * **metric** (expected greedy acceptance at depth 1): the share of held-out
   nodes at which the head's argmax token, given the true parent feature and
-  token, is the target's greedy choice (top-1 of the tapped distribution).
+  token, is the target's greedy choice (the tapped ``top1``).
   That is the probability that greedy verification accepts the head's first
   draft token. The live version is evaluated through its native
   forward (what serves), the average through the twin with its matrices
@@ -165,7 +165,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .head import DraftHead, choose_draft_vocab
+from .head import DraftHead, choose_draft_vocab, distillation_loss
 from .replay import Batch, ReplayBuffer
 
 log = logging.getLogger("atlas.learning")
@@ -188,13 +188,13 @@ def head_metric(head: DraftHead, batch: Batch) -> float:
     with torch.no_grad():
         _, logits = head.forward_native(batch.parent_feature, batch.token)
         pred = head.draft_ids[logits.argmax(-1)]
-        return float((pred == batch.topk_ids[:, 0]).float().mean())
+        return float((pred == batch.top1).float().mean())
 
 
 def native_metric(native, batch: Batch) -> float:
     """The same metric for the live version of a native ``DraftHead``."""
     return native_metric_arrays(native, batch.parent_feature.numpy(), batch.token.numpy(),
-                                batch.topk_ids[:, 0].numpy())
+                                batch.top1.numpy())
 
 
 def native_metric_arrays(native, features: np.ndarray, tokens: np.ndarray, top1: np.ndarray) -> float:
@@ -293,14 +293,14 @@ class Trainer:
     pushes to ``speculator`` (a :class:`LearnedSpeculator`; None: train and
     evaluate only, as :func:`atlas.learning.distill` does).
 
-    ``lm_head`` (``[vocab, H]``, the target's output layer) and ``counts`` (a
-    callable returning ``[vocab]`` token counts of traffic) enable re-choosing
-    the draft vocabulary before each round: when the most frequent tokens of
-    traffic differ from the candidate's draft vocabulary in at least
-    ``revocab_min_change`` of its entries, new tokens replace the least used
-    (their output rows start from ``lm_head``; kept tokens keep their trained
-    rows). ``on_push(version, weights, metric)`` is called after each push
-    (the learning loop writes its checkpoint there).
+    ``counts`` (a callable returning ``[vocab]`` token counts of traffic)
+    enables re-choosing the draft vocabulary before each round: when the most
+    frequent tokens of traffic differ from the candidate's draft vocabulary
+    in at least ``revocab_min_change`` of its entries, new tokens replace the
+    least used (their output rows start from the target's LM head, which the
+    head keeps; kept tokens keep their trained rows). ``on_push(version,
+    weights, metric)`` is called after each push (the learning loop writes
+    its checkpoint there).
     """
 
     # The keyword settings (everything but the objects the trainer is wired to).
@@ -322,7 +322,7 @@ class Trainer:
         return full
 
     def __init__(self, head: DraftHead, buffer: ReplayBuffer, speculator=None, *,
-                 lm_head: Optional[torch.Tensor] = None, counts: Optional[Callable[[], np.ndarray]] = None,
+                 counts: Optional[Callable[[], np.ndarray]] = None,
                  lr: float = 2e-3, batch_size: int = 256, steps_per_round: int = 20,
                  feature_weight: float = 1.0, self_feed: float = 1.0, train_output: bool = True,
                  ema: float = 0.98, precision: str = "auto", min_gain: float = 0.0,
@@ -337,7 +337,7 @@ class Trainer:
                         min_held_out=min_held_out, threads=threads, max_share=max_share, self_feed=self_feed,
                         train_output=train_output, ema=ema, precision=precision)
         self.head, self.buffer, self.speculator = head, buffer, speculator
-        self.lm_head, self.counts = lm_head, counts
+        self.counts = counts
         self.lr, self.batch_size, self.steps_per_round = float(lr), batch_size, steps_per_round
         self.feature_weight, self.self_feed, self.min_gain = float(feature_weight), float(self_feed), float(min_gain)
         self.min_train = batch_size if min_train is None else int(min_train)
@@ -379,9 +379,10 @@ class Trainer:
 
     def _loss(self, batch: Batch):
         head = self.head
-        target_logits = torch.log(batch.topk_probs.clamp_min(1e-30))
-        loss, info = head.loss(batch.parent_feature, batch.token, batch.feature, target_logits,
-                               batch.topk_ids, feature_weight=self.feature_weight)
+        with torch.no_grad():
+            target = head.target_logits(batch.feature)
+        f_hat, logits = head(batch.parent_feature, batch.token)
+        loss, info = distillation_loss(logits, f_hat, batch.feature, target, self.feature_weight)
         m = batch.has_parent
         if self.self_feed < 1.0:
             # The self-fed term for the first self_feed share of the batch's
@@ -390,8 +391,8 @@ class Trainer:
             m[int(round(self.self_feed * len(m))):] = False
         if bool(m.any()):
             f_prev, _ = head(batch.parent_parent_feature[m], batch.parent_token[m])
-            loss2, _ = head.loss(f_prev, batch.token[m], batch.feature[m], target_logits[m],
-                                 batch.topk_ids[m], feature_weight=self.feature_weight)
+            f_hat2, logits2 = head(f_prev, batch.token[m])
+            loss2, _ = distillation_loss(logits2, f_hat2, batch.feature[m], target[m], self.feature_weight)
             loss = loss + loss2
         return loss, info
 
@@ -447,7 +448,7 @@ class Trainer:
     def maybe_revocab(self) -> bool:
         """Re-chooses the candidate's draft vocabulary from traffic counts (see
         the class docstring); True when it changed."""
-        if self.counts is None or self.lm_head is None:
+        if self.counts is None:
             return False
         head = self.head
         counts = np.asarray(self.counts(), np.float64)
@@ -463,8 +464,7 @@ class Trainer:
         if changed < max(1, self.revocab_min_change * head.draft_vocab):
             return False
         old_col = head.full_to_draft.numpy()[new]               # [Vd], -1 for new tokens
-        rows = torch.from_numpy(new.astype(np.int64)).to(self.lm_head.device)
-        fresh = self.lm_head.detach()[rows].to("cpu", torch.float32).numpy()
+        fresh = head.lm_head[torch.from_numpy(new.astype(np.int64))].numpy()
         kept = old_col >= 0
         for h in [head] if self.average is head else [head, self.average]:
             weights = h.export()
