@@ -473,26 +473,34 @@ void verify(py::handle logits_obj, py::handle tokens_obj, py::handle parents_obj
   call_nogil([&] { return atlas::verify(p); });
 }
 
+// Rows of a float32 or bfloat16 [rows, vocab] logits array (rows contiguous).
+atlas::LogitRows logit_rows(py::handle obj, View* keep) {
+  View& logits = *keep;
+  logits = view_of(obj, "logits");
+  logits.dtype({Elem::kF32, Elem::kBF16}).dims(2).cpu().inner_dense();
+  if (logits.shape[1] < 1) fail("logits must have at least one column (vocab >= 1), got shape " + logits.shape_str());
+  atlas::LogitRows l;
+  l.data = logits.data;
+  l.dtype = logits.elem == Elem::kF32 ? atlas::DType::kFloat32 : atlas::DType::kBFloat16;
+  l.vocab = logits.shape[1];
+  l.rows = logits.shape[0];
+  l.row_stride = l.rows > 1 ? logits.strides[0] : l.vocab;
+  return l;
+}
+
 void top_k_probs(py::handle logits_obj, py::handle k_obj, py::handle ids_obj, py::handle probs_obj,
                  py::handle workspace_obj) {
-  View logits = view_of(logits_obj, "logits");
-  logits.dtype({Elem::kF32, Elem::kBF16}).dims(2).cpu().inner_dense();
-  const int64_t rows = logits.shape[0];
-  const int64_t vocab = logits.shape[1];
-  if (vocab < 1) fail("logits must have at least one column (vocab >= 1), got shape " + logits.shape_str());
-  const int64_t k = checked_int(k_obj, "k", 1, vocab);
+  View logits;
+  atlas::TopKProblem p;
+  p.logits = logit_rows(logits_obj, &logits);
+  const int64_t rows = p.logits.rows;
+  const int64_t k = checked_int(k_obj, "k", 1, p.logits.vocab);
   View ids = view_of(ids_obj, "ids_out");
   ids.dtype({Elem::kI32}).dims(2).cpu().dense().output().dim(0, rows, "logits.shape[0]").dim(1, k, "k");
   View probs = view_of(probs_obj, "probs_out");
   probs.dtype({Elem::kF32}).dims(2).cpu().dense().output().dim(0, rows, "logits.shape[0]").dim(1, k, "k");
   View ws = view_of(workspace_obj, "workspace");
   ws.dtype({Elem::kU8}).dims(1).cpu().dense().output();
-  atlas::TopKProblem p;
-  p.logits = logits.data;
-  p.logits_dtype = logits.elem == Elem::kF32 ? atlas::DType::kFloat32 : atlas::DType::kBFloat16;
-  p.vocab = vocab;
-  p.logits_row_stride = rows > 1 ? logits.strides[0] : vocab;
-  p.rows = rows;
   p.k = static_cast<int32_t>(k);
   p.ids_out = ids.ptr<int32_t>();
   p.probs_out = probs.ptr<float>();
@@ -502,19 +510,11 @@ void top_k_probs(py::handle logits_obj, py::handle k_obj, py::handle ids_obj, py
 }
 
 void greedy_tokens(py::handle logits_obj, py::handle tokens_obj) {
-  View logits = view_of(logits_obj, "logits");
-  logits.dtype({Elem::kF32, Elem::kBF16}).dims(2).cpu().inner_dense();
-  const int64_t rows = logits.shape[0];
-  const int64_t vocab = logits.shape[1];
-  if (vocab < 1) fail("logits must have at least one column (vocab >= 1), got shape " + logits.shape_str());
-  View tokens = view_of(tokens_obj, "tokens_out");
-  tokens.dtype({Elem::kI32}).dims(1).cpu().dense().output().dim(0, rows, "logits.shape[0]");
+  View logits;
   atlas::GreedyProblem p;
-  p.logits = logits.data;
-  p.logits_dtype = logits.elem == Elem::kF32 ? atlas::DType::kFloat32 : atlas::DType::kBFloat16;
-  p.vocab = vocab;
-  p.logits_row_stride = rows > 1 ? logits.strides[0] : vocab;
-  p.rows = rows;
+  p.logits = logit_rows(logits_obj, &logits);
+  View tokens = view_of(tokens_obj, "tokens_out");
+  tokens.dtype({Elem::kI32}).dims(1).cpu().dense().output().dim(0, p.logits.rows, "logits.shape[0]");
   p.tokens_out = tokens.ptr<int32_t>();
   call_nogil([&] { return atlas::greedy_tokens(p); });
 }

@@ -135,21 +135,26 @@ int64_t verify_workspace_bytes(int64_t vocab);
 // The caller owns every array; verify() allocates nothing.
 Status verify(const VerifyProblem& problem);
 
-// The target's k most probable next tokens, for the learning tap: for each of
-// `rows` logits rows, the k tokens with the largest logits (descending; equal
-// logits in ascending id) and their softmax probabilities at temperature 1
-// over the whole row, computed as the verifier computes a dense row (weights
-// 2^((x - max) log2 e) in float, their total in double). Single-threaded and
-// allocation-free: it runs on the serving thread between target forwards.
+// Rows of logits for the per-row scans below.
+struct LogitRows {
+  const void* data = nullptr;            // [rows, vocab]
+  DType dtype = DType::kFloat32;
+  int64_t vocab = 0;
+  int64_t row_stride = 0;                // elements, >= vocab
+  int64_t rows = 0;
+};
+
+// The k most probable tokens of each row: for each row, the k tokens with the
+// largest logits (descending; equal logits in ascending id) and their softmax
+// probabilities at temperature 1 over the whole row, computed as the verifier
+// computes a dense row (weights 2^((x - max) log2 e) in float, their total in
+// double). Single-threaded and allocation-free: the learned speculator runs
+// it on its draft logits on the serving thread between target forwards.
 // Validates everything first and writes nothing when the problem is invalid;
 // a row holding NaN or +inf, or only -inf, is an error naming the row (rows
 // before it are written).
 struct TopKProblem {
-  const void* logits = nullptr;          // [rows, vocab]
-  DType logits_dtype = DType::kFloat32;
-  int64_t vocab = 0;
-  int64_t logits_row_stride = 0;         // elements, >= vocab
-  int64_t rows = 0;
+  LogitRows logits;
   int32_t k = 0;                         // in [1, vocab]
   int32_t* ids_out = nullptr;            // [rows, k] token ids
   float* probs_out = nullptr;            // [rows, k] probabilities
@@ -158,18 +163,12 @@ struct TopKProblem {
 };
 Status top_k_probs(const TopKProblem& problem);
 
-// The target's greedy token of each logits row, for the learning tap: the
-// argmax, the lowest id among equal maxima (as greedy verification takes
-// it), in one single-threaded pass per row, allocation-free. Validates
-// everything first and writes nothing when the problem is invalid; a row
-// holding NaN or +inf, or only -inf, is an error naming the row (rows before
-// it are written).
+// The greedy token of each row, for the learning tap: the argmax, the lowest
+// id among equal maxima (as greedy verification takes it), in one
+// single-threaded pass per row, allocation-free. Validation and row errors
+// as for top_k_probs.
 struct GreedyProblem {
-  const void* logits = nullptr;          // [rows, vocab]
-  DType logits_dtype = DType::kFloat32;
-  int64_t vocab = 0;
-  int64_t logits_row_stride = 0;         // elements, >= vocab
-  int64_t rows = 0;
+  LogitRows logits;
   int32_t* tokens_out = nullptr;         // [rows]
 };
 Status greedy_tokens(const GreedyProblem& problem);
