@@ -488,35 +488,27 @@ atlas::LogitRows logit_rows(py::handle obj, View* keep) {
   return l;
 }
 
-void top_k_probs(py::handle logits_obj, py::handle k_obj, py::handle ids_obj, py::handle probs_obj,
-                 py::handle workspace_obj) {
+// top_k_probs into probs_out, or with logits=true the logits into it.
+void top_k(py::handle logits_obj, py::handle k_obj, py::handle ids_obj, py::handle values_obj,
+           py::handle workspace_obj, bool logits_wanted) {
   View logits;
   atlas::TopKProblem p;
   p.logits = logit_rows(logits_obj, &logits);
   const int64_t rows = p.logits.rows;
   const int64_t k = checked_int(k_obj, "k", 1, p.logits.vocab);
+  const char* values_name = logits_wanted ? "logits_out" : "probs_out";
   View ids = view_of(ids_obj, "ids_out");
   ids.dtype({Elem::kI32}).dims(2).cpu().dense().output().dim(0, rows, "logits.shape[0]").dim(1, k, "k");
-  View probs = view_of(probs_obj, "probs_out");
-  probs.dtype({Elem::kF32}).dims(2).cpu().dense().output().dim(0, rows, "logits.shape[0]").dim(1, k, "k");
+  View values = view_of(values_obj, values_name);
+  values.dtype({Elem::kF32}).dims(2).cpu().dense().output().dim(0, rows, "logits.shape[0]").dim(1, k, "k");
   View ws = view_of(workspace_obj, "workspace");
   ws.dtype({Elem::kU8}).dims(1).cpu().dense().output();
   p.k = static_cast<int32_t>(k);
   p.ids_out = ids.ptr<int32_t>();
-  p.probs_out = probs.ptr<float>();
+  (logits_wanted ? p.logits_out : p.probs_out) = values.ptr<float>();
   p.workspace = ws.data;
   p.workspace_bytes = ws.numel();
   call_nogil([&] { return atlas::top_k_probs(p); });
-}
-
-void greedy_tokens(py::handle logits_obj, py::handle tokens_obj) {
-  View logits;
-  atlas::GreedyProblem p;
-  p.logits = logit_rows(logits_obj, &logits);
-  View tokens = view_of(tokens_obj, "tokens_out");
-  tokens.dtype({Elem::kI32}).dims(1).cpu().dense().output().dim(0, p.logits.rows, "logits.shape[0]");
-  p.tokens_out = tokens.ptr<int32_t>();
-  call_nogil([&] { return atlas::greedy_tokens(p); });
 }
 
 // ---- small-batch linear layers ------------------------------------------------------------
@@ -1291,13 +1283,16 @@ PYBIND11_MODULE(_native, m) {
         py::arg("draft_probs"), py::arg("accepted_out"), py::arg("emitted_out"), py::arg("num_accepted_out"),
         py::arg("workspace"),
         "Verify a batch of flattened draft trees against target logits; writes the *_out arrays.");
-  m.def("top_k_probs", &top_k_probs, py::arg("logits"), py::arg("k"), py::arg("ids_out"), py::arg("probs_out"),
-        py::arg("workspace"),
+  m.def("top_k_probs", [](py::handle logits, py::handle k, py::handle ids, py::handle probs,
+                          py::handle ws) { top_k(logits, k, ids, probs, ws, false); },
+        py::arg("logits"), py::arg("k"), py::arg("ids_out"), py::arg("probs_out"), py::arg("workspace"),
         "Per logits row: the k most probable tokens (descending) and their softmax probabilities over the "
         "whole row, into ids_out [rows, k] int32 and probs_out [rows, k] float32 (verify.h: top_k_probs).");
-  m.def("greedy_tokens", &greedy_tokens, py::arg("logits"), py::arg("tokens_out"),
-        "Per logits row [rows, vocab] (float32 or bfloat16): its argmax, the lowest id among equal maxima, "
-        "into tokens_out [rows] int32 (verify.h: greedy_tokens).");
+  m.def("top_k_logits", [](py::handle logits, py::handle k, py::handle ids, py::handle values,
+                           py::handle ws) { top_k(logits, k, ids, values, ws, true); },
+        py::arg("logits"), py::arg("k"), py::arg("ids_out"), py::arg("logits_out"), py::arg("workspace"),
+        "Per logits row: the k largest logits (descending; equal logits in ascending id) and their token ids, "
+        "into ids_out [rows, k] int32 and logits_out [rows, k] float32 (verify.h: top_k_probs).");
   m.def("philox_uniform", [](uint64_t seed, uint64_t position, uint32_t stream, uint32_t j) {
     return atlas::philox_uniform(seed, position, stream, j);
   }, py::arg("seed"), py::arg("position"), py::arg("stream"), py::arg("j"),

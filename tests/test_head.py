@@ -4,6 +4,7 @@ twin), the native bfloat16 storage bit for bit, versioned weight pushes
 (validation, atomic swap, concurrency), the distillation loss against a plain
 reference, best-first drafting against brute force, and the speculator
 through the engine against transformers' greedy generate."""
+import math
 import os
 import subprocess
 import sys
@@ -522,54 +523,61 @@ def test_export_round_trips_and_rejects_bad_weights():
 
 def test_distillation_loss_matches_a_plain_reference():
     rng = np.random.default_rng(18)
-    vd, n, h = 9, 7, 6
+    vocab, vd, n, k, h = 23, 9, 7, 5, 6
+    ids = np.sort(rng.choice(vocab, vd, replace=False))
+    full_to_draft = np.full(vocab, -1)
+    full_to_draft[ids] = np.arange(vd)
     logits = rng.standard_normal((n, vd))
-    target_logits = rng.standard_normal((n, vd)) * 2
     f_hat = rng.standard_normal((n, h))
     target_f = rng.standard_normal((n, h)) * 3
+    topk_ids = np.stack([rng.choice(vocab, k, replace=False) for _ in range(n)])
+    topk_ids[2] = [i for i in range(vocab) if i not in ids][:k]  # no draft token in this row's top k
+    topk_logits = rng.standard_normal((n, k)) * 2
     ce_rows = []
     for r in range(n):
-        p = np.exp(target_logits[r] - target_logits[r].max())
+        cols = [(full_to_draft[t], topk_logits[r, j]) for j, t in enumerate(topk_ids[r])
+                if full_to_draft[t] >= 0]
+        if not cols:
+            continue
+        z = np.array([c[1] for c in cols])
+        p = np.exp(z - z.max())
         p /= p.sum()
         logq = logits[r] - logits[r].max()
         logq -= np.log(np.exp(logq).sum())
-        ce_rows.append(-(p * logq).sum())
+        ce_rows.append(-sum(pi * logq[c] for pi, (c, _) in zip(p, cols)))
     feat = ((f_hat - target_f) ** 2).mean() / (target_f ** 2).mean()
     t = lambda x: torch.tensor(x)  # noqa: E731
-    loss, parts = distillation_loss(t(logits), t(f_hat), t(target_f), t(target_logits), feature_weight=0.3)
-    assert parts["rows"] == n
+    loss, parts = distillation_loss(t(logits), t(f_hat), t(target_f), t(topk_logits), t(topk_ids),
+                                    t(full_to_draft), feature_weight=0.3)
+    assert parts["rows"] == n - 1
     assert parts["ce"] == pytest.approx(np.mean(ce_rows), rel=1e-6)
     assert parts["feature"] == pytest.approx(feat, rel=1e-6)
     assert float(loss) == pytest.approx(np.mean(ce_rows) + 0.3 * feat, rel=1e-6)
-    with pytest.raises(ValueError, match="target_logits must have"):
-        distillation_loss(t(logits), t(f_hat), t(target_f), t(target_logits[:, :-1]))
 
 
-def test_head_loss_reads_the_target_distribution_from_the_features():
-    """The target's logits over the draft vocabulary are its LM head rows of
-    the draft tokens applied to the node's feature; they follow a new draft
-    vocabulary, and a tied LM head is the embedding itself, not a copy."""
+def test_distillation_loss_gives_ruled_out_tokens_no_weight():
+    inf = float("inf")
+    full_to_draft = torch.tensor([0, 1, 2, -1])
+    ids = torch.tensor([[0, 1], [3, 2]])
+    # Row 0: token 1 ruled out (-inf); row 1: its one draft token ruled out, so no row.
+    target = torch.tensor([[0.0, -inf], [0.0, -inf]])
+    loss, parts = distillation_loss(torch.zeros(2, 3), torch.zeros(2, 4), torch.ones(2, 4), target, ids,
+                                    full_to_draft)
+    assert parts["rows"] == 1 and math.isfinite(float(loss))
+    assert parts["ce"] == pytest.approx(math.log(3))   # p one-hot on token 0, q uniform over 3
+
+
+def test_the_head_keeps_the_targets_lm_head_and_shares_a_tied_one():
+    """New draft tokens' output rows start from the target's LM head, which
+    the head keeps: the embedding itself when tied, never a copy of a float32
+    table, shared by twins."""
     gen = torch.Generator().manual_seed(3)
-    vocab, hidden = 40, 8
-    embed = torch.randn(vocab, hidden, generator=gen)
-    lm_head = torch.randn(vocab, hidden, generator=gen)
-    ids = [1, 5, 7, 30]
-    head = DraftHead(embed, lm_head, ids, seed=2)
-    feats = torch.randn(6, hidden, generator=gen)
-    torch.testing.assert_close(head.target_logits(feats), feats @ lm_head[ids].T)
-    with torch.no_grad():
-        head.w_out.mul_(3.0)   # a trained output layer does not change the target
-    torch.testing.assert_close(head.target_logits(feats), feats @ lm_head[ids].T)
-    toks, parents = torch.tensor([1, 2, 3, 4, 5, 6]), torch.randn(6, hidden, generator=gen)
-    f_hat, logits = head(parents, toks)
-    loss, _ = head.loss(parents, toks, feats, feature_weight=0.5)
-    want, _ = distillation_loss(logits, f_hat, feats, feats @ lm_head[ids].T, 0.5)
-    assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
-    weights = head.export()
-    weights["draft_ids"] = np.array([0, 2, 7, 39], np.int32)
-    head.load_export(weights)
-    torch.testing.assert_close(head.target_logits(feats), feats @ lm_head[[0, 2, 7, 39]].T)
-    tied = DraftHead(embed, embed, ids)
+    embed, lm_head = torch.randn(40, 8, generator=gen), torch.randn(40, 8, generator=gen)
+    head = DraftHead(embed, lm_head, [1, 5, 7, 30], seed=2)
+    assert head.lm_head.data_ptr() == lm_head.data_ptr() and head.embed.data_ptr() == embed.data_ptr()
+    torch.testing.assert_close(head.w_out.detach(), lm_head[[1, 5, 7, 30]])
+    assert head.twin().lm_head.data_ptr() == lm_head.data_ptr()
+    tied = DraftHead(embed, embed, [1, 5, 7, 30])
     assert tied.lm_head.data_ptr() == tied.embed.data_ptr() == embed.data_ptr()
     assert tied.twin().lm_head.data_ptr() == embed.data_ptr()
 
@@ -682,31 +690,47 @@ def test_observe_reads_the_feature_of_the_roots_parent():
 
 # ---- through the engine: losslessness and learning ---------------------------------------------
 
-def _tap(model, seqs):
+def _tap(model, seqs, k=16):
     """What the learning tap records, computed with transformers on whole
-    sequences: per sequence its tokens and final-norm hidden states [L, H]
-    (the head's loss computes the target's distributions from them)."""
+    sequences: per sequence the final-norm hidden states [L, H] and the top-k
+    logits [L, k] with their token ids."""
+    out = []
     with torch.no_grad():
-        return [(torch.tensor(s), model.model(torch.tensor([s])).last_hidden_state[0]) for s in seqs]
+        for s in seqs:
+            h = model.model(torch.tensor([s])).last_hidden_state[0]
+            vals, idx = torch.topk(model.lm_head(h), k, dim=-1)
+            out.append((torch.tensor(s), h, vals, idx))
+    return out
 
 
 def _train(head, data, steps, seed=0):
     """Adam on the distillation loss. Rows: (feature of position t-1, token t)
-    -> (feature and distribution at t), teacher-forced; plus the same with the
+    -> (feature and top-k logits at t), teacher-forced; plus the same with the
     head's own prediction of the feature at t-1 as input, as the head reads
     it below depth 1 of a draft tree."""
-    feats, toks, tgt_f, prev_f, prev_t = (torch.cat(x) for x in zip(*[
-        (h[1:-1], s[2:], h[2:], h[:-2], s[1:-1]) for s, h in data]))
+    feats, toks, tgt_f, tgt_v, tgt_i, prev_f, prev_t = [], [], [], [], [], [], []
+    for s, h, vals, idx in data:
+        feats.append(h[1:-1])
+        toks.append(s[2:])
+        tgt_f.append(h[2:])
+        tgt_v.append(vals[2:])
+        tgt_i.append(idx[2:])
+        prev_f.append(h[:-2])
+        prev_t.append(s[1:-1])
+    feats, toks, tgt_f, tgt_v, tgt_i, prev_f, prev_t = (torch.cat(x) for x in
+                                                        (feats, toks, tgt_f, tgt_v, tgt_i, prev_f, prev_t))
     opt = torch.optim.Adam(head.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         b = torch.randint(0, len(toks), (256,), generator=gen)
-        loss1, _ = head.loss(feats[b], toks[b], tgt_f[b], feature_weight=1.0)
+        loss1, _ = head.loss(feats[b], toks[b], tgt_f[b], tgt_v[b], tgt_i[b], feature_weight=1.0)
         f_prev, _ = head(prev_f[b], prev_t[b])
-        loss2, _ = head.loss(f_prev, toks[b], tgt_f[b], feature_weight=1.0)
+        loss2, _ = head.loss(f_prev, toks[b], tgt_f[b], tgt_v[b], tgt_i[b], feature_weight=1.0)
         opt.zero_grad()
         (loss1 + loss2).backward()
         opt.step()
+
+
 
 
 def test_learned_speculator_is_lossless_and_learns_through_the_engine(one_torch_thread):

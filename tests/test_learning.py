@@ -51,9 +51,9 @@ def record(prefill, rids, sizes, tokens, parents, hidden, logits, accepted, emit
                       hidden, logits, [np.asarray(a, np.int32) for a in accepted], [list(e) for e in emitted])
 
 
-def reference_examples(records):
+def reference_examples(records, k):
     """What the tap must produce, node by node, in float64: per example
-    (parent feature, token, the target's argmax, feature, index of the
+    (parent feature, token, top-k ids, top-k logits, feature, index of the
     parent's example in the list or None)."""
     out, state = [], {}
     for rec in records:
@@ -62,13 +62,15 @@ def reference_examples(records):
         for b, rid in enumerate(rec.rids):
             lo, hi = int(rec.q_offsets[b]), int(rec.q_offsets[b + 1])
 
-            def greedy(row):
-                return int(np.argmax(L[row]))   # the first of equal maxima
+            def dist(row):
+                ids = np.argsort(-L[row], kind="stable")[:k]
+                return ids, L[row][ids]
 
             if rec.prefill:
                 idx = None
                 if hi - lo >= 2:
-                    out.append((H[hi - 2], rec.tokens[hi - 1], greedy(b), H[hi - 1], None))
+                    ids, p = dist(b)
+                    out.append((H[hi - 2], rec.tokens[hi - 1], ids, p, H[hi - 1], None))
                     idx = len(out) - 1
                 state[rid] = (H[hi - 1], idx)
                 continue
@@ -81,7 +83,8 @@ def reference_examples(records):
                     pf, pidx = state[rid]
                 else:
                     pf, pidx = H[lo + par], node_idx.get(par)
-                out.append((pf, rec.tokens[lo + i], greedy(lo + i), H[lo + i], pidx))
+                ids, p = dist(lo + i)
+                out.append((pf, rec.tokens[lo + i], ids, p, H[lo + i], pidx))
                 node_idx[i] = len(out) - 1
             acc = rec.accepted[b]
             last = int(acc[-1]) if len(acc) else 0
@@ -91,7 +94,7 @@ def reference_examples(records):
 
 def concat(exs):
     return Examples(*(np.concatenate([getattr(e, f) for e in exs]) for f in
-                      ("parent_feature", "token", "top1", "feature", "parent_back")))
+                      ("parent_feature", "token", "topk_ids", "topk_logits", "feature", "parent_back")))
 
 
 def test_tap_examples_match_a_plain_reference():
@@ -99,7 +102,7 @@ def test_tap_examples_match_a_plain_reference():
     trees, rejected nodes, a step that accepts nothing and a one-token prompt
     (no prefill example, but its feature is tracked)."""
     rng = np.random.default_rng(3)
-    H, V = 11, 37
+    H, V, k = 11, 37, 5
 
     def rnd(n, width):
         return torch.from_numpy(rng.standard_normal((n, width)).astype(np.float32) * 3)
@@ -116,16 +119,17 @@ def test_tap_examples_match_a_plain_reference():
                [[1, 2], [1]], [[22, 23, 30], [24, 31]]),
     ]
     got = []
-    tap = Tap(V, sink=got.append)
+    tap = Tap(V, k, sink=got.append)
     for r in recs:
         tap.observe(r)
-    want = reference_examples(recs)
+    want = reference_examples(recs, k)
     ex = concat(got)
     assert len(ex) == len(want) == tap.examples == 1 + (5 + 3) + (3 + 2)
-    for i, (pf, tok, top1, feat, pidx) in enumerate(want):
+    for i, (pf, tok, ids, p, feat, pidx) in enumerate(want):
         np.testing.assert_array_equal(ex.parent_feature[i], pf.astype(np.float32))
         assert ex.token[i] == tok
-        assert ex.top1[i] == top1
+        np.testing.assert_array_equal(ex.topk_ids[i], ids)
+        np.testing.assert_array_equal(ex.topk_logits[i], p.astype(np.float32))
         np.testing.assert_array_equal(ex.feature[i], feat.astype(np.float32))
         assert ex.parent_back[i] == (0 if pidx is None else i - pidx), i
     # The root of rid 7's second step reads the feature of its last accepted node (node 2 of step 2).
@@ -148,37 +152,38 @@ def test_tap_reads_bfloat16_hidden_states():
     rng = np.random.default_rng(4)
     hidden = torch.from_numpy(rng.standard_normal((3, 8)).astype(np.float32)).to(torch.bfloat16)
     logits = torch.from_numpy(rng.standard_normal((1, 19)).astype(np.float32))
-    ex = Tap(19).examples_of(record(True, [0], [3], [1, 2, 3], [-1, 0, 1], hidden, logits, [[]], [[4]]))
+    ex = Tap(19, 4).examples_of(record(True, [0], [3], [1, 2, 3], [-1, 0, 1], hidden, logits, [[]], [[4]]))
     np.testing.assert_array_equal(ex.feature[0], hidden[2].float().numpy())
     np.testing.assert_array_equal(ex.parent_feature[0], hidden[1].float().numpy())
 
 
 # ---- the replay buffer -----------------------------------------------------------------
 
-def examples(tokens, hidden=5, back=None):
+def examples(tokens, hidden=5, k=3, back=None):
     n = len(tokens)
     t = np.asarray(tokens, np.int32)
     feat = np.repeat(t[:, None].astype(np.float32), hidden, 1)
-    return Examples(feat + 0.5, t, t + 1, feat, np.zeros(n, np.int64) if back is None else np.asarray(back, np.int64))
+    return Examples(feat + 0.5, t, np.repeat(t[:, None], k, 1), np.full((n, k), 0.25, np.float32), feat,
+                    np.zeros(n, np.int64) if back is None else np.asarray(back, np.int64))
 
 
 def test_replay_capacity_is_bounded_in_examples_and_bytes():
-    per = ReplayBuffer.bytes_per_example(5)
-    assert per == 2 * 5 * 2 + 4 + 4 + 8
-    b = ReplayBuffer(5, max_bytes=per * 13 + per // 2)
+    per = ReplayBuffer.bytes_per_example(5, 3)
+    assert per == 2 * 5 * 2 + 4 + 3 * 8 + 8
+    b = ReplayBuffer(5, 3, max_bytes=per * 13 + per // 2)
     assert b.capacity == 13 and b.nbytes <= per * 13 + per // 2
-    b = ReplayBuffer(5, capacity=10, max_bytes=1 << 20)
+    b = ReplayBuffer(5, 3, capacity=10, max_bytes=1 << 20)
     assert b.capacity == 10 and b.nbytes == 10 * per
-    b = ReplayBuffer(5, capacity=1000, max_bytes=per * 20)
+    b = ReplayBuffer(5, 3, capacity=1000, max_bytes=per * 20)
     assert b.capacity == 20
     with pytest.raises(ValueError, match="at least 2"):
-        ReplayBuffer(5, max_bytes=per)
+        ReplayBuffer(5, 3, max_bytes=per)
     with pytest.raises(ValueError, match="capacity"):
-        ReplayBuffer(5, capacity=None, max_bytes=None)
+        ReplayBuffer(5, 3, capacity=None, max_bytes=None)
 
 
 def test_replay_evicts_the_oldest_and_reports_full(caplog):
-    b = ReplayBuffer(5, capacity=10, max_bytes=None, held_out=0)
+    b = ReplayBuffer(5, 3, capacity=10, max_bytes=None, held_out=0)
     b.add(examples(range(7)))
     assert not b.full and b.size == 7 and b.evicted == 0
     with caplog.at_level("INFO", logger="atlas.learning"):
@@ -198,7 +203,7 @@ def test_replay_sampling_favours_recent_traffic():
     """Empirical age frequencies against P(age a) ~ 2^(-a / half_life), each
     within 5 standard deviations of its binomial count."""
     n_train, half_life = 40, 8.0
-    b = ReplayBuffer(5, capacity=64, max_bytes=None, held_out=0, half_life=half_life)
+    b = ReplayBuffer(5, 3, capacity=64, max_bytes=None, held_out=0, half_life=half_life)
     b.add(examples(range(n_train)))
     rng = np.random.default_rng(0)
     draws = 200_000
@@ -210,7 +215,7 @@ def test_replay_sampling_favours_recent_traffic():
     sd = np.sqrt(draws * p * (1 - p))
     assert np.all(np.abs(counts - draws * p) <= 5 * sd + 1), (counts, draws * p)
     # half_life = inf: uniform.
-    u = ReplayBuffer(5, capacity=64, max_bytes=None, held_out=0, half_life=math.inf)
+    u = ReplayBuffer(5, 3, capacity=64, max_bytes=None, held_out=0, half_life=math.inf)
     u.add(examples(range(n_train)))
     counts = np.bincount(n_train - 1 - u.sample(draws, rng).token.numpy(), minlength=n_train)
     p = 1 / n_train
@@ -218,7 +223,7 @@ def test_replay_sampling_favours_recent_traffic():
 
 
 def test_replay_holds_out_the_most_recent_slice():
-    b = ReplayBuffer(5, capacity=30, max_bytes=None, held_out=4, held_out_fraction=0.25)
+    b = ReplayBuffer(5, 3, capacity=30, max_bytes=None, held_out=4, held_out_fraction=0.25)
     assert b.sample(8, np.random.default_rng(0)) is None and b.held_out_batch() is None
     b.add(examples(range(8)))                 # 25% of 8 = 2 held out
     assert b.held_out_size == 2 and b.train_size == 6
@@ -230,7 +235,7 @@ def test_replay_holds_out_the_most_recent_slice():
 
 
 def test_replay_parent_links():
-    b = ReplayBuffer(5, capacity=6, max_bytes=None, held_out=0, half_life=math.inf)
+    b = ReplayBuffer(5, 3, capacity=6, max_bytes=None, held_out=0, half_life=math.inf)
     b.add(examples([10, 11, 12], back=[0, 1, 2]))   # 11 <- 10, 12 <- 10
     got = b.sample(400, np.random.default_rng(0))
     for i in range(len(got)):
@@ -309,9 +314,9 @@ def tiny():
 
 def tapped_buffer(tiny, held_out=256, capacity=20_000):
     model, target, prompts, conts = tiny
-    buf = ReplayBuffer(target.config.hidden_size, capacity=capacity, max_bytes=None, held_out=held_out,
+    buf = ReplayBuffer(target.config.hidden_size, 16, capacity=capacity, max_bytes=None, held_out=held_out,
                        held_out_fraction=0.3)
-    tap = Tap(target.config.vocab_size, sink=buf.add)
+    tap = Tap(target.config.vocab_size, 16, sink=buf.add)
     for rid, (p, c) in enumerate(zip(prompts, conts)):
         for r in greedy_records(model, p, c, rid, depth=3):
             tap.observe(r)
@@ -358,11 +363,13 @@ def test_the_self_fed_term_covers_the_asked_share_of_a_batch(tiny):
     batch = buf.sample(64, np.random.default_rng(0))
     assert int(batch.has_parent.sum()) > 32
     head = fresh_head(target)
+    target_logits = batch.topk_logits
 
     def plain(rows):
-        return head.loss(batch.parent_feature, batch.token, batch.feature)[0] if rows is None else \
+        return head.loss(batch.parent_feature, batch.token, batch.feature, target_logits, batch.topk_ids)[0] \
+            if rows is None else \
             head.loss(head(batch.parent_parent_feature[rows], batch.parent_token[rows])[0], batch.token[rows],
-                      batch.feature[rows])[0]
+                      batch.feature[rows], target_logits[rows], batch.topk_ids[rows])[0]
 
     with torch.no_grad():
         base = plain(None)
@@ -877,7 +884,7 @@ def test_a_trainer_process_that_raises_is_reported_and_can_be_restarted(tiny):
         # Tokens outside the vocabulary (the tap never makes them) reach the
         # child, whose embedding lookup raises when it trains or evaluates on them.
         vocab, H = target.config.vocab_size, target.config.hidden_size
-        loop.tap.sink(examples([vocab + 3] * 400, hidden=H))
+        loop.tap.sink(examples([vocab + 3] * 400, hidden=H, k=16))
         assert _wait(lambda: loop.trainer.state == "error", 60)
         st = loop.stats()
         assert st["errors"] == 1 and "IndexError" in st["last_error"] and "Traceback" in st["last_error"], st

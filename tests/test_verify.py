@@ -1201,7 +1201,7 @@ def test_nasty_inputs_do_not_crash_the_interpreter():
     assert sum(line.startswith("raised") for line in lines) >= 10, run.stdout
 
 
-# ---- top_k_probs: the learned speculator's view of its draft distribution -------------------------
+# ---- top_k_probs and top_k_logits: a distribution's most probable tokens -------------------------
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -1258,37 +1258,44 @@ def test_top_k_probs_rejects_bad_input_clearly():
         _native.top_k_probs(good.astype(np.float64), 4, ids, probs, ws)
     with pytest.raises(ValueError, match="logits"):
         _native.top_k_probs(good[:, ::2], 4, ids, probs, ws)
+    from atlas.learning.tap import topk_logits
+    with pytest.raises(ValueError, match="NaN"):
+        topk_logits(torch.from_numpy(bad_row).half(), 4)   # the torch path checks too
+    for fn in (_native.top_k_logits, ):
+        with pytest.raises(ValueError, match="row 1 holds NaN or \\+inf"):
+            fn(bad_row, 4, ids, probs, ws)
+        with pytest.raises(ValueError, match="row 2 is all -inf"):
+            fn(masked, 4, ids, probs, ws)
+        with pytest.raises(ValueError, match="logits_out"):
+            fn(good, 4, ids, np.empty((3, 5), np.float32), ws)
 
 
-def test_greedy_tokens_are_the_verifiers_argmax():
-    from atlas.verify import greedy_tokens
-    g = torch.Generator().manual_seed(5)
-    logits = torch.randn(6, 300, generator=g)
-    logits[1, 40:50] = 9.0                        # ties: the lowest id, as the verifier takes
-    logits[2, :] = -float("inf")
-    logits[2, 299] = 0.0
-    want = [int(torch.argmax(r)) for r in logits]
-    for x in (logits, logits.numpy(), logits.to(torch.bfloat16), logits.t().contiguous().t()):
-        got = greedy_tokens(x)   # native, numpy, bfloat16, and torch for rows that are not contiguous
-        rows = torch.as_tensor(x).float()   # bfloat16 rounding may make new ties
-        assert got.dtype == np.int32 and got.tolist() == [int(torch.argmax(r)) for r in rows]
-    assert want[1] == 40 and want[2] == 299
-    assert greedy_tokens(logits[:0]).shape == (0,)
-    for x in (logits, logits.t().contiguous().t()):
-        for bad, row in ((float("nan"), 3), (float("inf"), 4)):
-            y = x.clone()
-            y[row, 7] = bad
-            with pytest.raises(ValueError, match=f"row {row} holds NaN or \\+inf"):
-                greedy_tokens(y)
-        y = x.clone()
-        y[5] = -float("inf")
-        with pytest.raises(ValueError, match="row 5 is all -inf"):
-            greedy_tokens(y)
-    with pytest.raises(ValueError, match="2-D"):
-        greedy_tokens(logits[0])
-    with pytest.raises(ValueError, match="logits"):
-        greedy_tokens(logits.double().numpy())
-    with pytest.raises(ValueError, match="tokens_out"):
-        _native.greedy_tokens(logits.numpy(), np.empty(5, np.int32))
-    with pytest.raises(ValueError, match="tokens_out"):
-        _native.greedy_tokens(logits.numpy(), np.empty(6, np.int64))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_top_k_logits_are_the_largest_logits_in_order(dtype):
+    """The tap's view of the target: the k largest logits, descending, equal
+    ones in ascending id (so the first is the verifier's greedy token), the
+    same tokens as top_k_probs; the CPU and torch paths agree."""
+    from atlas.learning.tap import topk_logits
+    from atlas.verify import top_k_logits, top_k_probs
+    g = torch.Generator().manual_seed(4)
+    vocab = 5000
+    logits = (torch.randn(6, vocab, generator=g) * 4).to(dtype)
+    logits[1, 100:140] = 40.0                     # ties
+    logits[2, ::3] = -float("inf")
+    logits[3] = -float("inf")
+    logits[3, 7] = 1.0                             # one finite token: the rest of its top k is -inf
+    for k in (1, 16, 64):
+        ids, vals = top_k_logits(logits, k)
+        assert ids.shape == vals.shape == (6, k) and ids.dtype == np.int32 and vals.dtype == np.float32
+        x = logits.float()
+        for r in range(6):
+            order = sorted(range(vocab), key=lambda j: (-float(x[r, j]), j))[:k]
+            assert ids[r].tolist() == order
+            np.testing.assert_array_equal(vals[r], x[r, order].numpy())
+        np.testing.assert_array_equal(ids, top_k_probs(logits, k)[0])
+        assert ids[:, 0].tolist() == [int(torch.argmax(x[r])) for r in range(6)]
+    ids, vals = topk_logits(logits, 16)
+    assert ids[1].tolist() == list(range(100, 116))
+    np.testing.assert_array_equal(topk_logits(logits.t().contiguous().t(), 16)[0], ids)   # rows copied first
+    t_ids, t_vals = topk_logits(logits.double(), 16)    # other dtypes and devices: torch (its order of ties)
+    np.testing.assert_array_equal(t_vals, vals)

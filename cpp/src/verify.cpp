@@ -1348,23 +1348,33 @@ Status validate(const VerifyProblem& p, const Workspace& ws) {
   return Status::Ok();
 }
 
-// One row of top_k_probs().
+// One row of top_k_probs(): into probs, or when it is null the logits into
+// logits (no exponentials then: one pass for the block maxima, one over the
+// blocks that can hold a top-k value).
 template <class T>
-Status top_k_row(const T* row, int32_t n, int32_t k, const Workspace& ws, int64_t r, int32_t* ids, float* probs) {
+Status top_k_row(const T* row, int32_t n, int32_t k, const Workspace& ws, int64_t r, int32_t* ids, float* probs,
+                 float* logits) {
   constexpr float kLog2e = 1.4426950408889634f;
-  const DenseRow d = exp_row(row, n, kLog2e, ws.w, ws.block_max, ws.block_sum);
-  if (!d.finite || d.max == -kInf)
-    return Status::Invalid("logits row " + std::to_string(r) +
-                           (d.finite ? " is all -inf" : " holds NaN or +inf"));
+  double total = 0.0;
+  if (probs != nullptr) {
+    const DenseRow d = exp_row(row, n, kLog2e, ws.w, ws.block_max, ws.block_sum);
+    if (!d.finite || d.max == -kInf)
+      return Status::Invalid("logits row " + std::to_string(r) + (d.finite ? " is all -inf" : " holds NaN or +inf"));
+    total = d.total;
+  }
   // exp_row's weights are no longer needed: ws.w takes the block maxima.
   const RowMax m = block_maxima(row, n, ws.w);
+  if (!m.finite || m.max == -kInf)
+    return Status::Invalid("logits row " + std::to_string(r) + (m.finite ? " is all -inf" : " holds NaN or +inf"));
   int32_t count = top_k_candidates(row, n, k, ws.w, ws.cand);
-  exp_cands(ws.cand, count, m.max, kLog2e);
+  if (probs != nullptr) exp_cands(ws.cand, count, m.max, kLog2e);
   std::sort(ws.cand, ws.cand + count, cand_before);
-  const double inv = 1.0 / d.total;
   for (int32_t i = 0; i < k; ++i) {
     ids[i] = ws.cand[i].id;
-    probs[i] = static_cast<float>(static_cast<double>(ws.cand[i].w) * inv);
+    if (probs != nullptr)
+      probs[i] = static_cast<float>(static_cast<double>(ws.cand[i].w) / total);
+    else
+      logits[i] = ws.cand[i].x;
   }
   return Status::Ok();
 }
@@ -1394,7 +1404,8 @@ Status top_k_probs(const TopKProblem& p) {
   const LogitRows& l = p.logits;
   if (p.k < 1 || p.k > l.vocab)
     return Status::Invalid("k must be in [1, vocab = " + std::to_string(l.vocab) + "], got " + std::to_string(p.k));
-  if (l.rows > 0 && (!p.ids_out || !p.probs_out)) return Status::Invalid("ids_out and probs_out must not be null");
+  if (l.rows > 0 && (!p.ids_out || (p.probs_out == nullptr) == (p.logits_out == nullptr)))
+    return Status::Invalid("ids_out and exactly one of probs_out and logits_out must not be null");
   if (!p.workspace || p.workspace_bytes < verify_workspace_bytes(l.vocab))
     return Status::Invalid("the workspace must hold verify_workspace_bytes(vocab) = " +
                            std::to_string(verify_workspace_bytes(l.vocab)) + " bytes, got " +
@@ -1405,24 +1416,12 @@ Status top_k_probs(const TopKProblem& p) {
   const int32_t n = static_cast<int32_t>(l.vocab);
   for (int64_t r = 0; r < l.rows; ++r) {
     int32_t* ids = p.ids_out + r * p.k;
-    float* probs = p.probs_out + r * p.k;
-    const Status st = l.dtype == DType::kFloat32 ? top_k_row(row_of<float>(l, r), n, p.k, ws, r, ids, probs)
-                                                 : top_k_row(row_of<uint16_t>(l, r), n, p.k, ws, r, ids, probs);
+    float* probs = p.probs_out ? p.probs_out + r * p.k : nullptr;
+    float* logits = p.logits_out ? p.logits_out + r * p.k : nullptr;
+    const Status st = l.dtype == DType::kFloat32
+                          ? top_k_row(row_of<float>(l, r), n, p.k, ws, r, ids, probs, logits)
+                          : top_k_row(row_of<uint16_t>(l, r), n, p.k, ws, r, ids, probs, logits);
     if (!st.ok()) return st;
-  }
-  return Status::Ok();
-}
-
-Status greedy_tokens(const GreedyProblem& p) {
-  ATLAS_RETURN_IF_ERROR(check_rows(p.logits));
-  const LogitRows& l = p.logits;
-  if (l.rows > 0 && !p.tokens_out) return Status::Invalid("tokens_out must not be null");
-  const int32_t n = static_cast<int32_t>(l.vocab);
-  for (int64_t r = 0; r < l.rows; ++r) {
-    const RowMax m = l.dtype == DType::kFloat32 ? scan_row(row_of<float>(l, r), n) : scan_row(row_of<uint16_t>(l, r), n);
-    if (!m.finite || m.max == -kInf)
-      return Status::Invalid("logits row " + std::to_string(r) + (m.finite ? " is all -inf" : " holds NaN or +inf"));
-    p.tokens_out[r] = m.argmax;
   }
   return Status::Ok();
 }

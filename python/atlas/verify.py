@@ -162,42 +162,24 @@ def top_k_probs(logits, k: int):
     per row with the verifier's numerics, allocation-free but for the outputs
     (each thread keeps one workspace, grown to the largest vocabulary seen).
     A row holding NaN or +inf, or only -inf, raises ValueError."""
+    return _top_k(_native.top_k_probs, logits, k)
+
+
+def top_k_logits(logits, k: int):
+    """:func:`top_k_probs` with the k largest logits themselves instead of
+    probabilities, as (ids ``[n, k]`` int32, logits ``[n, k]`` float32): no
+    exponentials (7 rows of SmolLM2's 49,152 logits in the caches, k = 16,
+    one thread: 0.05 ms against 0.17)."""
+    return _top_k(_native.top_k_logits, logits, k)
+
+
+def _top_k(fn, logits, k: int):
     n, vocab = logits.shape
     need = _native.verify_workspace_bytes(int(vocab))
     ws = getattr(_workspaces, "ws", None)
     if ws is None or ws.shape[0] < need:
         ws = _workspaces.ws = np.empty(need, np.uint8)
     ids = np.empty((n, k), np.int32)
-    probs = np.empty((n, k), np.float32)
-    _native.top_k_probs(logits, k, ids, probs, ws)
-    return ids, probs
-
-
-def greedy_tokens(logits) -> np.ndarray:
-    """Per row of ``logits`` ``[n, V]`` (a numpy array or a torch tensor):
-    its argmax, the lowest id among equal maxima (as greedy verification and
-    ``torch.argmax`` take it), as ``[n]`` int32. CPU float32 and bfloat16
-    rows (rows contiguous) go through the native ``greedy_tokens``, one
-    single-threaded pass per row (SmolLM2, 7 rows of 49,152: 0.33 ms for
-    torch's ``max`` on one thread); other rows through torch, on their
-    device. A row holding NaN or +inf, or only -inf, raises ValueError."""
-    if getattr(logits, "ndim", None) != 2:
-        raise ValueError(f"logits must be 2-D [rows, vocab], got shape {tuple(getattr(logits, 'shape', ()))}")
-    import torch
-
-    if isinstance(logits, torch.Tensor):
-        logits = logits.detach()
-        if logits.shape[0] == 0:
-            return np.zeros(0, np.int32)
-        if logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.bfloat16) \
-                or logits.stride(-1) != 1:
-            vals, ids = logits.float().max(dim=-1)
-            bad = ~torch.isfinite(vals)
-            if bool(bad.any()):
-                row = int(torch.nonzero(bad)[0, 0])
-                what = "is all -inf" if float(vals[row]) == float("-inf") else "holds NaN or +inf"
-                raise ValueError(f"logits row {row} {what}")
-            return ids.to(torch.int32).cpu().numpy()
-    out = np.empty(logits.shape[0], np.int32)
-    _native.greedy_tokens(logits, out)
-    return out
+    values = np.empty((n, k), np.float32)
+    fn(logits, k, ids, values, ws)
+    return ids, values

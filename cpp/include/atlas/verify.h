@@ -145,33 +145,25 @@ struct LogitRows {
 };
 
 // The k most probable tokens of each row: for each row, the k tokens with the
-// largest logits (descending; equal logits in ascending id) and their softmax
-// probabilities at temperature 1 over the whole row, computed as the verifier
-// computes a dense row (weights 2^((x - max) log2 e) in float, their total in
-// double). Single-threaded and allocation-free: the learned speculator runs
-// it on its draft logits on the serving thread between target forwards.
-// Validates everything first and writes nothing when the problem is invalid;
-// a row holding NaN or +inf, or only -inf, is an error naming the row (rows
-// before it are written).
+// largest logits (descending; equal logits in ascending id) and either their
+// logits (logits_out) or their softmax probabilities at temperature 1 over
+// the whole row (probs_out), computed as the verifier computes a dense row
+// (weights 2^((x - max) log2 e) in float, their total in double); the logits
+// cost no exponentials. Single-threaded and allocation-free: it runs on the
+// serving thread between target forwards (the learned speculator's drafts,
+// the learning tap's view of the target). Validates everything first and
+// writes nothing when the problem is invalid; a row holding NaN or +inf, or
+// only -inf, is an error naming the row (rows before it are written).
 struct TopKProblem {
   LogitRows logits;
   int32_t k = 0;                         // in [1, vocab]
   int32_t* ids_out = nullptr;            // [rows, k] token ids
-  float* probs_out = nullptr;            // [rows, k] probabilities
+  float* probs_out = nullptr;            // [rows, k] probabilities, or null
+  float* logits_out = nullptr;           // [rows, k] logits, or null (exactly one of the two)
   void* workspace = nullptr;             // verify_workspace_bytes(vocab) bytes, any alignment
   int64_t workspace_bytes = 0;
 };
 Status top_k_probs(const TopKProblem& problem);
-
-// The greedy token of each row, for the learning tap: the argmax, the lowest
-// id among equal maxima (as greedy verification takes it), in one
-// single-threaded pass per row, allocation-free. Validation and row errors
-// as for top_k_probs.
-struct GreedyProblem {
-  LogitRows logits;
-  int32_t* tokens_out = nullptr;         // [rows]
-};
-Status greedy_tokens(const GreedyProblem& problem);
 
 // The Philox-4x32-10 uniform described above; exposed for tests and the CUDA twin.
 double philox_uniform(uint64_t seed, uint64_t position, uint32_t stream, uint32_t j);

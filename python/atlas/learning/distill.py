@@ -24,8 +24,7 @@ generations.
 
 Every position t >= 1 of a window gives one example, as the tap would record
 it (:mod:`atlas.learning.tap`): parent feature ``h[t-1]``, token ``x[t]``, the
-target's greedy token at t, feature ``h[t]`` (from which the trainer computes
-the target's distribution, see :mod:`atlas.learning.head`), linked to the
+target's top-k next-token logits at t, feature ``h[t]``, linked to the
 example of t - 1. The draft vocabulary is the ``draft_vocab`` most frequent
 tokens of all windows. A :class:`~atlas.learning.trainer.Trainer` fits a
 fresh :class:`DraftHead` on all but the last ``held_out_fraction`` of the
@@ -58,7 +57,7 @@ import torch
 from .checkpoint import STATIC, Checkpoint, head_config, load_checkpoint, model_dir, save_checkpoint
 from .head import DraftHead, choose_draft_vocab
 from .replay import ReplayBuffer
-from .tap import Examples, greedy_tokens
+from .tap import Examples, topk_logits
 from .trainer import Trainer, head_metric
 
 
@@ -135,15 +134,15 @@ def completions(target, prompt_ids: Sequence[Sequence[int]], new_tokens: int, ba
     return [np.asarray(list(p) + o.token_ids, np.int64) for p, o in zip(prompt_ids, outs)]
 
 
-def window_examples(tokens: np.ndarray, hidden: torch.Tensor, logits: torch.Tensor) -> Examples:
+def window_examples(tokens: np.ndarray, hidden: torch.Tensor, logits: torch.Tensor, k: int) -> Examples:
     """The examples of one teacher-forced window: tokens ``[L]``, final-norm
     hidden ``[L, H]``, logits ``[L, vocab]``."""
     L = len(tokens)
-    top1 = greedy_tokens(logits[1:])
+    ids, top = topk_logits(logits[1:], k)
     h = hidden.detach().to("cpu", torch.float32).numpy()
     back = np.ones(L - 1, np.int64)
     back[0] = 0
-    return Examples(h[:-1].copy(), tokens[1:].astype(np.int32), top1, h[1:].copy(), back)
+    return Examples(h[:-1].copy(), tokens[1:].astype(np.int32), ids, top, h[1:].copy(), back)
 
 
 def teacher_forced(target, cache, tokens: np.ndarray):
@@ -174,7 +173,7 @@ class DistillResult:
 def distill(target=None, *, model: Optional[str] = None, tokens: int = 16384, prompts: int = 256,
             gen_tokens: int = 128, gen_batch: int = 16, steps: int = 2000, out=None, draft_vocab: int = 4096,
             intermediate: Optional[int] = None, seq_len: int = 256, batch_size: int = 256, lr: float = 2e-3,
-            held_out_fraction: float = 0.05, seed: int = 0,
+            topk: int = 16, held_out_fraction: float = 0.05, seed: int = 0,
             encode: Optional[Callable[[str], Sequence[int]]] = None,
             files: Optional[Sequence[os.PathLike]] = None, save: bool = True,
             progress: Optional[Callable[[str], None]] = None) -> DistillResult:
@@ -198,7 +197,7 @@ def distill(target=None, *, model: Optional[str] = None, tokens: int = 16384, pr
         from ..models import default_model, load
         target = load(model or default_model())
     for name, v in (("steps", steps), ("draft_vocab", draft_vocab), ("seq_len", seq_len),
-                    ("batch_size", batch_size), ("gen_tokens", gen_tokens),
+                    ("batch_size", batch_size), ("topk", topk), ("gen_tokens", gen_tokens),
                     ("gen_batch", gen_batch)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -247,7 +246,7 @@ def distill(target=None, *, model: Optional[str] = None, tokens: int = 16384, pr
     windows = [windows[i] for i in np.random.default_rng(seed).permutation(len(windows))]
     total = sum(len(w) - 1 for w in windows)
     held = max(1, int(total * held_out_fraction))
-    buffer = ReplayBuffer(cfg.hidden_size, capacity=total, max_bytes=None, held_out=held,
+    buffer = ReplayBuffer(cfg.hidden_size, topk, capacity=total, max_bytes=None, held_out=held,
                           held_out_fraction=0.99, half_life=math.inf)
     say(f"distill: {len(windows)} windows, {total} examples, {held} held out")
     block = 16
@@ -255,7 +254,7 @@ def distill(target=None, *, model: Optional[str] = None, tokens: int = 16384, pr
     cache = target.new_cache(-(-longest // block) + 1, block_size=block, max_seqs=1)
     for i, w in enumerate(windows):
         logits, hidden = teacher_forced(target, cache, w)
-        buffer.add(window_examples(w, hidden, logits))
+        buffer.add(window_examples(w, hidden, logits, topk))
         if (i + 1) % max(1, len(windows) // 10) == 0 or i + 1 == len(windows):
             say(f"distill: forward {i + 1}/{len(windows)} ({time.perf_counter() - t0:.0f} s)")
     collect_seconds = time.perf_counter() - t0

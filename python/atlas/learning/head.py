@@ -26,21 +26,6 @@ For a node x with parent feature f (``H`` = hidden size, ``I`` = intermediate):
 f_hat``. ``E`` is the target's token embedding, frozen and never pushed;
 ``W_out`` starts as the target's LM head rows of the draft tokens, so an
 untrained head that predicted the feature exactly would score like the target.
-
-The training targets come from the target's features alone: for the models
-atlas runs (Llama and Qwen2 families, no logit scaling or bias) the target's
-logits are its LM head applied to the feature, so the head keeps those rows
-of the draft tokens (``target_out``, frozen) and computes the target's
-distribution over the draft vocabulary where it trains, instead of the
-learning tap reading it out of every verified logits row on the serving
-thread (see :mod:`atlas.learning.tap` for what that saves serving). It
-learns as well as the top-16 probabilities the tap used to keep: in a
-simulation of the HumanEval stream (the tapped records of 123 requests, 195
-steps of 512 from the static head, depth-1 greedy acceptance on the other
-41 requests), 0.491 with them and 0.491 with the distribution computed
-here. A trainer step costs a quarter more CPU for it (one more product of
-the output layer's size: 92 against 73 ms for 512 examples on one core of
-this project's EPYC, in bfloat16).
 """
 from __future__ import annotations
 
@@ -147,14 +132,14 @@ class DraftHead(nn.Module):
         self.w_up = uniform(intermediate, hidden)
         self.w_down = uniform(hidden, intermediate)
         self.norm2 = nn.Parameter(torch.ones(hidden))
-        # The target's LM head (the embedding itself when tied: no copy) and
-        # its rows of the draft tokens, both frozen and never pushed.
+        # The target's LM head (the embedding itself when tied: no copy),
+        # frozen and never pushed: where a new draft vocabulary's output rows
+        # start.
         tied = lm_head is embed or (lm_head.dtype == embed.dtype and lm_head.data_ptr() == embed.data_ptr()
                                     and lm_head.stride() == embed.stride())
         self.register_buffer("lm_head", self.embed if tied else lm_head.detach().to(torch.float32).contiguous(),
                              persistent=False)
-        self.register_buffer("target_out", self.lm_head[ids_t].clone(), persistent=False)
-        self.w_out = nn.Parameter(self.target_out.clone())
+        self.w_out = nn.Parameter(self.lm_head[ids_t].clone())
 
     @classmethod
     def from_target(cls, target, draft_ids: Sequence[int], **kwargs) -> "DraftHead":
@@ -235,31 +220,22 @@ class DraftHead(nn.Module):
                 if w.shape != p.shape:
                     raise ValueError(f"{name} must have shape {tuple(p.shape)}, got {tuple(w.shape)}")
                 p.copy_(w)
-            if not torch.equal(self.draft_ids, torch.from_numpy(ids.astype(np.int64))):
-                self.draft_ids.copy_(torch.from_numpy(ids.astype(np.int64)))
-                self.full_to_draft.fill_(-1)
-                self.full_to_draft[self.draft_ids] = torch.arange(self.draft_vocab)
-                self.target_out.copy_(self.lm_head[self.draft_ids])
-
-    def target_logits(self, target_features: torch.Tensor) -> torch.Tensor:
-        """The target's logits over the draft vocabulary at nodes whose
-        features are ``target_features`` ``[N, H]``: ``[N, Vd]``, column j
-        for token ``draft_ids[j]`` (see the module docstring)."""
-        return F.linear(target_features.to(self.target_out.dtype), self.target_out)
+            self.draft_ids.copy_(torch.from_numpy(ids.astype(np.int64)))
+            self.full_to_draft.fill_(-1)
+            self.full_to_draft[self.draft_ids] = torch.arange(self.draft_vocab)
 
     def loss(self, features: torch.Tensor, tokens: torch.Tensor, target_features: torch.Tensor,
+             target_topk_logits: torch.Tensor, target_topk_ids: torch.Tensor,
              feature_weight: float = 1.0) -> Tuple[torch.Tensor, Dict[str, float]]:
-        """Runs the head on (parent features, tokens) and returns
-        :func:`distillation_loss` of its outputs against the target at the
-        nodes' own features."""
+        """Runs the head and returns :func:`distillation_loss` of its outputs."""
         f_hat, logits = self(features, tokens)
-        with torch.no_grad():
-            target = self.target_logits(target_features)
-        return distillation_loss(logits, f_hat, target_features, target, feature_weight)
+        return distillation_loss(logits, f_hat, target_features, target_topk_logits, target_topk_ids,
+                                 self.full_to_draft, feature_weight)
 
 
 def distillation_loss(logits: torch.Tensor, f_hat: torch.Tensor, target_features: torch.Tensor,
-                      target_logits: torch.Tensor, feature_weight: float = 1.0
+                      target_topk_logits: torch.Tensor, target_topk_ids: torch.Tensor,
+                      full_to_draft: torch.Tensor, feature_weight: float = 1.0
                       ) -> Tuple[torch.Tensor, Dict[str, float]]:
     """The head's training loss for N tapped nodes:
     ``cross_entropy + feature_weight * feature_regression``.
@@ -267,28 +243,36 @@ def distillation_loss(logits: torch.Tensor, f_hat: torch.Tensor, target_features
     * ``logits [N, Vd]``, ``f_hat [N, H]``: the head's outputs for the nodes.
     * ``target_features [N, H]``: the target's final-norm hidden state at each
       node's position (what ``f_hat`` predicts).
-    * ``target_logits [N, Vd]``: the target's logits at each node over the
-      draft vocabulary (:meth:`DraftHead.target_logits`), column for column
-      with ``logits``.
+    * ``target_topk_logits, target_topk_ids [N, k]``: the target's k largest
+      logits at each node and their token ids (the tap keeps the top k rather
+      than whole vocabulary rows to keep its memory small); log-probabilities
+      do as well, since a row's constant offset cancels. -inf entries (tokens
+      the target rules out) get no weight.
+    * ``full_to_draft [vocab]``: draft column of each token id, -1 outside.
 
-    Cross-entropy: the target distribution p is the target's softmax
-    restricted to the draft vocabulary (renormalised over the tokens the head
-    can score), and the loss is ``-sum_j p_j log q_j`` with ``q`` the head's
+    Cross-entropy: the target distribution is the softmax of its top-k logits
+    restricted to the draft vocabulary (renormalised over the top-k tokens the
+    head can score), and the loss is ``-sum_j p_j log q_j`` with ``q`` the head's
     softmax over the draft vocabulary: the KL divergence from p to q up to p's
-    entropy, which does not depend on the head. Feature regression: the mean
-    squared error of ``f_hat`` against the target feature, divided by the
-    target features' mean square, so that the term is 1 for a head that
-    predicts zeros whatever the scale of the target's hidden states (it keeps
+    entropy, which does not depend on the head. Rows with none of their
+    finite top-k in the draft vocabulary are left out of this term. Feature
+    regression: the mean squared error of ``f_hat`` against the target
+    feature, divided by the target features' mean square, so that the term
+    is 1 for a head that predicts zeros whatever the scale of the target's
+    hidden states (it keeps
     deeper drafts, which read ``f_hat``, on the target's manifold).
     Returns ``(loss, {"ce", "feature", "rows"})``.
     """
-    if target_logits.shape != logits.shape:
-        raise ValueError(f"target_logits must have the head logits' shape {tuple(logits.shape)}, "
-                         f"got {tuple(target_logits.shape)}")
-    p = torch.softmax(target_logits.float(), dim=-1)          # [N, Vd]
-    logq = torch.log_softmax(logits.float(), dim=-1)          # [N, Vd]
-    ce = -(p * logq).sum(-1).mean() if len(logits) else logits.sum() * 0.0
+    cols = full_to_draft[target_topk_ids.long()]              # [N, k], -1 outside
+    inside = (cols >= 0) & torch.isfinite(target_topk_logits)
+    rows = inside.any(-1)                                     # [N]
+    masked = target_topk_logits.float().masked_fill(~inside, float("-inf"))
+    p = torch.softmax(masked[rows], dim=-1)                   # [R, k]
+    logq = torch.log_softmax(logits[rows].float(), dim=-1)    # [R, Vd]
+    logq_k = torch.gather(logq, 1, cols[rows].clamp(min=0))   # [R, k]
+    ce_rows = -(p * logq_k.masked_fill(~inside[rows], 0.0)).sum(-1)
+    ce = ce_rows.mean() if ce_rows.numel() else logits.sum() * 0.0
     scale = target_features.float().pow(2).mean().clamp(min=1e-12)
     feat = (f_hat.float() - target_features.float()).pow(2).mean() / scale
     loss = ce + feature_weight * feat
-    return loss, {"ce": float(ce.detach()), "feature": float(feat.detach()), "rows": int(len(logits))}
+    return loss, {"ce": float(ce.detach()), "feature": float(feat.detach()), "rows": int(rows.sum())}

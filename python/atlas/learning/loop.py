@@ -91,7 +91,8 @@ class LearningLoop:
     ``head``: the :class:`DraftHead` the speculator was built from (optional;
     see the module docstring). ``cache_dir``: the checkpoint root (default
     ``$ATLAS_CACHE_DIR`` or ``~/.cache/atlas``); ``checkpoint=False`` neither
-    reads nor writes checkpoints. ``max_bytes`` / ``capacity`` / ``held_out`` / ``half_life``: the
+    reads nor writes checkpoints. ``topk``: the target logits kept per
+    example. ``max_bytes`` / ``capacity`` / ``held_out`` / ``half_life``: the
     :class:`ReplayBuffer`'s. ``process``: train in a child process (the
     default on POSIX systems) or in a thread of this one (``False``);
     ``max_pending_bytes``: the examples that may wait for the trainer
@@ -114,7 +115,7 @@ class LearningLoop:
     """
 
     def __init__(self, target, speculator, *, head: Optional[DraftHead] = None, cache_dir=None,
-                 checkpoint: bool = True, max_bytes: Optional[int] = 64 << 20,
+                 checkpoint: bool = True, topk: int = 16, max_bytes: Optional[int] = 64 << 20,
                  capacity: Optional[int] = None, held_out: int = 512, held_out_fraction: float = 0.25,
                  half_life: Optional[float] = None, process: Optional[bool] = None,
                  max_pending_bytes: int = MAX_PENDING_BYTES, pause_during_forward: Optional[bool] = None,
@@ -186,15 +187,15 @@ class LearningLoop:
                 # through some (measured over 30 HumanEval requests: the child
                 # had 14% of a core at max_share 0.25, 15% at 1).
                 trainer_kwargs.setdefault("max_share", 1.0)
-            self.trainer = TrainerProcess(cand, speculator, buffer=buffer, live_weights=known_live,
+            self.trainer = TrainerProcess(cand, speculator, buffer=dict(buffer, topk=topk), live_weights=known_live,
                                           counts=lambda: self.tap.counts,
                                           on_push=self._on_push, max_pending_bytes=max_pending_bytes,
                                           **trainer_kwargs)
             self.buffer = self.trainer.buffer
-            self.tap = Tap(nat.vocab, sink=self.trainer.send)
+            self.tap = Tap(nat.vocab, topk, sink=self.trainer.send)
         else:
-            self.buffer = ReplayBuffer(nat.hidden, **buffer)
-            self.tap = Tap(nat.vocab, sink=self.buffer.add)
+            self.buffer = ReplayBuffer(nat.hidden, topk, **buffer)
+            self.tap = Tap(nat.vocab, topk, sink=self.buffer.add)
             self.trainer = Trainer(cand, self.buffer, speculator, counts=lambda: self.tap.counts,
                                    on_push=self._on_push, **trainer_kwargs)
 

@@ -210,7 +210,8 @@ class TrainerProcess:
     :class:`LearnedSpeculator`), with the in-process :class:`Trainer`'s
     rounds, settings and counters (see the module docstring).
 
-    ``buffer``: the :class:`ReplayBuffer`'s keyword arguments (its sizes).
+    ``buffer``: the :class:`ReplayBuffer`'s keyword arguments (``topk`` and
+    its sizes).
     ``live_weights``: what the speculator serves now, when the caller knows
     it (the child measures the live version on a twin of them; when None it
     asks the parent to measure the native head, once a round, until its
@@ -274,7 +275,8 @@ class TrainerProcess:
         child runs or the pending bound would be exceeded. Never waits."""
         ch = self._child
         n = len(ex)
-        size = sum(a.nbytes for a in (ex.parent_feature, ex.token, ex.top1, ex.feature, ex.parent_back))
+        size = sum(a.nbytes for a in (ex.parent_feature, ex.token, ex.topk_ids, ex.topk_logits, ex.feature,
+                                      ex.parent_back))
         if ch is None or ch.broken or ch.closing or not self._queue(ch, size, ("examples", ex)):
             self._drop(n)
             return
@@ -727,7 +729,7 @@ class _Link:
 
     def measure(self, batch: Batch) -> Optional[float]:
         return self.request(("measure", batch.parent_feature.numpy(), batch.token.numpy(),
-                             batch.top1.numpy()), "measured")
+                             batch.topk_ids[:, 0].numpy()), "measured")
 
     def stats(self) -> dict:
         st = self.trainer.stats()

@@ -2,7 +2,8 @@
 
 Memory: every array is allocated once, at construction, for ``capacity``
 examples; :meth:`ReplayBuffer.bytes_per_example` says what one costs (features
-in float16: ``4H + 16`` bytes, about 2.3 KB for SmolLM2's H = 576). The capacity is the smaller of ``capacity`` and what fits in
+in float16: ``4H + 8k + 20`` bytes, about 2.4 KB for SmolLM2's H = 576 and
+k = 16). The capacity is the smaller of ``capacity`` and what fits in
 ``max_bytes``.
 
 Vocabulary:
@@ -58,7 +59,8 @@ class Batch:
 
     parent_feature: torch.Tensor         # [n, H]
     token: torch.Tensor                  # [n]
-    top1: torch.Tensor                   # [n], the target's greedy next token
+    topk_ids: torch.Tensor               # [n, k]
+    topk_logits: torch.Tensor            # [n, k]
     feature: torch.Tensor                # [n, H]
     has_parent: torch.Tensor             # [n] bool
     parent_parent_feature: torch.Tensor  # [n, H]
@@ -72,32 +74,34 @@ class ReplayBuffer:
     """Bounded ring of examples with recency-weighted sampling and a held-out
     slice of the newest traffic (see the module docstring)."""
 
-    def __init__(self, hidden: int, capacity: Optional[int] = None,
+    def __init__(self, hidden: int, topk: int, capacity: Optional[int] = None,
                  max_bytes: Optional[int] = 64 << 20, held_out: int = 512, held_out_fraction: float = 0.25,
                  half_life: Optional[float] = None):
-        cap, half_life = self.plan(hidden, capacity, max_bytes, held_out, held_out_fraction, half_life)
-        self.hidden, self.capacity = hidden, cap
+        cap, half_life = self.plan(hidden, topk, capacity, max_bytes, held_out, held_out_fraction, half_life)
+        self.hidden, self.topk, self.capacity = hidden, topk, cap
         self.held_out, self.held_out_fraction, self.half_life = held_out, held_out_fraction, half_life
         self.parent_feature = np.zeros((cap, hidden), np.float16)   # [C, H]
         self.feature = np.zeros((cap, hidden), np.float16)          # [C, H]
         self.token = np.zeros(cap, np.int32)                         # [C]
-        self.top1 = np.zeros(cap, np.int32)                          # [C]
+        self.topk_ids = np.zeros((cap, topk), np.int32)              # [C, k]
+        self.topk_logits = np.zeros((cap, topk), np.float32)         # [C, k]
         self.parent = np.full(cap, -1, np.int64)                     # [C] the parent example's number
         self.total = 0        # examples ever added (the next sequence number)
         self._lock = threading.Lock()
         self._warned_full = False
 
     @classmethod
-    def plan(cls, hidden: int, capacity: Optional[int] = None, max_bytes: Optional[int] = 64 << 20,
+    def plan(cls, hidden: int, topk: int, capacity: Optional[int] = None, max_bytes: Optional[int] = 64 << 20,
              held_out: int = 512, held_out_fraction: float = 0.25, half_life: Optional[float] = None):
         """Checks the constructor's arguments without allocating anything;
         returns (capacity in examples, half-life in examples). Raises
         ValueError naming the argument that is wrong."""
-        if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 1:
-            raise ValueError(f"hidden must be a positive int, got {hidden!r}")
+        for name, v in (("hidden", hidden), ("topk", topk)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
         if capacity is None and max_bytes is None:
             raise ValueError("give capacity (examples) or max_bytes (or both)")
-        per = cls.bytes_per_example(hidden)
+        per = cls.bytes_per_example(hidden, topk)
         cap = capacity if capacity is not None else max_bytes // per
         if max_bytes is not None:
             cap = min(cap, max_bytes // per)
@@ -115,12 +119,13 @@ class ReplayBuffer:
         return cap, half_life
 
     @staticmethod
-    def bytes_per_example(hidden: int) -> int:
-        return 2 * hidden * 2 + 4 + 4 + 8
+    def bytes_per_example(hidden: int, topk: int) -> int:
+        return 2 * hidden * 2 + 4 + topk * (4 + 4) + 8
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.parent_feature, self.feature, self.token, self.top1, self.parent))
+        return sum(a.nbytes for a in (self.parent_feature, self.feature, self.token, self.topk_ids,
+                                      self.topk_logits, self.parent))
 
     # ---- sizes -------------------------------------------------------------------
 
@@ -166,8 +171,8 @@ class ReplayBuffer:
             return
         if ex.parent_feature.shape != (n, self.hidden) or ex.feature.shape != (n, self.hidden):
             raise ValueError(f"features must have shape ({n}, {self.hidden})")
-        if ex.token.shape != (n,) or ex.top1.shape != (n,) or ex.parent_back.shape != (n,):
-            raise ValueError(f"token, top1 and parent_back must have shape ({n},)")
+        if ex.topk_ids.shape != (n, self.topk) or ex.topk_logits.shape != (n, self.topk):
+            raise ValueError(f"topk_ids and topk_logits must have shape ({n}, {self.topk})")
         skip = max(0, n - self.capacity)  # a batch larger than the ring keeps its newest rows
         with self._lock:
             seq = self.total + np.arange(skip, n, dtype=np.int64)
@@ -176,7 +181,8 @@ class ReplayBuffer:
             self.parent_feature[slots] = np.clip(ex.parent_feature[skip:], -_F16_MAX, _F16_MAX)
             self.feature[slots] = np.clip(ex.feature[skip:], -_F16_MAX, _F16_MAX)
             self.token[slots] = ex.token[skip:]
-            self.top1[slots] = ex.top1[skip:]
+            self.topk_ids[slots] = ex.topk_ids[skip:]
+            self.topk_logits[slots] = ex.topk_logits[skip:]
             self.parent[slots] = np.where(back > 0, seq - back, -1)
             self.total += n
             full_now = self.total >= self.capacity and not self._warned_full
@@ -199,7 +205,8 @@ class ReplayBuffer:
         pt = np.where(has, self.token[pslots], 0)
         return Batch(torch.from_numpy(self.parent_feature[slots].astype(np.float32)),
                      torch.from_numpy(self.token[slots].astype(np.int64)),
-                     torch.from_numpy(self.top1[slots].astype(np.int64)),
+                     torch.from_numpy(self.topk_ids[slots].astype(np.int64)),
+                     torch.from_numpy(self.topk_logits[slots].copy()),
                      torch.from_numpy(self.feature[slots].astype(np.float32)),
                      torch.from_numpy(has), torch.from_numpy(pf), torch.from_numpy(pt.astype(np.int64)))
 

@@ -8,12 +8,11 @@ correct distribution at every node it verified, whichever branch won).
 Vocabulary (see :mod:`atlas.learning.head` for *feature*):
 
 * **example**: one verified node i, as the head would have drafted it. Inputs:
-  the *parent feature* ``[H]`` and the node's token. Targets: the node's own
-  feature ``[H]`` (what the head's ``f_hat`` predicts, and all the trainer
-  needs to compute the target's next-token distribution at i, see
-  :mod:`atlas.learning.head`) and the target's greedy token there (``top1``,
-  the argmax of its logits row: what the held-out metric compares the head's
-  first draft token with).
+  the *parent feature* ``[H]`` and the node's token. Targets: the target's
+  next-token distribution at i, kept as its k largest logits and their token
+  ids (the trainer needs the distribution only up to a constant factor: it
+  renormalises it over the tokens the head can draft), and the node's own
+  feature ``[H]`` (what the head's ``f_hat`` predicts).
 * **parent feature**: the feature at the position of i's parent. Inside a tree
   it is the parent node's row. For a tree root it is the feature of the
   previous step's last accepted node of that request (that step's root when
@@ -31,18 +30,16 @@ gives one example per request (its last prompt token, when the prompt has two
 tokens or more). The tap also counts the tokens of committed traffic (prompts
 and emitted tokens) for the choice of the draft vocabulary.
 
-Cost: one native argmax pass over the step's logits rows
-(:func:`atlas.verify.greedy_tokens`), one gather of hidden rows, and a few
-numpy operations per request. Measured on SmolLM2-135M's records of
-HumanEval requests (7.3 rows each, one thread, in isolation): 0.14 ms a
-record, against 0.50 with torch's ``max`` for the argmax, and 0.53 when the
-tap kept the target's top-16 probabilities of every example (a native top-k
-pass over a copy of the rows) instead of letting the trainer compute the
-target's distributions from the features. In full atlas (HumanEval requests
-123-140, 2 cores, the engine's work between forwards on one thread), the
-learning loop's ``observe`` took 0.37 ms a step with the trainer process
-stopped and 0.78 ms while it trained beside it, against 0.91 and 1.76 ms
-with the top-16.
+Cost: one native top-k pass over the step's logits rows
+(:func:`atlas.verify.top_k_logits`: logits, no exponentials), one gather of
+hidden rows, and a few numpy operations per request. Measured on SmolLM2-135M's
+records of HumanEval requests (7.3 rows each, one thread, in isolation):
+TAPISO ms a record, against 0.53 when the tap kept probabilities (a pass of
+exponentials more, over a copy of the rows). In full atlas (HumanEval
+requests 123-140, 2 cores, the engine's work between forwards on one
+thread), the learning loop's ``observe`` took TAPSTOP ms a step with the trainer
+process stopped and TAPON ms while it trained beside it, against 0.91 and 1.76
+ms with the probabilities.
 """
 from __future__ import annotations
 
@@ -53,7 +50,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from ..verify import greedy_tokens
+from ..verify import top_k_logits
 
 # A request the tap has not seen for this many records is over (observers get
 # no finish call); its tracked feature is dropped. An active request takes part
@@ -67,7 +64,8 @@ class Examples:
 
     parent_feature: np.ndarray  # [n, H] float32
     token: np.ndarray           # [n] int32, the node's token
-    top1: np.ndarray            # [n] int32, the target's greedy next token at the node
+    topk_ids: np.ndarray        # [n, k] int32, the target's k most probable next tokens at the node
+    topk_logits: np.ndarray     # [n, k] float32, their logits (descending)
     feature: np.ndarray         # [n, H] float32, the node's own feature
     parent_back: np.ndarray     # [n] int64, examples back to the parent node's example, 0 = none
 
@@ -75,9 +73,31 @@ class Examples:
         return int(self.token.shape[0])
 
     @staticmethod
-    def empty(hidden: int) -> "Examples":
-        return Examples(np.zeros((0, hidden), np.float32), np.zeros(0, np.int32), np.zeros(0, np.int32),
-                        np.zeros((0, hidden), np.float32), np.zeros(0, np.int64))
+    def empty(hidden: int, k: int) -> "Examples":
+        return Examples(np.zeros((0, hidden), np.float32), np.zeros(0, np.int32), np.zeros((0, k), np.int32),
+                        np.zeros((0, k), np.float32), np.zeros((0, hidden), np.float32),
+                        np.zeros(0, np.int64))
+
+
+def topk_logits(logits: torch.Tensor, k: int):
+    """logits ``[n, vocab]`` -> (ids ``[n, k]`` int32, logits ``[n, k]``
+    float32): the k largest logits of each row, descending, and their token
+    ids. On the CPU equal logits come in ascending id, so ``ids[:, 0]`` is the
+    token greedy verification takes; torch's order of ties elsewhere.
+
+    CPU float32 and bfloat16 rows go through :func:`atlas.verify.top_k_logits`
+    (one thread, no exponentials); other rows through torch, on their device.
+    A row holding NaN or +inf, or only -inf, raises ValueError."""
+    k = min(int(k), logits.shape[-1])
+    logits = logits.detach()
+    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16) and logits.dim() == 2:
+        return top_k_logits(logits if logits.stride(-1) == 1 else logits.contiguous(), k)
+    logits = logits.float()
+    top = logits.max(dim=-1).values
+    if not bool(torch.isfinite(top).all()) or bool(torch.isposinf(logits).any()):
+        raise ValueError("logits hold NaN or +inf, or a row is all -inf")
+    vals, ids = torch.topk(logits, k, dim=-1)
+    return ids.to(torch.int32).cpu().numpy(), vals.cpu().numpy()
 
 
 @dataclass
@@ -91,13 +111,17 @@ class Tap:
     """Turns StepRecords into :class:`Examples` and hands each batch to
     ``sink`` (e.g. :meth:`atlas.learning.replay.ReplayBuffer.add`).
 
-    ``vocab`` sizes the token counts.
+    ``vocab`` sizes the token counts; ``topk`` is how many of the target's most
+    probable next tokens each example keeps (16 to 32 covers nearly all of the
+    probability mass of a confident target at a few hundred bytes).
     """
 
-    def __init__(self, vocab: int, sink: Optional[Callable[[Examples], None]] = None):
-        if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
+    def __init__(self, vocab: int, topk: int = 16, sink: Optional[Callable[[Examples], None]] = None):
+        if not isinstance(vocab, int) or vocab < 1:
             raise ValueError(f"vocab must be a positive int, got {vocab!r}")
-        self.vocab, self.sink = vocab, sink
+        if not isinstance(topk, int) or isinstance(topk, bool) or not 1 <= topk <= vocab:
+            raise ValueError(f"topk must be an int in [1, vocab], got {topk!r}")
+        self.vocab, self.topk, self.sink = vocab, topk, sink
         self.counts = np.zeros(vocab, np.int64)   # [vocab] tokens of committed traffic
         self.examples = 0                         # examples emitted so far (the next example's id)
         self.records = 0                          # records observed
@@ -180,6 +204,7 @@ class Tap:
                 np.add.at(self.counts, np.asarray(emitted, np.int64) % self.vocab, 1)
 
         hidden = record.hidden
+        k = self.topk
         if node_rows:
             node_rows_a = np.concatenate(node_rows)
             parent_rows_a = np.concatenate(parent_rows)
@@ -199,13 +224,14 @@ class Tap:
         track_feats = gathered[2 * n_ex:]
 
         if n_ex:
-            top1 = greedy_tokens(record.logits)[logit_rows_a]
+            top_ids, top_l = topk_logits(record.logits, k)   # every row: no copy of the selected ones
+            top_ids, top_l = top_ids[logit_rows_a], top_l[logit_rows_a]
             ids_a = np.concatenate(ids)
             par_ids_a = np.concatenate(parent_ids)
             back = np.where(par_ids_a >= 0, ids_a - par_ids_a, 0).astype(np.int64)
-            out = Examples(par_feats, tokens[node_rows_a].astype(np.int32), top1, feats, back)
+            out = Examples(par_feats, tokens[node_rows_a].astype(np.int32), top_ids, top_l, feats, back)
         else:
-            out = Examples.empty(hidden.shape[1])
+            out = Examples.empty(hidden.shape[1], k)
         self.examples = next_id
 
         for i, (rid, _, ex_id) in enumerate(tracked):

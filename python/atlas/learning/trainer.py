@@ -16,7 +16,7 @@ Vocabulary:
   average if it beats the live version by more than ``min_gain``;
 * **metric** (expected greedy acceptance at depth 1): the share of held-out
   nodes at which the head's argmax token, given the true parent feature and
-  token, is the target's greedy choice (the tapped ``top1``).
+  token, is the target's greedy choice (top-1 of the tapped distribution).
   That is the probability that greedy verification accepts the head's first
   draft token. The live version is evaluated through its native
   forward (what serves), the average through the twin with its matrices
@@ -165,7 +165,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .head import DraftHead, choose_draft_vocab, distillation_loss
+from .head import DraftHead, choose_draft_vocab
 from .replay import Batch, ReplayBuffer
 
 log = logging.getLogger("atlas.learning")
@@ -188,13 +188,13 @@ def head_metric(head: DraftHead, batch: Batch) -> float:
     with torch.no_grad():
         _, logits = head.forward_native(batch.parent_feature, batch.token)
         pred = head.draft_ids[logits.argmax(-1)]
-        return float((pred == batch.top1).float().mean())
+        return float((pred == batch.topk_ids[:, 0]).float().mean())
 
 
 def native_metric(native, batch: Batch) -> float:
     """The same metric for the live version of a native ``DraftHead``."""
     return native_metric_arrays(native, batch.parent_feature.numpy(), batch.token.numpy(),
-                                batch.top1.numpy())
+                                batch.topk_ids[:, 0].numpy())
 
 
 def native_metric_arrays(native, features: np.ndarray, tokens: np.ndarray, top1: np.ndarray) -> float:
@@ -379,10 +379,8 @@ class Trainer:
 
     def _loss(self, batch: Batch):
         head = self.head
-        with torch.no_grad():
-            target = head.target_logits(batch.feature)
-        f_hat, logits = head(batch.parent_feature, batch.token)
-        loss, info = distillation_loss(logits, f_hat, batch.feature, target, self.feature_weight)
+        loss, info = head.loss(batch.parent_feature, batch.token, batch.feature, batch.topk_logits,
+                               batch.topk_ids, feature_weight=self.feature_weight)
         m = batch.has_parent
         if self.self_feed < 1.0:
             # The self-fed term for the first self_feed share of the batch's
@@ -391,8 +389,8 @@ class Trainer:
             m[int(round(self.self_feed * len(m))):] = False
         if bool(m.any()):
             f_prev, _ = head(batch.parent_parent_feature[m], batch.parent_token[m])
-            f_hat2, logits2 = head(f_prev, batch.token[m])
-            loss2, _ = distillation_loss(logits2, f_hat2, batch.feature[m], target[m], self.feature_weight)
+            loss2, _ = head.loss(f_prev, batch.token[m], batch.feature[m], batch.topk_logits[m],
+                                 batch.topk_ids[m], feature_weight=self.feature_weight)
             loss = loss + loss2
         return loss, info
 
