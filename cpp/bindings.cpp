@@ -488,7 +488,7 @@ atlas::LogitRows logit_rows(py::handle obj, View* keep) {
   return l;
 }
 
-// top_k_probs into probs_out, or with logits=true the logits into it.
+// atlas::top_k_probs: the probabilities into values_obj, or the logits when logits_wanted.
 void top_k(py::handle logits_obj, py::handle k_obj, py::handle ids_obj, py::handle values_obj,
            py::handle workspace_obj, bool logits_wanted) {
   View logits;

@@ -1261,13 +1261,12 @@ def test_top_k_probs_rejects_bad_input_clearly():
     from atlas.learning.tap import topk_logits
     with pytest.raises(ValueError, match="NaN"):
         topk_logits(torch.from_numpy(bad_row).half(), 4)   # the torch path checks too
-    for fn in (_native.top_k_logits, ):
-        with pytest.raises(ValueError, match="row 1 holds NaN or \\+inf"):
-            fn(bad_row, 4, ids, probs, ws)
-        with pytest.raises(ValueError, match="row 2 is all -inf"):
-            fn(masked, 4, ids, probs, ws)
-        with pytest.raises(ValueError, match="logits_out"):
-            fn(good, 4, ids, np.empty((3, 5), np.float32), ws)
+    with pytest.raises(ValueError, match="row 1 holds NaN or \\+inf"):
+        _native.top_k_logits(bad_row, 4, ids, probs, ws)
+    with pytest.raises(ValueError, match="row 2 is all -inf"):
+        _native.top_k_logits(masked, 4, ids, probs, ws)
+    with pytest.raises(ValueError, match="logits_out"):
+        _native.top_k_logits(good, 4, ids, np.empty((3, 5), np.float32), ws)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

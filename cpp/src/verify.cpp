@@ -1355,14 +1355,9 @@ template <class T>
 Status top_k_row(const T* row, int32_t n, int32_t k, const Workspace& ws, int64_t r, int32_t* ids, float* probs,
                  float* logits) {
   constexpr float kLog2e = 1.4426950408889634f;
-  double total = 0.0;
-  if (probs != nullptr) {
-    const DenseRow d = exp_row(row, n, kLog2e, ws.w, ws.block_max, ws.block_sum);
-    if (!d.finite || d.max == -kInf)
-      return Status::Invalid("logits row " + std::to_string(r) + (d.finite ? " is all -inf" : " holds NaN or +inf"));
-    total = d.total;
-  }
-  // exp_row's weights are no longer needed: ws.w takes the block maxima.
+  // The row's total weight first (its weights are not kept: ws.w takes the
+  // block maxima next, and block_maxima checks the row).
+  const double total = probs != nullptr ? exp_row(row, n, kLog2e, ws.w, ws.block_max, ws.block_sum).total : 0.0;
   const RowMax m = block_maxima(row, n, ws.w);
   if (!m.finite || m.max == -kInf)
     return Status::Invalid("logits row " + std::to_string(r) + (m.finite ? " is all -inf" : " holds NaN or +inf"));
@@ -1378,10 +1373,6 @@ Status top_k_row(const T* row, int32_t n, int32_t k, const Workspace& ws, int64_
   }
   return Status::Ok();
 }
-
-}  // namespace
-
-namespace {
 
 Status check_rows(const LogitRows& l) {
   if (l.vocab < 1 || l.vocab > kMaxVocab)
