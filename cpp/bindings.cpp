@@ -473,36 +473,27 @@ void verify(py::handle logits_obj, py::handle tokens_obj, py::handle parents_obj
   call_nogil([&] { return atlas::verify(p); });
 }
 
-// Rows of a float32 or bfloat16 [rows, vocab] logits array (rows contiguous).
-atlas::LogitRows logit_rows(py::handle obj, View* keep) {
-  View& logits = *keep;
-  logits = view_of(obj, "logits");
-  logits.dtype({Elem::kF32, Elem::kBF16}).dims(2).cpu().inner_dense();
-  if (logits.shape[1] < 1) fail("logits must have at least one column (vocab >= 1), got shape " + logits.shape_str());
-  atlas::LogitRows l;
-  l.data = logits.data;
-  l.dtype = logits.elem == Elem::kF32 ? atlas::DType::kFloat32 : atlas::DType::kBFloat16;
-  l.vocab = logits.shape[1];
-  l.rows = logits.shape[0];
-  l.row_stride = l.rows > 1 ? logits.strides[0] : l.vocab;
-  return l;
-}
-
 // atlas::top_k_probs: the probabilities into values_obj, or the logits when logits_wanted.
 void top_k(py::handle logits_obj, py::handle k_obj, py::handle ids_obj, py::handle values_obj,
            py::handle workspace_obj, bool logits_wanted) {
-  View logits;
-  atlas::TopKProblem p;
-  p.logits = logit_rows(logits_obj, &logits);
-  const int64_t rows = p.logits.rows;
-  const int64_t k = checked_int(k_obj, "k", 1, p.logits.vocab);
-  const char* values_name = logits_wanted ? "logits_out" : "probs_out";
+  View logits = view_of(logits_obj, "logits");
+  logits.dtype({Elem::kF32, Elem::kBF16}).dims(2).cpu().inner_dense();
+  const int64_t rows = logits.shape[0];
+  const int64_t vocab = logits.shape[1];
+  if (vocab < 1) fail("logits must have at least one column (vocab >= 1), got shape " + logits.shape_str());
+  const int64_t k = checked_int(k_obj, "k", 1, vocab);
   View ids = view_of(ids_obj, "ids_out");
   ids.dtype({Elem::kI32}).dims(2).cpu().dense().output().dim(0, rows, "logits.shape[0]").dim(1, k, "k");
-  View values = view_of(values_obj, values_name);
+  View values = view_of(values_obj, logits_wanted ? "logits_out" : "probs_out");
   values.dtype({Elem::kF32}).dims(2).cpu().dense().output().dim(0, rows, "logits.shape[0]").dim(1, k, "k");
   View ws = view_of(workspace_obj, "workspace");
   ws.dtype({Elem::kU8}).dims(1).cpu().dense().output();
+  atlas::TopKProblem p;
+  p.logits = logits.data;
+  p.logits_dtype = logits.elem == Elem::kF32 ? atlas::DType::kFloat32 : atlas::DType::kBFloat16;
+  p.vocab = vocab;
+  p.logits_row_stride = rows > 1 ? logits.strides[0] : vocab;
+  p.rows = rows;
   p.k = static_cast<int32_t>(k);
   p.ids_out = ids.ptr<int32_t>();
   (logits_wanted ? p.logits_out : p.probs_out) = values.ptr<float>();

@@ -1374,44 +1374,35 @@ Status top_k_row(const T* row, int32_t n, int32_t k, const Workspace& ws, int64_
   return Status::Ok();
 }
 
-Status check_rows(const LogitRows& l) {
-  if (l.vocab < 1 || l.vocab > kMaxVocab)
-    return Status::Invalid("vocab must be in [1, 2^30], got " + std::to_string(l.vocab));
-  if (l.rows < 0) return Status::Invalid("rows must be >= 0, got " + std::to_string(l.rows));
-  if (l.row_stride < l.vocab) return Status::Invalid("the logits row stride must be >= vocab");
-  if (l.rows > 0 && !l.data) return Status::Invalid("logits must not be null");
-  return Status::Ok();
-}
-
-template <class T>
-const T* row_of(const LogitRows& l, int64_t r) {
-  return static_cast<const T*>(l.data) + r * l.row_stride;
-}
-
 }  // namespace
 
 Status top_k_probs(const TopKProblem& p) {
-  ATLAS_RETURN_IF_ERROR(check_rows(p.logits));
-  const LogitRows& l = p.logits;
-  if (p.k < 1 || p.k > l.vocab)
-    return Status::Invalid("k must be in [1, vocab = " + std::to_string(l.vocab) + "], got " + std::to_string(p.k));
-  if (l.rows > 0 && (!p.ids_out || (p.probs_out == nullptr) == (p.logits_out == nullptr)))
-    return Status::Invalid("ids_out and exactly one of probs_out and logits_out must not be null");
-  if (!p.workspace || p.workspace_bytes < verify_workspace_bytes(l.vocab))
+  if (p.vocab < 1 || p.vocab > kMaxVocab)
+    return Status::Invalid("vocab must be in [1, 2^30], got " + std::to_string(p.vocab));
+  if (p.rows < 0) return Status::Invalid("rows must be >= 0, got " + std::to_string(p.rows));
+  if (p.k < 1 || p.k > p.vocab)
+    return Status::Invalid("k must be in [1, vocab = " + std::to_string(p.vocab) + "], got " + std::to_string(p.k));
+  if (p.logits_row_stride < p.vocab)
+    return Status::Invalid("the logits row stride must be >= vocab");
+  if (p.rows > 0 && (!p.logits || !p.ids_out || (p.probs_out == nullptr) == (p.logits_out == nullptr)))
+    return Status::Invalid("logits, ids_out and exactly one of probs_out and logits_out must not be null");
+  if (!p.workspace || p.workspace_bytes < verify_workspace_bytes(p.vocab))
     return Status::Invalid("the workspace must hold verify_workspace_bytes(vocab) = " +
-                           std::to_string(verify_workspace_bytes(l.vocab)) + " bytes, got " +
+                           std::to_string(verify_workspace_bytes(p.vocab)) + " bytes, got " +
                            std::to_string(p.workspace_bytes));
   Workspace ws;
   const uintptr_t addr = reinterpret_cast<uintptr_t>(p.workspace);
-  workspace_layout(l.vocab, static_cast<char*>(p.workspace) + (kAlign - addr % kAlign) % kAlign, &ws);
-  const int32_t n = static_cast<int32_t>(l.vocab);
-  for (int64_t r = 0; r < l.rows; ++r) {
+  workspace_layout(p.vocab, static_cast<char*>(p.workspace) + (kAlign - addr % kAlign) % kAlign, &ws);
+  const int32_t n = static_cast<int32_t>(p.vocab);
+  for (int64_t r = 0; r < p.rows; ++r) {
     int32_t* ids = p.ids_out + r * p.k;
     float* probs = p.probs_out ? p.probs_out + r * p.k : nullptr;
     float* logits = p.logits_out ? p.logits_out + r * p.k : nullptr;
-    const Status st = l.dtype == DType::kFloat32
-                          ? top_k_row(row_of<float>(l, r), n, p.k, ws, r, ids, probs, logits)
-                          : top_k_row(row_of<uint16_t>(l, r), n, p.k, ws, r, ids, probs, logits);
+    const int64_t offset = r * p.logits_row_stride;
+    const Status st =
+        p.logits_dtype == DType::kFloat32
+            ? top_k_row(static_cast<const float*>(p.logits) + offset, n, p.k, ws, r, ids, probs, logits)
+            : top_k_row(static_cast<const uint16_t*>(p.logits) + offset, n, p.k, ws, r, ids, probs, logits);
     if (!st.ok()) return st;
   }
   return Status::Ok();

@@ -135,15 +135,6 @@ int64_t verify_workspace_bytes(int64_t vocab);
 // The caller owns every array; verify() allocates nothing.
 Status verify(const VerifyProblem& problem);
 
-// Rows of logits for the per-row scans below.
-struct LogitRows {
-  const void* data = nullptr;            // [rows, vocab]
-  DType dtype = DType::kFloat32;
-  int64_t vocab = 0;
-  int64_t row_stride = 0;                // elements, >= vocab
-  int64_t rows = 0;
-};
-
 // The k most probable tokens of each row: for each row, the k tokens with the
 // largest logits (descending; equal logits in ascending id) and either their
 // logits (logits_out) or their softmax probabilities at temperature 1 over
@@ -155,7 +146,11 @@ struct LogitRows {
 // writes nothing when the problem is invalid; a row holding NaN or +inf, or
 // only -inf, is an error naming the row (rows before it are written).
 struct TopKProblem {
-  LogitRows logits;
+  const void* logits = nullptr;          // [rows, vocab]
+  DType logits_dtype = DType::kFloat32;
+  int64_t vocab = 0;
+  int64_t logits_row_stride = 0;         // elements, >= vocab
+  int64_t rows = 0;
   int32_t k = 0;                         // in [1, vocab]
   int32_t* ids_out = nullptr;            // [rows, k] token ids
   float* probs_out = nullptr;            // [rows, k] probabilities, or null

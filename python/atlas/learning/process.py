@@ -211,14 +211,14 @@ class TrainerProcess:
     rounds, settings and counters (see the module docstring).
 
     ``buffer``: the :class:`ReplayBuffer`'s keyword arguments (``topk`` and
-    its sizes).
-    ``live_weights``: what the speculator serves now, when the caller knows
-    it (the child measures the live version on a twin of them; when None it
-    asks the parent to measure the native head, once a round, until its
-    first push). ``counts`` (a callable returning ``[vocab]`` token counts)
-    enables re-choosing the draft vocabulary, as for :class:`Trainer`; the
-    counts reach the child as snapshots, at most one per ``REPORT_SECONDS`` (cumulative, so a dropped
-    snapshot loses nothing). ``on_push(version, weights, metric)`` runs in
+    its sizes). ``live_weights``: what the speculator serves now, when the
+    caller knows it (the child measures the live version on a twin of them;
+    when None it asks the parent to measure the native head, once a round,
+    until its first push). ``counts`` (a callable returning ``[vocab]`` token
+    counts) enables re-choosing the draft vocabulary, as for
+    :class:`Trainer`; the counts reach the child as snapshots, at most one
+    per ``REPORT_SECONDS`` (cumulative, so a dropped snapshot loses
+    nothing). ``on_push(version, weights, metric)`` runs in
     the parent after each accepted push. ``max_pending_bytes`` bounds the
     examples waiting for the child. Every other keyword is a :class:`Trainer`
     setting (``threads``: the child's torch threads; ``nice``: the child's

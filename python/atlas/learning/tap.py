@@ -93,8 +93,7 @@ def topk_logits(logits: torch.Tensor, k: int):
     if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16) and logits.dim() == 2:
         return top_k_logits(logits if logits.stride(-1) == 1 else logits.contiguous(), k)
     logits = logits.float()
-    top = logits.max(dim=-1).values
-    if not bool(torch.isfinite(top).all()) or bool(torch.isposinf(logits).any()):
+    if not bool(torch.isfinite(logits.max(dim=-1).values).all()):   # NaN and +inf propagate to the max
         raise ValueError("logits hold NaN or +inf, or a row is all -inf")
     vals, ids = torch.topk(logits, k, dim=-1)
     return ids.to(torch.int32).cpu().numpy(), vals.cpu().numpy()
