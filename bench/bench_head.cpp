@@ -1,7 +1,8 @@
 // Draft head benchmark: the native forward at SmolLM2-135M size (H = 576,
 // vocabulary 49152, intermediate = H as the Python head defaults to) for draft
-// vocabularies of 2048 and 8192 tokens and 1, 8 and 64 nodes per call, on the
-// SSE baseline path and, where the CPU has it, the AVX2 + FMA path.
+// vocabularies of 2048 and 8192 tokens and 1, 4, 8 and 64 nodes per call, on the
+// SSE baseline path and, where the CPU has them, the AVX2 + FMA path and the
+// AVX-512 bfloat16 dot-product path.
 // Baseline: the time to move the head's weights through memory once (a memcpy
 // of a buffer of the size a version stores: matrices in bfloat16, vectors in
 // float32; measured in the same run: it reads them once and writes them once,
@@ -22,7 +23,7 @@
 int main(int argc, char** argv) {
   if (bench::has_flag(argc, argv, "--help")) {
     std::printf("usage: bench_head [--quick]\n"
-                "  times the draft head forward at H=576, Vd 2048/8192, B 1/8/64\n");
+                "  times the draft head forward at H=576, Vd 2048/8192, B 1/4/8/64\n");
     return 0;
   }
   const bool quick = bench::has_flag(argc, argv, "--quick");
@@ -41,8 +42,10 @@ int main(int argc, char** argv) {
     c.intermediate = I;
     c.draft_vocab = vd;
     c.vocab = vocab;
-    atlas::DraftHead head, baseline;
+    atlas::DraftHead head, avx2, baseline;
     if (!head.init(c, embed.data()).ok()) return 1;
+    c.simd = atlas::HeadSimd::kAvx2;
+    if (!avx2.init(c, embed.data()).ok()) return 1;
     c.simd = atlas::HeadSimd::kBaseline;
     if (!baseline.init(c, embed.data()).ok()) return 1;
     // Weights with the scale of a trained layer (1 / sqrt(fan_in)).
@@ -68,7 +71,7 @@ int main(int argc, char** argv) {
     double t_push = bench::median_us([&] {
       if (!head.push(ref, 0.0, &version).ok()) std::abort();
     }, quick ? 3 : 7, 1);
-    if (!baseline.push(ref, 0.0, &version).ok()) return 1;
+    if (!avx2.push(ref, 0.0, &version).ok() || !baseline.push(ref, 0.0, &version).ok()) return 1;
 
     // Memcpy rate on a buffer the size of the stored weights (about half the
     // pushed float32 tensors' size).
@@ -84,11 +87,12 @@ int main(int argc, char** argv) {
     std::printf("%-30s %11.1f %11s %12.1f %11.1f %8.2f\n", name, t_push, "-", mib, t_copy, t_push / t_copy);
 
     std::vector<float> ws(static_cast<size_t>(head.workspace_floats()));
-    const bool wide = std::strcmp(head.simd_path(), baseline.simd_path()) != 0;
-    for (atlas::DraftHead* h : {&baseline, &head}) {
-      if (h == &head && !wide) break;  // this CPU has no wide path: the baseline was all
+    std::vector<atlas::DraftHead*> paths = {&baseline};  // each path this CPU has, once
+    for (atlas::DraftHead* h : {&avx2, &head})
+      if (std::strcmp(h->simd_path(), paths.back()->simd_path()) != 0) paths.push_back(h);
+    for (atlas::DraftHead* h : paths) {
       auto w = h->snapshot();
-      for (int B : {1, 8, 64}) {
+      for (int B : {1, 4, 8, 64}) {
         std::vector<float> feats(static_cast<size_t>(B) * H), f_hat(feats.size());
         std::vector<float> logits(static_cast<size_t>(B) * vd);
         std::vector<int32_t> tokens(static_cast<size_t>(B));

@@ -636,8 +636,10 @@ std::shared_ptr<PyDraftHead> make_draft_head(py::handle embed_obj, py::handle hi
   if (!(eps > 0.0) || !std::isfinite(eps) || eps > 1.0)
     fail("eps must be in (0, 1], got " + std::to_string(eps));
   c.eps = static_cast<float>(eps);
-  if (simd != "auto" && simd != "baseline") fail("simd must be 'auto' or 'baseline', got '" + simd + "'");
-  c.simd = simd == "auto" ? atlas::HeadSimd::kAuto : atlas::HeadSimd::kBaseline;
+  if (simd != "auto" && simd != "avx2" && simd != "baseline")
+    fail("simd must be 'auto', 'avx2' or 'baseline', got '" + simd + "'");
+  c.simd = simd == "auto" ? atlas::HeadSimd::kAuto
+                          : (simd == "avx2" ? atlas::HeadSimd::kAvx2 : atlas::HeadSimd::kBaseline);
   throw_if_error(h->head.init(c, e.ptr<const float>()));
   h->workspace.assign(static_cast<size_t>(h->head.workspace_floats()), 0.0f);
   return h;
@@ -1510,7 +1512,9 @@ PYBIND11_MODULE(_native, m) {
       .def(py::init(&make_draft_head), py::arg("embed"), py::arg("hidden"), py::arg("intermediate"),
            py::arg("draft_vocab"), py::arg("eps") = 1e-5, py::arg("simd") = "auto",
            "embed: float32 [vocab, hidden], contiguous, frozen (kept alive and read in place). simd: 'auto' "
-           "(AVX2 + FMA where the CPU has it) or 'baseline' (SSE).")
+           "(the fastest path the CPU has: AVX-512 bfloat16 dot products, else AVX2 + FMA, else SSE), "
+           "'avx2' (AVX2 + FMA where the CPU has it, else SSE) or 'baseline' (SSE). Every path computes the "
+           "same bits.")
       .def("push", &head_push, py::arg("weights"), py::arg("metric") = py::none(),
            "Copy, validate and atomically swap in a new weight version (dict of name -> array); returns its "
            "number. A refused push raises and leaves the live version serving.")
@@ -1542,7 +1546,7 @@ PYBIND11_MODULE(_native, m) {
       .def_property_readonly("vocab", [](const PyDraftHead& h) { return h.head.config().vocab; })
       .def_property_readonly("eps", [](const PyDraftHead& h) { return h.head.config().eps; })
       .def_property_readonly("simd_path", [](const PyDraftHead& h) { return h.head.simd_path(); },
-                             "The GEMM code the forward runs: 'avx2+fma' or 'sse'.");
+                             "The GEMM code the forward runs: 'avx512-bf16', 'avx2+fma' or 'sse'.");
   py::list head_tensors;
   for (int32_t t = 0; t < atlas::kNumHeadTensors; ++t) head_tensors.append(atlas::head_tensor_name(t));
   head_tensors.append(atlas::kHeadDraftIdsName);

@@ -19,7 +19,8 @@ namespace atlas::cpu {
 struct Features {
   bool avx2_fma = false;     // AVX2 with fused multiply-add
   bool avx512f = false;
-  bool avx512_bf16 = false;  // AVX-512 bfloat16 dot products (vdpbf16ps)
+  bool avx512_bf16 = false;  // AVX-512 bfloat16 dot products (vdpbf16ps) on 256-bit
+                             // vectors too (AVX-512 VL, which every such CPU has)
   bool amx_bf16 = false;     // AMX tiles with bfloat16 (whether the kernel lets a
                              // process use them is the library's to ask: oneDNN does)
 };
@@ -30,7 +31,7 @@ inline const Features& features() {
 #if ATLAS_X86_TARGETS
     d.avx2_fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     d.avx512f = __builtin_cpu_supports("avx512f");
-    d.avx512_bf16 = __builtin_cpu_supports("avx512bf16");
+    d.avx512_bf16 = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vl");
     d.amx_bf16 = __builtin_cpu_supports("amx-bf16");
 #endif
     return d;
@@ -40,5 +41,6 @@ inline const Features& features() {
 
 inline bool has_avx2_fma() { return features().avx2_fma; }
 inline bool has_avx512f() { return features().avx512f; }
+inline bool has_avx512_bf16() { return features().avx512_bf16; }
 
 }  // namespace atlas::cpu

@@ -91,12 +91,16 @@ constexpr int32_t kHeadRowTile = 64;
 // keeps days of history in a few kilobytes.
 constexpr int32_t kMaxHeadHistory = 1024;
 
-// Which GEMM code forward() runs. kAuto: an AVX2 + FMA path on CPUs that have
-// it (chosen at run time, so the build stays portable), else the SSE baseline;
-// kBaseline: always the baseline (so that tests cover both on any machine).
+// Which GEMM code forward() runs. Every path computes the same function, to
+// the bit (see head.cpp): the choice changes only the speed. kAuto: the
+// fastest path the CPU has (chosen at run time, so the build stays portable):
+// AVX-512 bfloat16 dot products, else AVX2 + FMA, else the SSE baseline;
+// kAvx2: AVX2 + FMA where the CPU has it, else the baseline; kBaseline: always
+// the baseline (so that tests cover every path on any machine).
 enum class HeadSimd : int32_t {
   kAuto = 0,
   kBaseline = 1,
+  kAvx2 = 2,
 };
 
 struct HeadConfig {
@@ -166,8 +170,8 @@ class DraftHead {
 
   const HeadConfig& config() const { return config_; }
 
-  // The GEMM path init() chose: "avx2+fma" or "sse".
-  const char* simd_path() const { return wide_ ? "avx2+fma" : "sse"; }
+  // The GEMM path init() chose: "avx512-bf16", "avx2+fma" or "sse".
+  const char* simd_path() const;
 
   // Tensor t (a HeadTensor) of version w as the forward uses it, in torch
   // layout [out, in] (out_floats >= its element count): a matrix's bfloat16
@@ -191,7 +195,8 @@ class DraftHead {
   HeadConfig config_;
   const float* embed_ = nullptr;
   bool ready_ = false;
-  bool wide_ = false;
+  enum class Path : int32_t { kSse, kAvx2, kBf16 };
+  Path path_ = Path::kSse;
 
   mutable std::mutex mu_;  // guards live_, next_version_, history_
   std::shared_ptr<const HeadWeights> live_;
