@@ -25,8 +25,7 @@ from atlas.learning import (DraftHead, LearningLoop, ReplayBuffer, Tap, Trainer,
 from atlas.learning.checkpoint import (ADAPTIVE, STATIC, Checkpoint, atomic_write, head_config,
                                        load_checkpoint, model_dir, model_key, save_checkpoint)
 from atlas.learning.distill import function_prompts, stdlib_sources
-from atlas.learning.replay import Batch
-from atlas.learning.tap import OPEN, Examples
+from atlas.learning.tap import Examples
 from atlas.learning.trainer import head_metric, native_metric
 from atlas.speculators import LearnedSpeculator
 from atlas.tree import DraftTree
@@ -68,12 +67,10 @@ def reference_examples(records, k):
                 return ids, L[row][ids]
 
             if rec.prefill:
-                # Every prompt position from the second, each the child of the
-                # one before; open but for the last (the record's logits row b).
                 idx = None
-                for t in range(lo + 1, hi):
-                    ids, p = dist(b) if t == hi - 1 else (np.full(k, OPEN), np.full(k, -np.inf))
-                    out.append((H[t - 1], rec.tokens[t], ids, p, H[t], idx))
+                if hi - lo >= 2:
+                    ids, p = dist(b)
+                    out.append((H[hi - 2], rec.tokens[hi - 1], ids, p, H[hi - 1], None))
                     idx = len(out) - 1
                 state[rid] = (H[hi - 1], idx)
                 continue
@@ -103,8 +100,7 @@ def concat(exs):
 def test_tap_examples_match_a_plain_reference():
     """Two requests through a prefill and two decode steps, with branching
     trees, rejected nodes, a step that accepts nothing and a one-token prompt
-    (no prefill example, but its feature is tracked); the 5-token prompt
-    gives 4 examples, 3 of them open."""
+    (no prefill example, but its feature is tracked)."""
     rng = np.random.default_rng(3)
     H, V, k = 11, 37, 5
 
@@ -128,8 +124,7 @@ def test_tap_examples_match_a_plain_reference():
         tap.observe(r)
     want = reference_examples(recs, k)
     ex = concat(got)
-    assert len(ex) == len(want) == tap.examples == 4 + (5 + 3) + (3 + 2)
-    np.testing.assert_array_equal(ex.open, [True] * 3 + [False] * 14)
+    assert len(ex) == len(want) == tap.examples == 1 + (5 + 3) + (3 + 2)
     for i, (pf, tok, ids, p, feat, pidx) in enumerate(want):
         np.testing.assert_array_equal(ex.parent_feature[i], pf.astype(np.float32))
         assert ex.token[i] == tok
@@ -158,8 +153,8 @@ def test_tap_reads_bfloat16_hidden_states():
     hidden = torch.from_numpy(rng.standard_normal((3, 8)).astype(np.float32)).to(torch.bfloat16)
     logits = torch.from_numpy(rng.standard_normal((1, 19)).astype(np.float32))
     ex = Tap(19, 4).examples_of(record(True, [0], [3], [1, 2, 3], [-1, 0, 1], hidden, logits, [[]], [[4]]))
-    np.testing.assert_array_equal(ex.feature, hidden[1:].float().numpy())
-    np.testing.assert_array_equal(ex.parent_feature, hidden[:2].float().numpy())
+    np.testing.assert_array_equal(ex.feature[0], hidden[2].float().numpy())
+    np.testing.assert_array_equal(ex.parent_feature[0], hidden[1].float().numpy())
 
 
 # ---- the replay buffer -----------------------------------------------------------------
@@ -577,65 +572,6 @@ def test_trainer_rechooses_the_draft_vocabulary_from_traffic(tiny):
     assert tr.train_steps(3) == 3                         # the optimiser follows the new parameters
 
 
-def test_trainer_completes_open_examples_from_the_target_lm_head(tiny):
-    """An open example (a prompt position) gets the top k of the target's LM
-    head applied to its own feature, over the candidate's draft vocabulary,
-    descending; a known example is left as it was, a non-finite feature
-    stays open, and a new draft vocabulary is followed."""
-    _, target, _, _ = tiny
-    vocab, H, k = target.config.vocab_size, target.config.hidden_size, 4
-    head = fresh_head(target, draft_vocab=100)            # ids 0..99
-    buf = ReplayBuffer(H, k, capacity=64, max_bytes=None)
-    tr = Trainer(head, buf, None, nice=0)
-    rng = np.random.default_rng(8)
-    feats = rng.standard_normal((5, H)).astype(np.float32)
-    feats[3, 0] = np.nan
-    ids = np.full((5, k), OPEN, np.int32)
-    logits = np.full((5, k), -np.inf, np.float32)
-    ids[1], logits[1] = [7, 8, 9, 10], [4.0, 3.0, 2.0, 1.0]     # a known row
-    ex = Examples(feats, np.arange(5, dtype=np.int32), ids, logits, feats.copy(), np.zeros(5, np.int64))
-    assert tr.complete(ex) is ex and tr.completed == 3
-    np.testing.assert_array_equal(ex.open, [False, False, False, True, False])
-    np.testing.assert_array_equal(ex.topk_ids[1], [7, 8, 9, 10])
-    lm = target.model.lm_head.float().numpy()
-    for i in (0, 2, 4):
-        full = lm[:100] @ feats[i].astype(np.float64)
-        want = np.argsort(-full, kind="stable")[:k]
-        np.testing.assert_array_equal(ex.topk_ids[i], want)
-        np.testing.assert_allclose(ex.topk_logits[i], full[want], rtol=1e-4, atol=1e-4)
-    # A re-chosen vocabulary: completions come from its tokens.
-    counts = np.zeros(vocab, np.int64)
-    counts[200:300] = 5
-    tr.counts = lambda: counts
-    assert tr.maybe_revocab()
-    ex2 = Examples(feats[:1], np.zeros(1, np.int32), np.full((1, k), OPEN, np.int32),
-                   np.full((1, k), -np.inf, np.float32), feats[:1].copy(), np.zeros(1, np.int64))
-    tr.complete(ex2)
-    full = lm @ feats[0].astype(np.float64)
-    allowed = head.draft_ids.numpy()
-    np.testing.assert_array_equal(ex2.topk_ids[0], allowed[np.argsort(-full[allowed], kind="stable")[:k]])
-    assert set(ex2.topk_ids[0]) <= set(range(200, 300)) | set(range(100))
-
-
-def test_the_metrics_leave_open_examples_out(tiny):
-    """The held-out metric scores only examples with a target distribution:
-    with open rows added it is the metric of the known rows alone, for the
-    twin and for the native head."""
-    _, target, _, _ = tiny
-    buf, _ = tapped_buffer(tiny)
-    held = buf.held_out_batch()
-    head = fresh_head(target)
-    spec = LearnedSpeculator(head)
-    n = len(held)
-    opened = Batch(*(torch.cat([getattr(held, f), getattr(held, f)[:n // 2]]) for f in
-                     ("parent_feature", "token", "topk_ids", "topk_logits", "feature", "has_parent",
-                      "parent_parent_feature", "parent_token")))
-    opened.topk_ids[n:] = OPEN
-    opened.topk_logits[n:] = float("-inf")
-    assert head_metric(head, opened) == head_metric(head, held)
-    assert native_metric(spec.native, opened) == native_metric(spec.native, held)
-
-
 # ---- checkpoints -----------------------------------------------------------------------------
 
 def trained_checkpoint(target, seed=3):
@@ -832,11 +768,9 @@ def test_the_loop_learns_while_serving_and_stays_lossless(tiny, process):
                 assert_same_greedy(model, p, truth[tuple(p)], o.token_ids)
             rates.append(sum(o.stats.accepted for o in outs) / sum(o.stats.steps for o in outs))
             assert _wait(lambda: loop.trainer.rounds > rounds or loop.trainer.state != "running", 60)
-        # Every tapped example reached the buffer (a trainer process reports it within a second),
-        # the prompts' open ones with their target distributions.
+        # Every tapped example reached the buffer (a trainer process reports it within a second).
         assert _wait(lambda: loop.buffer.total == loop.tap.examples)
         held = loop.buffer.held_out_batch()   # a trainer process's buffer goes with it at stop()
-        assert bool((held.topk_ids[:, 0] >= 0).all())
         pid = loop.trainer.pid if process else None
     finally:
         loop.stop()
@@ -845,8 +779,6 @@ def test_the_loop_learns_while_serving_and_stays_lossless(tiny, process):
     assert st["errors"] == 0 and st["state"] == "stopped", st
     assert st["pushes"] >= 1 and st["live_version"] == 1 + st["pushes"]
     assert st["examples_seen"] == loop.buffer.total > 0 and st["train_steps"] > 0 and st["dropped"] == 0
-    # An 8-token prompt gives 7 examples, all open but the last; 6 rounds.
-    assert st["completed"] == 6 * len(prompts) * 6
     if process:
         assert not loop.trainer.running and loop.trainer.exitcode == 0
         _assert_reaped(pid)

@@ -195,8 +195,7 @@ class LearningLoop:
             self.tap = Tap(nat.vocab, topk, sink=self.trainer.send)
         else:
             self.buffer = ReplayBuffer(nat.hidden, topk, **buffer)
-            # Open examples are completed here, on the serving thread (see Trainer.complete).
-            self.tap = Tap(nat.vocab, topk, sink=lambda ex: self.buffer.add(self.trainer.complete(ex)))
+            self.tap = Tap(nat.vocab, topk, sink=self.buffer.add)
             self.trainer = Trainer(cand, self.buffer, speculator, counts=lambda: self.tap.counts,
                                    on_push=self._on_push, **trainer_kwargs)
 
@@ -264,9 +263,8 @@ class LearningLoop:
         log.warning("atlas learning: %s", msg)
 
     def stats(self) -> dict:
-        """Examples seen, buffer fill, trainer counters (``completed``: open
-        examples the trainer gave their target distribution), pushes,
-        refusals, the last metrics, errors, and examples dropped on the way to a trainer
+        """Examples seen, buffer fill, trainer counters, pushes, refusals, the
+        last metrics, errors, and examples dropped on the way to a trainer
         process (``dropped`` batches, ``dropped_examples``; always 0 for a
         thread). In process mode the trainer's counters and the buffer are as
         of the child's latest report (at most a second old while it runs)."""
@@ -277,7 +275,7 @@ class LearningLoop:
             tap_seconds=self.tap.seconds, buffer=b, buffer_fill=b["size"] / b["capacity"],
             state=t["state"], train_steps=t["train_steps"], rounds=t["rounds"], pushes=t["pushes"],
             refused=t["refused"], push_errors=t["push_errors"], revocabs=t["revocabs"],
-            completed=t["completed"], last_loss=t["last_loss"], candidate_metric=t["candidate_metric"], live_metric=t["live_metric"],
+            last_loss=t["last_loss"], candidate_metric=t["candidate_metric"], live_metric=t["live_metric"],
             live_version=self.speculator.version, restored=self.restored,
             errors=t["errors"] + self.errors, last_error=self.last_error or t["last_error"],
             dropped=t.get("dropped", 0), dropped_examples=t.get("dropped_examples", 0),

@@ -267,8 +267,8 @@ class TrainerProcess:
         self.dropped_examples = 0
         self.sent = 0                         # example batches queued for a child
         self.restarts = 0                     # children started after the first
-        self._done = dict(train_steps=0, skipped_steps=0, rounds=0, refused=0, revocabs=0, completed=0,
-                          train_seconds=0.0, errors=0)   # counters of children that ended
+        self._done = dict(train_steps=0, skipped_steps=0, rounds=0, refused=0, revocabs=0, train_seconds=0.0,
+                          errors=0)           # counters of children that ended
         self._last: dict = {}                 # the latest report of any child
 
     # ---- the serving side ---------------------------------------------------------------
@@ -642,7 +642,6 @@ class TrainerProcess:
             return dict(state=self.state, train_steps=summed["train_steps"],
                         skipped_steps=summed["skipped_steps"], rounds=summed["rounds"], pushes=self.pushes,
                         refused=summed["refused"], push_errors=self.push_errors, revocabs=summed["revocabs"],
-                        completed=summed["completed"],
                         errors=self.errors + summed["errors"], last_error=self.last_error,
                         last_loss=last.get("last_loss", float("nan")),
                         candidate_metric=last.get("candidate_metric"), live_metric=last.get("live_metric"),
@@ -775,7 +774,7 @@ class _Link:
                     if msg[0] == "examples":
                         self.received += 1
                         try:
-                            self.buffer.add(self.trainer.complete(msg[1]))
+                            self.buffer.add(msg[1])
                         except ValueError as e:
                             self.rejected += 1
                             self.trainer._record_error(f"examples refused by the replay buffer: {e}")

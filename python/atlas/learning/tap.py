@@ -25,23 +25,10 @@ Vocabulary (see :mod:`atlas.learning.head` for *feature*):
   it to feed the head its own prediction of the parent feature, as drafting
   does below depth 1.
 
-A prefill gives an example for every prompt position from the second on: the
-prompt is text of the served domain that the target has read, and its hidden
-states come with the record. The record holds logits for each prompt's last
-row only, so the other prompt examples are *open*: their top-k ids are
-``OPEN`` (-1) and their logits ``-inf``. Their target distribution is the
-target's LM head applied to the example's own feature, which the trainer
-computes where the examples enter its replay buffer, off the serving thread
-(:meth:`atlas.learning.trainer.Trainer.complete`, over the draft vocabulary,
-the only tokens the loss scores). Why: the draft head learns more from the
-same traffic. Measured on SmolLM2-135M (teacher-forced, the static head
-trained on the first 123 HumanEval requests, 800 steps of 256 with the
-output layer frozen, depth-1 greedy acceptance of the weights' average on
-the other 41 requests' outputs): 0.498 from the output positions alone
-(11,899 examples), 0.517 with the prompt positions too (15,868 more).
-An open example that reaches training uncompleted has no weight in the loss
-and no part in the metric. The tap also counts the tokens of committed
-traffic (prompts and emitted tokens) for the choice of the draft vocabulary.
+A prefill's record holds logits for each prompt's last row only, so a prefill
+gives one example per request (its last prompt token, when the prompt has two
+tokens or more). The tap also counts the tokens of committed traffic (prompts
+and emitted tokens) for the choice of the draft vocabulary.
 
 Cost: one native top-k pass over the step's logits rows
 (:func:`atlas.verify.top_k_logits`: logits, no exponentials), one gather of
@@ -65,9 +52,6 @@ import torch
 
 from ..verify import top_k_logits
 
-# The top-k id of an open example (see the module docstring); its logits are -inf.
-OPEN = -1
-
 # A request the tap has not seen for this many records is over (observers get
 # no finish call); its tracked feature is dropped. An active request takes part
 # in every decode step, so it is never idle for more than a step or two.
@@ -80,18 +64,13 @@ class Examples:
 
     parent_feature: np.ndarray  # [n, H] float32
     token: np.ndarray           # [n] int32, the node's token
-    topk_ids: np.ndarray        # [n, k] int32, the target's k most probable next tokens at the node (OPEN: not known)
-    topk_logits: np.ndarray     # [n, k] float32, their logits (descending; -inf where OPEN)
+    topk_ids: np.ndarray        # [n, k] int32, the target's k most probable next tokens at the node
+    topk_logits: np.ndarray     # [n, k] float32, their logits (descending)
     feature: np.ndarray         # [n, H] float32, the node's own feature
     parent_back: np.ndarray     # [n] int64, examples back to the parent node's example, 0 = none
 
     def __len__(self) -> int:
         return int(self.token.shape[0])
-
-    @property
-    def open(self) -> np.ndarray:
-        """[n] bool: the examples whose target distribution is not known yet."""
-        return self.topk_ids[:, 0] < 0
 
     @staticmethod
     def empty(hidden: int, k: int) -> "Examples":
@@ -172,7 +151,7 @@ class Tap:
         # feature comes from ``external``), the logits row, the link.
         node_rows: List[np.ndarray] = []
         parent_rows: List[np.ndarray] = []
-        logit_rows: List[np.ndarray] = []   # -1: an open example
+        logit_rows: List[np.ndarray] = []
         ids: List[np.ndarray] = []          # example id of each example
         parent_ids: List[np.ndarray] = []   # example id of its parent's example, -1 none
         external: List[np.ndarray] = []     # parent features of roots, in order of the -1 rows
@@ -183,19 +162,14 @@ class Tap:
             if record.prefill:
                 np.add.at(self.counts, tokens[lo:hi].astype(np.int64) % self.vocab, 1)
                 ex_id = -1
-                n = hi - lo - 1   # prompt positions 1 .. P-1, each the child of the one before
-                if n >= 1:
-                    rows = np.arange(lo + 1, hi)
-                    node_rows.append(rows)
-                    parent_rows.append(rows - 1)
-                    lrows = np.full(n, -1, np.int64)
-                    lrows[-1] = b   # the last prompt row's logits are the record's row b
-                    logit_rows.append(lrows)
-                    ex = next_id + np.arange(n)
-                    ids.append(ex)
-                    parent_ids.append(np.concatenate([[-1], ex[:-1]]))
-                    ex_id = int(ex[-1])
-                    next_id += n
+                if hi - lo >= 2:
+                    node_rows.append(np.array([hi - 1]))
+                    parent_rows.append(np.array([hi - 2]))
+                    logit_rows.append(np.array([b]))
+                    ids.append(np.array([next_id]))
+                    parent_ids.append(np.array([-1]))
+                    ex_id = next_id
+                    next_id += 1
                 tracked.append((rid, hi - 1, ex_id))
             else:
                 n = hi - lo
@@ -249,14 +223,8 @@ class Tap:
         track_feats = gathered[2 * n_ex:]
 
         if n_ex:
-            all_ids, all_l = topk_logits(record.logits, k)   # every row: no copy of the selected ones
-            known = logit_rows_a >= 0
-            if known.all():
-                top_ids, top_l = all_ids[logit_rows_a], all_l[logit_rows_a]
-            else:
-                top_ids = np.full((n_ex, all_ids.shape[1]), OPEN, np.int32)
-                top_l = np.full((n_ex, all_ids.shape[1]), -np.inf, np.float32)
-                top_ids[known], top_l[known] = all_ids[logit_rows_a[known]], all_l[logit_rows_a[known]]
+            top_ids, top_l = topk_logits(record.logits, k)   # every row: no copy of the selected ones
+            top_ids, top_l = top_ids[logit_rows_a], top_l[logit_rows_a]
             ids_a = np.concatenate(ids)
             par_ids_a = np.concatenate(parent_ids)
             back = np.where(par_ids_a >= 0, ids_a - par_ids_a, 0).astype(np.int64)

@@ -167,7 +167,6 @@ import torch
 
 from .head import DraftHead, choose_draft_vocab
 from .replay import Batch, ReplayBuffer
-from .tap import Examples
 
 log = logging.getLogger("atlas.learning")
 
@@ -186,13 +185,10 @@ def head_metric(head: DraftHead, batch: Batch) -> float:
     """Expected greedy acceptance at depth 1 of a twin on a batch (see the
     module docstring), as the native head would compute it from the twin's
     weights (matrices rounded to bfloat16)."""
-    known = batch.topk_ids[:, 0] >= 0   # open examples have no greedy choice to score
-    if not bool(known.any()):
-        return 0.0
     with torch.no_grad():
-        _, logits = head.forward_native(batch.parent_feature[known], batch.token[known])
+        _, logits = head.forward_native(batch.parent_feature, batch.token)
         pred = head.draft_ids[logits.argmax(-1)]
-        return float((pred == batch.topk_ids[known, 0]).float().mean())
+        return float((pred == batch.topk_ids[:, 0]).float().mean())
 
 
 def native_metric(native, batch: Batch) -> float:
@@ -209,11 +205,9 @@ def native_metric_arrays(native, features: np.ndarray, tokens: np.ndarray, top1:
     if snap is None:
         return 0.0
     ids = snap.draft_ids.astype(np.int64)
+    feats = np.asarray(features, np.float32)
+    toks = np.asarray(tokens).astype(np.int32)
     top1 = np.asarray(top1)
-    known = top1 >= 0   # open examples have no greedy choice to score
-    feats = np.asarray(features, np.float32)[known]
-    toks = np.asarray(tokens).astype(np.int32)[known]
-    top1 = top1[known]
     hits = 0
     for lo in range(0, len(toks), EVAL_CHUNK):
         hi = min(lo + EVAL_CHUNK, len(toks))
@@ -366,8 +360,6 @@ class Trainer:
         self.refused = 0              # candidates that did not beat the live version
         self.push_errors = 0          # pushes the native head refused
         self.revocabs = 0
-        self.completed = 0            # open examples whose target distribution complete() computed
-        self._completion = None       # (revocabs, draft ids, their LM head rows), see complete()
         self.errors = 0               # every error, push refusals and trainer failures alike
         self.last_error: Optional[str] = None
         self.last_loss = float("nan")
@@ -443,43 +435,6 @@ class Trainer:
             for avg, p in zip(self.average.parameters(), self.head.parameters()):
                 if p.requires_grad:   # a frozen one equals its average
                     avg.lerp_(p, 1.0 - self.ema)
-
-    def complete(self, ex: Examples) -> Examples:
-        """Fills in, in place, the target distributions of ``ex``'s open
-        examples (prompt positions, see :mod:`atlas.learning.tap`) and
-        returns ``ex``: the target's LM head applied to each example's own
-        feature, over the candidate's draft vocabulary (the only tokens the
-        loss scores), its k largest logits. Called where examples enter the
-        replay buffer (the trainer process's receiving thread; the serving
-        thread's sink when the trainer is a thread). Rows whose feature is not
-        finite stay open. Cost: a product of the draft vocabulary's LM head rows
-        with the open features, about 10 ms for a 130-token prompt on
-        SmolLM2 (576 x 4096, one thread)."""
-        rows = np.nonzero(ex.open)[0]
-        if len(rows) == 0:
-            return ex
-        ids, w = self._completion_rows()
-        with torch.no_grad():
-            logits = torch.from_numpy(np.ascontiguousarray(ex.feature[rows], np.float32)) @ w.T
-            k = min(ex.topk_ids.shape[1], len(ids))
-            vals, cols = torch.topk(logits, k, dim=-1)
-        good = torch.isfinite(vals).all(-1).numpy()
-        rows = rows[good]
-        ex.topk_ids[rows, :k] = ids[cols[good]].numpy().astype(np.int32)
-        ex.topk_logits[rows, :k] = vals[good].numpy()
-        self.completed += len(rows)
-        return ex
-
-    def _completion_rows(self):
-        """(draft ids, their rows of the target's LM head), cached per draft
-        vocabulary; the pair is consistent even if a re-choice of the
-        vocabulary runs meanwhile on the training thread."""
-        cached = self._completion
-        if cached is None or cached[0] != self.revocabs:
-            ids = self.head.draft_ids.clone()
-            cached = (self.revocabs, ids, self.head.lm_head[ids].contiguous())
-            self._completion = cached
-        return cached[1], cached[2]
 
     def ready(self) -> bool:
         """Enough data for a round: a training region of min_train examples and
@@ -646,6 +601,6 @@ class Trainer:
         return dict(state=self.state, train_steps=self.steps_done, skipped_steps=self.skipped_steps,
                     rounds=self.rounds, pushes=self.pushes, refused=self.refused,
                     push_errors=self.push_errors,
-                    revocabs=self.revocabs, completed=self.completed, errors=self.errors, last_error=self.last_error,
+                    revocabs=self.revocabs, errors=self.errors, last_error=self.last_error,
                     last_loss=self.last_loss, candidate_metric=self.candidate_metric,
                     live_metric=self.live_metric, train_seconds=self.seconds, precision=self.precision)
