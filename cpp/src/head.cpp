@@ -410,7 +410,7 @@ void pack_rows_bf16(const float* x, int64_t ldx, int64_t rows, int64_t k_len, ui
 // panel index p: M * NP accumulators (independent chains of vdpbf16ps, whose
 // latency is several cycles; 12 or more keep both of its units busy), NP
 // weight vectors and a broadcast: at most 28 of the 32 vector registers for
-// the (M, NP) pairs dot_gemm uses.
+// the (M, NP) pairs gemm_panels_dot uses.
 template <int M, int NP>
 ATLAS_BF16_TARGET __attribute__((always_inline)) inline void dot_block(const uint32_t* __restrict xw,
                                                                        int64_t pairs, const uint32_t* panels,
@@ -433,13 +433,17 @@ ATLAS_BF16_TARGET __attribute__((always_inline)) inline void dot_block(const uin
     }
   }
   for (int r = 0; r < M; ++r) {
-    float* yr = y + r * ldy;
     for (int q = 0; q < NP; ++q) {
       float out[kHeadPanel];
       _mm256_storeu_ps(out, acc[r][q]);
       const int64_t col0 = (p + q) * kHeadPanel;
       const int64_t cols = std::min<int64_t>(kHeadPanel, n - col0);
-      for (int64_t c = 0; c < cols; ++c) yr[col0 + c] = out[c] + (bias != nullptr ? bias[col0 + c] : 0.0f);
+      float* yr = y + r * ldy + col0;
+      if (bias != nullptr) {
+        for (int64_t c = 0; c < cols; ++c) yr[c] = out[c] + bias[col0 + c];
+      } else {
+        for (int64_t c = 0; c < cols; ++c) yr[c] = out[c];
+      }
     }
   }
 }
