@@ -75,6 +75,10 @@ def inputs(head, n, seed):
 PATHS = {"auto": ("sse", "avx2+fma", "avx512-bf16"), "avx2": ("sse", "avx2+fma"), "baseline": ("sse",)}
 
 
+def bits(a):
+    return np.ascontiguousarray(a, np.float32).view(np.uint32)
+
+
 def k_order_product(x, w):
     """x [n, K] @ w [N, K].T in float32 the native way: x and w rounded to
     bfloat16, then each output a float32 sum over k in order, each exact
@@ -126,10 +130,6 @@ def test_native_forward_matches_the_torch_twin(hidden, draft_vocab, simd):
             tol = 2.0 ** -6 * np.abs(ref64).max()
             err = np.abs(got - ref64).max()
             assert err <= tol, f"n={n}: native error {err:.3g} > {tol:.3g}"
-
-
-def bits(a):
-    return np.ascontiguousarray(a, np.float32).view(np.uint32)
 
 
 def test_every_simd_path_gives_the_same_bits():

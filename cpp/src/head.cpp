@@ -521,9 +521,10 @@ inline void rmsnorm(const float* v, const float* g, int64_t h, float eps, float*
   for (int64_t i = 0; i < h; ++i) out[i] = v[i] * inv * g[i];
 }
 
-// x[i] rounded to the nearest bfloat16 (ties to even), in place, as float32.
-inline void round_to_bf16(float* x, int64_t count) {
-  for (int64_t i = 0; i < count; ++i) x[i] = bf16_to_float(float_to_bf16(x[i]));
+// out[i] = x[i] rounded to the nearest bfloat16 (ties to even), as float32;
+// out may be x.
+inline void round_to_bf16(const float* x, int64_t count, float* out) {
+  for (int64_t i = 0; i < count; ++i) out[i] = bf16_to_float(float_to_bf16(x[i]));
 }
 
 }  // namespace
@@ -732,17 +733,17 @@ Status DraftHead::forward(const HeadWeights* w, const float* features, int64_t f
       std::copy(e, e + H, xcat + r * 2 * H + H);
     }
     // Every product's input rounded to bfloat16 first (see the top of this file).
-    round_to_bf16(xcat, rows * 2 * H);
+    round_to_bf16(xcat, rows * 2 * H, xcat);
     gemm_panels(xcat, 2 * H, rows, 2 * H, w->w_in_.data(), H, w->b_in_.data(), z, H);
     for (int64_t r = 0; r < rows; ++r) rmsnorm(z + r * H, w->norm1_.data(), H, eps, nrm + r * H);
-    round_to_bf16(nrm, rows * H);
+    round_to_bf16(nrm, rows * H, nrm);
     gemm_panels(nrm, H, rows, H, w->w_gate_.data(), I, nullptr, gate, I);
     gemm_panels(nrm, H, rows, H, w->w_up_.data(), I, nullptr, up, I);
     for (int64_t i = 0; i < rows * I; ++i) {
       const float g = gate[i];
       gate[i] = g / (1.0f + std::exp(-g)) * up[i];
     }
-    round_to_bf16(gate, rows * I);
+    round_to_bf16(gate, rows * I, gate);
     float* h = nrm;
     gemm_panels(gate, I, rows, I, w->w_down_.data(), H, nullptr, h, H);
     float* f_hat = f_hat_out + r0 * H;
@@ -753,8 +754,7 @@ Status DraftHead::forward(const HeadWeights* w, const float* features, int64_t f
       rmsnorm(hr, w->norm2_.data(), H, eps, f_hat + r * H);
     }
     float* f_in = h;  // h is spent: the rounded copy of f_hat that W_out reads
-    for (int64_t i = 0; i < rows * H; ++i) f_in[i] = f_hat[i];
-    round_to_bf16(f_in, rows * H);
+    round_to_bf16(f_hat, rows * H, f_in);
     gemm_panels(f_in, H, rows, H, w->w_out_.data(), V, nullptr, logits_out + r0 * V, V);
   }
   return Status::Ok();
