@@ -46,6 +46,24 @@ def test_cost_model_forgets_stale_sizes():
     assert cost(8) == pytest.approx(0.07) and cost(4) < 0.07
 
 
+def test_cost_model_medians_interpolation_and_extrapolation():
+    """Medians per size (even counts average the middle two), linear between
+    sizes, beyond them the least squares line's slope, as numpy computes them."""
+    rng = np.random.default_rng(0)
+    obs = {1: rng.random(5) + 1, 4: rng.random(6) + 2, 8: rng.random(7) + 3, 16: rng.random(4) + 5}
+    cost = CostModel()
+    for n, ts in obs.items():
+        for t in ts:
+            cost.record(n, float(t))
+    med = {n: float(np.median(ts)) for n, ts in obs.items()}
+    for n in obs:
+        assert cost(n) == pytest.approx(med[n])
+    assert cost(6) == pytest.approx(0.5 * (med[4] + med[8]))
+    sizes = sorted(obs)
+    slope = np.polyfit(sizes, [med[n] for n in sizes], 1)[0]
+    assert cost(20) == pytest.approx(med[16] + 4 * slope)
+
+
 def step(ctl, first, second_tokens, accepted_first, accepted_second, draft_second=0.01):
     """One step of two speculators: 0 proposes ``first``; 1 (if the controller
     asks) proposes ``second_tokens`` as a fan under the root. Returns whether

@@ -65,6 +65,7 @@ fortieth request.)
 """
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 from dataclasses import dataclass, field
@@ -224,20 +225,18 @@ class CostModel:
         return t
 
     def _table(self):
+        # Plain Python over at most a few dozen sizes of at most 16 figures:
+        # numpy's per-call overhead made this a fifth of a millisecond a step.
         if self._fit is None:
             sizes = self.known_sizes
-            med = {n: float(np.median(self._obs[n])) for n in sizes}
+            med = {n: _median(self._obs[n]) for n in sizes}
             # A forward does not get cheaper with more nodes: a size whose
             # median exceeds a larger size's (it stalled, or was last measured
             # while the machine was slower) is held to the larger one's.
             low = math.inf
             for n in reversed(sizes):
                 low = med[n] = min(med[n], low)
-            slope = 0.0
-            if len(sizes) > 1:
-                slope = max(float(np.polyfit(np.array(sizes, float), np.array([med[n] for n in sizes]), 1)[0]),
-                            0.0)
-            self._fit = (sizes, med, slope)
+            self._fit = (sizes, med, max(_slope(sizes, [med[n] for n in sizes]), 0.0))
         return self._fit
 
     def _estimate(self, nodes: int) -> float:
@@ -245,7 +244,7 @@ class CostModel:
         if nodes in med:
             return med[nodes]
         if sizes[0] < nodes < sizes[-1]:
-            i = int(np.searchsorted(sizes, nodes))
+            i = bisect.bisect_left(sizes, nodes)
             lo, hi = sizes[i - 1], sizes[i]
             w = (nodes - lo) / (hi - lo)
             return med[lo] * (1 - w) + med[hi] * w
@@ -253,6 +252,23 @@ class CostModel:
             return med[sizes[0]] * max(nodes, 1) / max(sizes[0], 1) if nodes < sizes[0] else med[sizes[0]]
         edge = sizes[0] if nodes < sizes[0] else sizes[-1]
         return max(med[edge] + slope * (nodes - edge), 1e-9)
+
+
+def _median(values: List[float]) -> float:
+    v = sorted(values)
+    h = len(v) // 2
+    return v[h] if len(v) % 2 else 0.5 * (v[h - 1] + v[h])
+
+
+def _slope(xs: List[int], ys: List[float]) -> float:
+    """The least squares line's slope through (xs, ys); 0 for fewer than two
+    distinct xs."""
+    n = len(xs)
+    if n < 2:
+        return 0.0
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx > 0 else 0.0
 
 
 def _first_token(tree: Optional[DraftTree]) -> Optional[int]:
