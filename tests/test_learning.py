@@ -148,6 +148,16 @@ def test_tap_examples_match_a_plain_reference():
     assert len(ex2) == 1 and ex2.token[0] == 1
 
 
+def test_tap_refuses_a_bad_vocabulary_or_topk():
+    for vocab in (0, -3, True, 2.5, "19"):
+        with pytest.raises(ValueError, match="vocab"):
+            Tap(vocab, 4)
+    for topk in (0, 20, True, 2.0):
+        with pytest.raises(ValueError, match="topk"):
+            Tap(19, topk)
+    assert Tap(np.int64(19), 4).vocab == 19
+
+
 def test_tap_reads_bfloat16_hidden_states():
     rng = np.random.default_rng(4)
     hidden = torch.from_numpy(rng.standard_normal((3, 8)).astype(np.float32)).to(torch.bfloat16)

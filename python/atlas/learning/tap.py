@@ -116,11 +116,11 @@ class Tap:
     """
 
     def __init__(self, vocab: int, topk: int = 16, sink: Optional[Callable[[Examples], None]] = None):
-        if not isinstance(vocab, int) or vocab < 1:
+        if not isinstance(vocab, (int, np.integer)) or isinstance(vocab, bool) or vocab < 1:
             raise ValueError(f"vocab must be a positive int, got {vocab!r}")
         if not isinstance(topk, int) or isinstance(topk, bool) or not 1 <= topk <= vocab:
             raise ValueError(f"topk must be an int in [1, vocab], got {topk!r}")
-        self.vocab, self.topk, self.sink = vocab, topk, sink
+        self.vocab, self.topk, self.sink = int(vocab), topk, sink
         self.counts = np.zeros(vocab, np.int64)   # [vocab] tokens of committed traffic
         self.examples = 0                         # examples emitted so far (the next example's id)
         self.records = 0                          # records observed
