@@ -25,6 +25,7 @@
 #include "atlas/tree.h"
 #include "atlas/verify.h"
 #include "atlas/linear.h"
+#include "atlas/layer_ops.h"
 
 namespace py = pybind11;
 
@@ -188,6 +189,38 @@ struct View {
   T* ptr() const { return static_cast<T*>(data); }
 };
 
+// A DLPack capsule of a plain CPU torch tensor, made the way its __dlpack__
+// would make it (torch._C._to_dlpack) without that Python method's checks and
+// stream handling, which cost about 3 microseconds a call against 0.5 (a
+// forward of the target passes some 300 tensors to native calls); a null
+// object for anything else, which then goes through __dlpack__ and its errors
+// (a tensor that requires grad, a conjugate view, a sparse layout, a tensor
+// subclass, CUDA streams). The torch objects are looked up once torch is
+// imported and kept for the life of the process.
+py::object fast_torch_capsule(py::handle obj) {
+  static PyObject* tensor_type = nullptr;
+  static PyObject* strided = nullptr;
+  static PyObject* to_dlpack = nullptr;
+  if (tensor_type == nullptr) {
+    PyObject* modules = PyImport_GetModuleDict();  // borrowed
+    PyObject* torch = PyDict_GetItemString(modules, "torch");
+    PyObject* torch_c = PyDict_GetItemString(modules, "torch._C");
+    if (torch == nullptr || torch_c == nullptr) return py::object();
+    py::object tensor = py::getattr(torch, "Tensor", py::none());
+    py::object layout = py::getattr(torch, "strided", py::none());
+    py::object fn = py::getattr(torch_c, "_to_dlpack", py::none());
+    if (tensor.is_none() || layout.is_none() || fn.is_none()) return py::object();
+    strided = layout.release().ptr();
+    to_dlpack = fn.release().ptr();
+    tensor_type = tensor.release().ptr();
+  }
+  if (Py_TYPE(obj.ptr()) != reinterpret_cast<PyTypeObject*>(tensor_type)) return py::object();
+  if (obj.attr("requires_grad").cast<bool>() || !obj.attr("is_cpu").cast<bool>() ||
+      obj.attr("layout").ptr() != strided || obj.attr("is_conj")().cast<bool>())
+    return py::object();
+  return py::reinterpret_borrow<py::object>(to_dlpack)(obj);
+}
+
 View view_of(py::handle obj, const std::string& name) {
   View v;
   v.name = name;
@@ -215,13 +248,15 @@ View view_of(py::handle obj, const std::string& name) {
     }
     return v;
   }
-  if (!py::hasattr(obj, "__dlpack__"))
-    fail(name + " must be a numpy array or a torch tensor, got " + std::string(py::str(py::type::of(obj))));
-  py::object capsule;
-  try {
-    capsule = obj.attr("__dlpack__")();
-  } catch (py::error_already_set& e) {
-    fail(name + " cannot be shared without a copy: " + std::string(e.what()));
+  py::object capsule = fast_torch_capsule(obj);
+  if (!capsule) {
+    if (!py::hasattr(obj, "__dlpack__"))
+      fail(name + " must be a numpy array or a torch tensor, got " + std::string(py::str(py::type::of(obj))));
+    try {
+      capsule = obj.attr("__dlpack__")();
+    } catch (py::error_already_set& e) {
+      fail(name + " cannot be shared without a copy: " + std::string(e.what()));
+    }
   }
   auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule.ptr(), "dltensor"));
   if (managed == nullptr) {
@@ -535,6 +570,95 @@ void packed_linear_forward(const atlas::PackedLinear& lin, py::handle x_obj, py:
     return lin.forward(x.ptr<const float>(), rows, ldx, bias.ptr<const float>(), out.ptr<float>(), ldy,
                        static_cast<int32_t>(threads));
   });
+}
+
+// ---- RMSNorm of a few rows --------------------------------------------------------------
+
+void rms_norm_rows(py::handle x_obj, py::handle weight_obj, py::handle eps_obj, py::handle out_obj) {
+  if (py::isinstance<py::bool_>(eps_obj) || !(py::isinstance<py::float_>(eps_obj) || py::isinstance<py::int_>(eps_obj)))
+    fail("eps must be a float, got " + std::string(py::str(py::type::of(eps_obj))));
+  const double eps = eps_obj.cast<double>();
+  View x = view_of(x_obj, "x");
+  x.dtype({Elem::kF32}).dims(2).cpu().inner_dense();
+  const int64_t rows = x.shape[0], n = x.shape[1];
+  if (n < 1) fail("x must have at least one column");
+  View w = view_of(weight_obj, "weight");
+  w.dtype({Elem::kF32}).dims(1).cpu().dense().dim(0, n, "x.shape[1]");
+  View out = view_of(out_obj, "out");
+  out.dtype({Elem::kF32}).dims(2).cpu().inner_dense().output().dim(0, rows, "x.shape[0]").dim(1, n, "x.shape[1]");
+  const int64_t ldx = rows > 1 ? x.strides[0] : n;
+  const int64_t ldy = rows > 1 ? out.strides[0] : n;
+  if (rows > 1 && (ldx < n || ldy < n)) fail("x and out must not have overlapping rows (row strides >= their widths)");
+  if (out.data == x.data) {
+    if (ldx != ldy) fail("out may be x itself, but then with the same row stride");
+  } else if (ranges_overlap(out, rows * ldy * 4, x, rows * ldx * 4)) {
+    fail("out must be x itself or not overlap it");
+  }
+  if (ranges_overlap(out, rows * ldy * 4, w, n * 4)) fail("out must not overlap weight");
+  if (!std::isfinite(eps) || eps <= 0.0 || eps > std::numeric_limits<float>::max())
+    fail("eps must be a finite float32 > 0, got " + std::to_string(eps));
+  call_nogil([&] {
+    return atlas::rms_norm(x.ptr<const float>(), rows, ldx, n, w.ptr<const float>(), static_cast<float>(eps),
+                           out.ptr<float>(), ldy);
+  });
+}
+
+// ---- rotary embedding and the KV store -------------------------------------------------
+
+void rope_store(const KVCache& kv, py::handle layer, py::handle qkv_obj, py::handle cos_obj, py::handle sin_obj,
+                py::handle slots_obj, py::handle q_out_obj) {
+  const auto& c = kv.cache.config();
+  const int64_t lay = checked_int(layer, "layer", 0, c.num_layers - 1);
+  if (c.dtype != atlas::DType::kFloat32 || kv.storage.on_cuda)
+    fail("rope_store needs a float32 cache whose storage is in CPU memory");
+  const int64_t d = c.head_dim, hk = c.num_kv_heads;
+  View qkv = view_of(qkv_obj, "qkv");
+  qkv.dtype({Elem::kF32}).dims(3).cpu().dim(2, d, "head_dim");
+  const int64_t total = qkv.shape[0], hq = qkv.shape[1] - 2 * hk;
+  if (hq < 1) fail("qkv.shape[1] must be the query heads + 2 * num_kv_heads (" + std::to_string(2 * hk) +
+                   ") with at least one query head, got " + qkv.shape_str());
+  const int64_t width = qkv.shape[1] * d;
+  const int64_t ld = total > 1 ? qkv.strides[0] : width;
+  if (ld < width) fail("qkv's rows must not overlap (row stride >= heads * head_dim)");
+  if ((d > 1 && qkv.strides[2] != 1) || (qkv.shape[1] > 1 && qkv.strides[1] != d))
+    fail("qkv must be contiguous within each row (heads of head_dim values side by side)");
+  View cs = view_of(cos_obj, "cos");
+  cs.dtype({Elem::kF32}).dims(2).cpu().dense().dim(0, total, "qkv.shape[0]").dim(1, d, "head_dim");
+  View sn = view_of(sin_obj, "sin");
+  sn.dtype({Elem::kF32}).dims(2).cpu().dense().dim(0, total, "qkv.shape[0]").dim(1, d, "head_dim");
+  View slots = view_of(slots_obj, "slots");
+  slots.dtype({Elem::kI64}).dims(1).cpu().dense().dim(0, total, "qkv.shape[0]");
+  View q = view_of(q_out_obj, "q_out");
+  q.dtype({Elem::kF32}).dims(3).cpu().dense().output().dim(0, total, "qkv.shape[0]").dim(1, hq, "query heads")
+      .dim(2, d, "head_dim");
+  const int64_t qkv_bytes = total > 0 ? ((total - 1) * ld + width) * 4 : 0;
+  const int64_t storage_bytes = kv.storage.numel() * 4;
+  const int64_t q_bytes = q.numel() * 4, table_bytes = total * d * 4;
+  if (ranges_overlap(q, q_bytes, qkv, qkv_bytes) || ranges_overlap(q, q_bytes, cs, table_bytes) ||
+      ranges_overlap(q, q_bytes, sn, table_bytes) || ranges_overlap(q, q_bytes, slots, total * 8))
+    fail("q_out must not overlap qkv, cos, sin or slots");
+  if (ranges_overlap(kv.storage, storage_bytes, qkv, qkv_bytes) ||
+      ranges_overlap(kv.storage, storage_bytes, q, q_bytes) ||
+      ranges_overlap(kv.storage, storage_bytes, cs, table_bytes) ||
+      ranges_overlap(kv.storage, storage_bytes, sn, table_bytes))
+    fail("qkv, q_out, cos and sin must not lie in the cache's storage");
+  const int64_t capacity = static_cast<int64_t>(c.num_blocks) * c.block_size;
+  float* base = kv.storage.ptr<float>();
+  atlas::RopeStoreProblem p;
+  p.qkv = qkv.ptr<const float>();
+  p.total = total;
+  p.ld_qkv = ld;
+  p.num_q_heads = static_cast<int32_t>(hq);
+  p.num_kv_heads = static_cast<int32_t>(hk);
+  p.head_dim = static_cast<int32_t>(d);
+  p.cos = cs.ptr<const float>();
+  p.sin = sn.ptr<const float>();
+  p.q_out = q.ptr<float>();
+  p.keys = base + (lay * 2) * capacity * hk * d;
+  p.values = base + (lay * 2 + 1) * capacity * hk * d;
+  p.slots = slots.ptr<const int64_t>();
+  p.capacity = capacity;
+  call_nogil([&] { return atlas::rope_store(p); });
 }
 
 // ---- tree attention ------------------------------------------------------------------
@@ -1433,6 +1557,12 @@ PYBIND11_MODULE(_native, m) {
         kv.cache.shuffle_free_blocks(seed);
       }, py::arg("seed"));
 
+  m.def("rope_store", &rope_store, py::arg("cache"), py::arg("layer"), py::arg("qkv"), py::arg("cos"),
+        py::arg("sin"), py::arg("slots"), py::arg("q_out"),
+        "Rotary embedding of a few rows' q and k heads (qkv float32 [rows, q heads + 2 kv heads, head_dim]; cos "
+        "and sin float32 [rows, head_dim] at each row's position, rotate-half sign folded into sin) into q_out "
+        "(float32 [rows, q heads, head_dim]) and the layer's keys at slots (int64 [rows]), the values as given "
+        "(float32 CPU caches; see atlas/layer_ops.h).");
   m.def("tree_attention", &tree_attention, py::arg("cache"), py::arg("layer"), py::arg("q"), py::arg("out"),
         py::arg("seq_ids"), py::arg("q_offsets"), py::arg("parents"), py::arg("scale"), py::arg("threads") = 1,
         "Attention of tree nodes (queries) over their sequence's committed context and their ancestors; "
@@ -1484,6 +1614,10 @@ PYBIND11_MODULE(_native, m) {
       .def_property_readonly("in_features", &atlas::PackedLinear::in_features)
       .def_property_readonly("wide", &atlas::PackedLinear::wide,
                              "Whether the AVX2 + FMA kernel runs (else the SSE baseline).");
+
+  m.def("rms_norm", &rms_norm_rows, py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("out"),
+        "out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight for every row of x (float32 [rows, n], CPU; "
+        "weight float32 [n]); out (float32 [rows, n]) may be x itself (see atlas/layer_ops.h).");
 
   // -- draft head (learned speculator)
   py::class_<PyHeadSnapshot>(

@@ -49,6 +49,7 @@
 #include "atlas/head.h"
 
 #include "atlas/cpu.h"
+#include "atlas/layer_ops.h"
 
 #if ATLAS_X86_TARGETS
 #include <immintrin.h>
@@ -511,16 +512,6 @@ ATLAS_BF16_TARGET void gemm_panels_dot(const float* x, int64_t ldx, int64_t rows
 using GemmFn = void (*)(const float*, int64_t, int64_t, int64_t, const uint32_t*, int64_t, const float*,
                         float*, int64_t);
 
-// out[i] = v[i] / sqrt(mean(v^2) + eps) * g[i]; the mean is summed in double
-// so that its rounding does not depend on H.
-inline void rmsnorm(const float* v, const float* g, int64_t h, float eps, float* out) {
-  double ss = 0.0;
-  for (int64_t i = 0; i < h; ++i) ss += static_cast<double>(v[i]) * v[i];
-  const double mean = ss / static_cast<double>(h);
-  const float inv = static_cast<float>(1.0 / std::sqrt(mean + static_cast<double>(eps)));
-  for (int64_t i = 0; i < h; ++i) out[i] = v[i] * inv * g[i];
-}
-
 // out[i] = x[i] rounded to the nearest bfloat16 (ties to even), as float32;
 // out may be x.
 inline void round_to_bf16(const float* x, int64_t count, float* out) {
@@ -735,7 +726,7 @@ Status DraftHead::forward(const HeadWeights* w, const float* features, int64_t f
     // Every product's input rounded to bfloat16 first (see the top of this file).
     round_to_bf16(xcat, rows * 2 * H, xcat);
     gemm_panels(xcat, 2 * H, rows, 2 * H, w->w_in_.data(), H, w->b_in_.data(), z, H);
-    for (int64_t r = 0; r < rows; ++r) rmsnorm(z + r * H, w->norm1_.data(), H, eps, nrm + r * H);
+    ATLAS_RETURN_IF_ERROR(rms_norm(z, rows, H, H, w->norm1_.data(), eps, nrm, H));
     round_to_bf16(nrm, rows * H, nrm);
     gemm_panels(nrm, H, rows, H, w->w_gate_.data(), I, nullptr, gate, I);
     gemm_panels(nrm, H, rows, H, w->w_up_.data(), I, nullptr, up, I);
@@ -747,12 +738,8 @@ Status DraftHead::forward(const HeadWeights* w, const float* features, int64_t f
     float* h = nrm;
     gemm_panels(gate, I, rows, I, w->w_down_.data(), H, nullptr, h, H);
     float* f_hat = f_hat_out + r0 * H;
-    for (int64_t r = 0; r < rows; ++r) {
-      float* hr = h + r * H;
-      const float* zr = z + r * H;
-      for (int64_t i = 0; i < H; ++i) hr[i] += zr[i];
-      rmsnorm(hr, w->norm2_.data(), H, eps, f_hat + r * H);
-    }
+    for (int64_t i = 0; i < rows * H; ++i) h[i] += z[i];
+    ATLAS_RETURN_IF_ERROR(rms_norm(h, rows, H, H, w->norm2_.data(), eps, f_hat, H));
     float* f_in = h;  // h is spent: the rounded copy of f_hat that W_out reads
     round_to_bf16(f_hat, rows * H, f_in);
     gemm_panels(f_in, H, rows, H, w->w_out_.data(), V, nullptr, logits_out + r0 * V, V);

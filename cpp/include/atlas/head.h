@@ -14,7 +14,8 @@
 //   f_hat = rmsnorm(h) * norm2                 the predicted feature of x's position [H]
 //   logits = W_out f_hat                       W_out [Vd, H]: logits of x's children
 //
-// rmsnorm(v) = v / sqrt(mean(v^2) + eps), as the target normalises. Row j of
+// rmsnorm(v) = v / sqrt(mean(v^2) + eps), as the target normalises (the
+// target's CPU forward's own, atlas/layer_ops.h, rounded as stated there). Row j of
 // the logits is the token draft_ids[j]: the head scores a *draft vocabulary*
 // (the tokens that traffic uses most) rather than the whole vocabulary,
 // because the output layer is the head's largest cost and rare tokens are

@@ -144,7 +144,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in float32 whatever the model dtype (as transformers does)."""
+    """RMSNorm computed in float32 whatever the model dtype (as transformers does).
+    Float32 rows in CPU memory go to ``_native.rms_norm`` (cpp/include/atlas/layer_ops.h):
+    the chain of torch operations below costs about 45 microseconds a call in
+    dispatch alone, 61 calls a forward of SmolLM2-135M."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() == 2 and x.stride(-1) == 1 and x.is_cpu \
+            and weight.is_cpu and not (x.requires_grad or weight.requires_grad):
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        _native.rms_norm(x, weight, eps, out)
+        return out
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
@@ -392,24 +400,36 @@ class LlamaModel:
         # 2 threads, 28.6 on 1).
         threads = torch.get_num_threads()
         few = gpu is None and self.lm_head_packed is not None and total <= _PANEL_MAX_ROWS and threads > 1
+        # On the CPU in float32 the rotary embedding and the cache's stores run
+        # natively, one call a layer (atlas/layer_ops.h: the same bits as the
+        # torch expression below, in a tenth of its dispatch time).
+        native_rope = gpu is None and self.dtype == torch.float32
         with _torch_threads(1 if few else threads):
-            cos = self.cos[positions].unsqueeze(1)  # [total, 1, D]
-            sin = self.sin[positions].unsqueeze(1)
+            cos = self.cos[positions]  # [total, D]
+            sin = self.sin[positions]
+            if native_rope:
+                q = torch.empty((total, H, D), dtype=self.dtype)
+                slots = slots.to(torch.int64).contiguous()
+            else:
+                cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [total, 1, D]
             x = self.embed[tokens]                   # [total, hidden]
             attn = torch.empty((total, H, D), dtype=self.dtype, device=device)
             for i, L in enumerate(self.layers):
                 h = rms_norm(x, L.attn_norm, c.rms_norm_eps)
                 qkv = linear(h, L.qkv, L.qkv_bias, L.packed.get("qkv"), threads).view(total, H + 2 * KH, D)
-                # RoPE on q and k at once: they are the first H + KH heads of qkv.
-                qk = qkv[:, : H + KH]
-                qk = qk * cos + qk.view(total, H + KH, 2, D // 2).flip(2).view(total, H + KH, D) * sin
-                cache.keys(i).index_copy_(0, slots, qk[:, H:])
-                cache.values(i).index_copy_(0, slots, qkv[:, H + KH:])
-                if gpu is None:
-                    _native.tree_attention(cache, i, qk[:, :H], attn, seq_ids, q_offsets, parents, self.scale,
-                                           threads)
+                if native_rope:
+                    _native.rope_store(cache, i, qkv, cos, sin, slots, q)
                 else:
-                    gpu.tree_attention(cache, i, qk[:, :H].contiguous(), tables, lens, q_off_dev, parents_dev,
+                    # RoPE on q and k at once: they are the first H + KH heads of qkv.
+                    qk = qkv[:, : H + KH]
+                    qk = qk * cos + qk.view(total, H + KH, 2, D // 2).flip(2).view(total, H + KH, D) * sin
+                    cache.keys(i).index_copy_(0, slots, qk[:, H:])
+                    cache.values(i).index_copy_(0, slots, qkv[:, H + KH:])
+                    q = qk[:, :H]
+                if gpu is None:
+                    _native.tree_attention(cache, i, q, attn, seq_ids, q_offsets, parents, self.scale, threads)
+                else:
+                    gpu.tree_attention(cache, i, q.contiguous(), tables, lens, q_off_dev, parents_dev,
                                        scale=self.scale, out=attn, max_context=max_context, max_q_per_seq=max_q,
                                        check=False)
                 x = x + linear(attn.view(total, H * D), L.o, L.o_bias, L.packed.get("o"), threads)
