@@ -864,6 +864,85 @@ int64_t head_forward(PyDraftHead& h, const std::shared_ptr<const atlas::HeadWeig
   return w->version();
 }
 
+// Why these: a call holds up to requests x width x topk candidates a depth
+// (24 bytes each), so 2^24 of them over all depths is at most 400 MB, against
+// a few hundred for the trees a step verifies; the bounds keep a mistaken
+// call from asking for gigabytes.
+constexpr int64_t kMaxDraftWidth = 1024;
+constexpr int64_t kMaxDraftRows = 1 << 16;
+constexpr int64_t kMaxDraftCandidates = 1 << 24;
+
+py::tuple head_draft(PyHeadSnapshot& s, py::handle features_obj, py::handle tokens_obj, py::handle budgets_obj,
+                     py::handle floors_obj, py::handle topk_obj, py::handle width_obj, py::handle depth_obj) {
+  PyDraftHead& h = *s.owner;
+  const auto& c = h.head.config();
+  atlas::HeadDraftSettings st;
+  // Bounds on what one call may hold: a frontier of requests x width rows of
+  // H floats and their top-k candidates at each depth.
+  st.topk = static_cast<int32_t>(checked_int(topk_obj, "topk", 1, kMaxDraftWidth));
+  st.width = static_cast<int32_t>(checked_int(width_obj, "width", 1, kMaxDraftWidth));
+  st.max_depth = static_cast<int32_t>(checked_int(depth_obj, "max_depth", 1, kMaxDraftWidth));
+  View f = view_of(features_obj, "features");
+  f.dtype({Elem::kF32}).dims(2).cpu().dense().dim(1, c.hidden, "hidden");
+  const int64_t n = f.shape[0];
+  if (n * st.width * st.topk * st.max_depth > kMaxDraftCandidates)
+    fail("requests x width x topk x max_depth must be <= " + std::to_string(kMaxDraftCandidates) + ", got " +
+         std::to_string(n) + " x " + std::to_string(st.width) + " x " + std::to_string(st.topk) + " x " +
+         std::to_string(st.max_depth));
+  View tok = view_of(tokens_obj, "tokens");
+  tok.dtype({Elem::kI32}).dims(1).cpu().dense().dim(0, n, "features.shape[0]");
+  View bud = view_of(budgets_obj, "budgets");
+  bud.dtype({Elem::kI32}).dims(1).cpu().dense().dim(0, n, "features.shape[0]");
+  View flo = view_of(floors_obj, "floors");
+  flo.dtype({Elem::kF64}).dims(1).cpu().dense().dim(0, n, "features.shape[0]");
+  std::vector<atlas::HeadDraftJob> jobs(static_cast<size_t>(n));
+  for (int64_t j = 0; j < n; ++j) {
+    auto& job = jobs[static_cast<size_t>(j)];
+    job.feature = f.ptr<const float>() + j * c.hidden;
+    job.token = tok.ptr<const int32_t>()[j];
+    job.budget = bud.ptr<const int32_t>()[j];
+    job.floor = flo.ptr<const double>()[j];
+    if (job.token < 0 || job.token >= c.vocab)
+      fail("tokens[" + std::to_string(j) + "] = " + std::to_string(job.token) + " is outside [0, " +
+           std::to_string(c.vocab) + ")");
+    if (job.budget < 1 || job.budget > kMaxDraftRows)
+      fail("budgets[" + std::to_string(j) + "] must be in [1, " + std::to_string(kMaxDraftRows) + "], got " +
+           std::to_string(job.budget));
+    if (!(job.floor >= 0.0 && job.floor < 1.0))
+      fail("floors[" + std::to_string(j) + "] must be in [0, 1), got " + std::to_string(job.floor));
+  }
+  std::vector<std::vector<atlas::HeadDraftNode>> out;
+  atlas::Status status;
+  {
+    py::gil_scoped_release nogil;
+    std::lock_guard<std::mutex> lock(h.workspace_mu);
+    status = h.head.draft(s.weights.get(), jobs.data(), n, st, &out, h.workspace.data(),
+                          static_cast<int64_t>(h.workspace.size()));
+  }
+  throw_if_error(status);
+  int64_t total = 0;
+  for (const auto& o : out) total += static_cast<int64_t>(o.size());
+  py::array_t<int64_t> offsets(static_cast<py::ssize_t>(n + 1));
+  py::array_t<int32_t> parents(static_cast<py::ssize_t>(total)), tokens(static_cast<py::ssize_t>(total));
+  py::array_t<float> probs(static_cast<py::ssize_t>(total));
+  int64_t* off = offsets.mutable_data();
+  int32_t* par = parents.mutable_data();
+  int32_t* tk = tokens.mutable_data();
+  float* pr = probs.mutable_data();
+  int64_t at = 0;
+  off[0] = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    for (const auto& node : out[static_cast<size_t>(j)]) {
+      par[at] = node.parent;
+      tk[at] = node.token;
+      pr[at] = node.prob;
+      ++at;
+    }
+    off[j + 1] = at;
+  }
+  return py::make_tuple(offsets, parents, tokens, probs);
+}
+
 py::array_t<float> head_snapshot_tensor(const PyHeadSnapshot& s, py::handle name_obj) {
   if (!py::isinstance<py::str>(name_obj))
     fail("name must be a str, got " + std::string(py::str(py::type::of(name_obj))));
@@ -1634,6 +1713,14 @@ PYBIND11_MODULE(_native, m) {
         return head_forward(*s.owner, s.weights, features, tokens, f_hat_out, logits_out);
       }, py::arg("features"), py::arg("tokens"), py::arg("f_hat_out"), py::arg("logits_out"),
       "Like DraftHead.forward, with this snapshot's version; returns the version.")
+      .def("draft", &head_draft, py::arg("features"), py::arg("tokens"), py::arg("budgets"), py::arg("floors"),
+           py::arg("topk"), py::arg("width"), py::arg("max_depth"),
+           "Best-first drafting with this version (atlas/head.h: HeadDraftJob): per request j, the feature of "
+           "its root's parent position (features float32 [J, H]), the root's token (int32 [J]), a node budget "
+           "(int32 [J], >= 1) and a path probability floor below depth 1 (float64 [J], in [0, 1)). Returns "
+           "(offsets int64 [J + 1], parents int32, tokens int32, probs float32): request j's kept candidates are "
+           "rows offsets[j]:offsets[j + 1], in creation order, each with its parent's row among them (-1: the "
+           "root), its token id and the head's conditional probability of it.")
       .def("tensor", &head_snapshot_tensor, py::arg("name"),
            "The pushed tensor `name` (w_in, b_in, ...) as this version's forward uses it: a float32 copy in "
            "torch layout [out, in]; a matrix's values are the pushed ones rounded to bfloat16 (how the native "

@@ -821,15 +821,127 @@ def test_learned_speculator_is_lossless_and_learns_through_the_engine(one_torch_
 
 
 def test_drafting_top_probabilities_are_the_softmax_top_k():
-    from atlas.speculators.learned import _top_probs
+    """The top-k that drafting ranks children by (the verifier's top_k_probs,
+    which the native drafting loop calls): the softmax's k largest, descending."""
+    from atlas.verify import top_k_probs
     rng = np.random.default_rng(5)
     logits = (rng.standard_normal((5, 300)) * 4).astype(np.float32)
     logits[2, 7] = 60.0   # one dominant token: its probability is ~1, the rest ~0
     for k in (1, 4, 300):
-        probs, cols = _top_probs(logits, k)
+        cols, probs = top_k_probs(logits, k)
         want_p, want_c = torch.topk(torch.softmax(torch.from_numpy(logits), -1), k, dim=-1)
-        np.testing.assert_allclose(np.array(probs), want_p.numpy(), rtol=1e-5, atol=1e-7)
-        assert np.array(cols)[:, 0].tolist() == want_c[:, 0].tolist()
+        np.testing.assert_allclose(probs, want_p.numpy(), rtol=1e-5, atol=1e-7)
+        assert cols[:, 0].tolist() == want_c[:, 0].tolist()
         assert all(p[i] >= p[i + 1] for p in probs for i in range(k - 1))
-        got = np.take_along_axis(torch.softmax(torch.from_numpy(logits), -1).numpy(), np.array(cols), 1)
-        np.testing.assert_allclose(got, np.array(probs), rtol=1e-5, atol=1e-7)
+        got = np.take_along_axis(torch.softmax(torch.from_numpy(logits), -1).numpy(), cols.astype(np.int64), 1)
+        np.testing.assert_allclose(got, probs, rtol=1e-5, atol=1e-7)
+
+
+def reference_draft(snap, feats, toks, budgets, floors, topk, width, max_depth):
+    """Best-first drafting as the learned speculator did it in Python before
+    the loop went native (the rule of atlas/head.h's HeadDraftJob): per job
+    the kept candidates as (parent among the kept or -1, token, probability)."""
+    from atlas.verify import top_k_probs
+    ids = snap.draft_ids.astype(np.int64)
+    jobs = [dict(budget=int(b), floor=float(f), path=[], cond=[], token=[], parent=[]) for b, f in zip(budgets, floors)]
+    frontier = [(j, -1, 1.0) for j in range(len(jobs))]
+    f_in, t_in = np.asarray(feats, np.float32), np.asarray(toks, np.int32)
+    for depth in range(max_depth):
+        n = len(frontier)
+        f_hat = np.empty((n, snap_hidden(snap)), np.float32)
+        logits = np.empty((n, len(ids)), np.float32)
+        snap.forward(np.ascontiguousarray(f_in), np.ascontiguousarray(t_in), f_hat, logits)
+        cols, probs = top_k_probs(logits, min(topk, len(ids)))
+        probs, cols = probs.tolist(), cols.tolist()
+        new = {}
+        for row, (j, cand, pp) in enumerate(frontier):
+            job = jobs[j]
+            for p, col in zip(probs[row][:job["budget"]], cols[row][:job["budget"]]):
+                path = pp * p
+                if path <= 0.0 or (depth and path < job["floor"]):
+                    break
+                job["path"].append(path)
+                job["cond"].append(min(max(p, 0.0), 1.0))
+                job["token"].append(int(ids[col]))
+                job["parent"].append(cand)
+                new.setdefault(j, []).append((len(job["path"]) - 1, row))
+        if depth + 1 == max_depth:
+            break
+        frontier, rows = [], []
+        for j, cands in new.items():
+            job = jobs[j]
+            paths = job["path"]
+            cut = sorted(paths, reverse=True)[job["budget"] - 1] if len(paths) >= job["budget"] else -1.0
+            for c, row in sorted(cands, key=lambda c: -paths[c[0]])[:min(width, job["budget"])]:
+                if paths[c] > cut and paths[c] >= job["floor"]:
+                    frontier.append((j, c, paths[c]))
+                    rows.append(row)
+        if not frontier:
+            break
+        f_in = f_hat[rows]
+        t_in = np.array([jobs[j]["token"][c] for j, c, _ in frontier], np.int32)
+    out = []
+    for job in jobs:
+        paths = job["path"]
+        keep = sorted(sorted(range(len(paths)), key=lambda c: (-paths[c], c))[:job["budget"]])
+        index, kept = {-1: -1}, []
+        for c in keep:
+            index[c] = len(kept)
+            kept.append((index[job["parent"][c]], job["token"][c], job["cond"][c]))
+        out.append(kept)
+    return out
+
+
+def snap_hidden(snap):
+    return snap.tensor("b_in").shape[0]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_native_drafting_matches_the_python_rule(seed):
+    """The native loop against the Python rule it replaced, with pruning at
+    work (topk, width < budget), several requests and floors."""
+    rng = np.random.default_rng(seed)
+    head = random_head(vocab=53, hidden=16, draft_vocab=11, intermediate=19, seed=seed, scale=1.5)
+    spec = LearnedSpeculator(head)
+    snap = spec.native.snapshot()
+    J = 4
+    feats = rng.standard_normal((J, 16)).astype(np.float32)
+    toks = rng.integers(0, 53, J).astype(np.int32)
+    budgets = np.array([1, 5, 12, 30], np.int32)
+    floors = np.array([0.0, 0.0, 0.02, 0.001])
+    for topk, width, depth in ((3, 2, 4), (2, 3, 6), (5, 5, 3), (1, 1, 2)):
+        offsets, parents, tokens, probs = snap.draft(feats, toks, budgets, floors, topk, width, depth)
+        want = reference_draft(snap, feats, toks, budgets, floors, topk, width, depth)
+        for j in range(J):
+            lo, hi = int(offsets[j]), int(offsets[j + 1])
+            got = list(zip(parents[lo:hi].tolist(), tokens[lo:hi].tolist(), probs[lo:hi].tolist()))
+            assert got == [(p, t, pytest.approx(c, rel=1e-7)) for p, t, c in want[j]]
+            assert hi - lo <= budgets[j]
+
+
+def test_native_drafting_refuses_bad_arguments():
+    head = random_head(vocab=53, hidden=16, draft_vocab=11, intermediate=19, seed=3)
+    snap = LearnedSpeculator(head).native.snapshot()
+    f, t, b, fl = np.zeros((2, 16), np.float32), np.array([1, 2], np.int32), np.array([4, 4], np.int32), np.zeros(2)
+    cases = [
+        ((np.zeros((2, 8), np.float32), t, b, fl, 2, 2, 3), "features must have shape"),
+        ((f, t[:1], b, fl, 2, 2, 3), "tokens must have shape"),
+        ((f, np.array([1, 53], np.int32), b, fl, 2, 2, 3), r"tokens\[1\] = 53 is outside"),
+        ((f, t, np.array([4, 0], np.int32), fl, 2, 2, 3), r"budgets\[1\] must be in \[1, 65536\]"),
+        ((f, t, np.array([4, 1 << 17], np.int32), fl, 2, 2, 3), r"budgets\[1\] must be in"),
+        ((f, t, b, fl, 1024, 1024, 1024), "requests x width x topk x max_depth must be <="),
+        ((f, t, b, fl, 2, 1025, 3), "width"),
+        ((f, t, b, np.array([0.0, 1.0]), 2, 2, 3), r"floors\[1\] must be in \[0, 1\)"),
+        ((f, t, b, np.array([0.0, np.nan]), 2, 2, 3), r"floors\[1\] must be in"),
+        ((f, t, b, fl.astype(np.float32), 2, 2, 3), "floors must have dtype float64"),
+        ((f, t, b, fl, 0, 2, 3), "topk"),
+        ((f, t, b, fl, 2, True, 3), "width must be an int"),
+        ((f, t, b, fl, 2, 2, 0), "max_depth"),
+        ((f, t.astype(np.int64), b, fl, 2, 2, 3), "tokens must have dtype int32"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            snap.draft(*args)
+    empty = snap.draft(np.zeros((0, 16), np.float32), np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0),
+                       2, 2, 3)
+    assert empty[0].tolist() == [0] and all(len(a) == 0 for a in empty[1:])

@@ -50,6 +50,7 @@
 
 #include "atlas/cpu.h"
 #include "atlas/layer_ops.h"
+#include "atlas/verify.h"
 
 #if ATLAS_X86_TARGETS
 #include <immintrin.h>
@@ -59,8 +60,10 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <string>
+#include <utility>
 
 namespace atlas {
 
@@ -743,6 +746,158 @@ Status DraftHead::forward(const HeadWeights* w, const float* features, int64_t f
     float* f_in = h;  // h is spent: the rounded copy of f_hat that W_out reads
     round_to_bf16(f_hat, rows * H, f_in);
     gemm_panels(f_in, H, rows, H, w->w_out_.data(), V, nullptr, logits_out + r0 * V, V);
+  }
+  return Status::Ok();
+}
+
+Status DraftHead::draft(const HeadWeights* w, const HeadDraftJob* jobs, int64_t num_jobs,
+                        const HeadDraftSettings& settings, std::vector<std::vector<HeadDraftNode>>* out,
+                        float* workspace, int64_t workspace_floats) const {
+  if (!ready_) return Status::Invalid("the draft head is not initialised");
+  if (w == nullptr) return Status::Invalid("the draft head has no weights yet: push a version first");
+  if (out == nullptr || num_jobs < 0 || (num_jobs > 0 && jobs == nullptr))
+    return Status::Invalid("draft needs its jobs and an output");
+  if (settings.topk < 1 || settings.width < 1 || settings.max_depth < 1)
+    return Status::Invalid("topk, width and max_depth must be >= 1");
+  const int64_t H = config_.hidden, V = config_.draft_vocab;
+  for (int64_t j = 0; j < num_jobs; ++j) {
+    const HeadDraftJob& job = jobs[j];
+    if (job.feature == nullptr) return Status::Invalid("a job's feature is null");
+    if (job.token < 0 || job.token >= config_.vocab) return Status::Invalid("a job's token is outside the vocabulary");
+    if (job.budget < 1) return Status::Invalid("a job's budget must be >= 1");
+    if (!(job.floor >= 0.0 && job.floor < 1.0)) return Status::Invalid("a job's floor must be in [0, 1)");
+  }
+  out->assign(static_cast<size_t>(num_jobs), {});
+  if (num_jobs == 0) return Status::Ok();
+  const int32_t k = static_cast<int32_t>(std::min<int64_t>(settings.topk, V));
+  // Candidates of every job (all depths), in creation order.
+  struct Cand {
+    double path;
+    float prob;
+    int32_t token;  // full-vocabulary id
+    int32_t parent; // candidate index, -1: the root
+  };
+  std::vector<std::vector<Cand>> cands(static_cast<size_t>(num_jobs));
+  // The frontier: (job, candidate or -1, path) per forward row.
+  struct Row {
+    int64_t job;
+    int32_t cand;
+    double path;
+  };
+  std::vector<Row> frontier, next;
+  std::vector<float> feats(static_cast<size_t>(num_jobs * H));
+  std::vector<int32_t> toks(static_cast<size_t>(num_jobs));
+  for (int64_t j = 0; j < num_jobs; ++j) {
+    frontier.push_back({j, -1, 1.0});
+    std::copy(jobs[j].feature, jobs[j].feature + H, feats.data() + j * H);
+    toks[j] = jobs[j].token;
+  }
+  std::vector<float> f_hat, logits, probs;
+  std::vector<int32_t> cols;
+  std::vector<uint8_t> topk_ws(static_cast<size_t>(verify_workspace_bytes(V)));
+  std::vector<std::vector<std::pair<int32_t, int32_t>>> fresh(static_cast<size_t>(num_jobs));  // (cand, row)
+  std::vector<double> sorted_paths;
+  for (int32_t depth = 0; depth < settings.max_depth && !frontier.empty(); ++depth) {
+    const int64_t n = static_cast<int64_t>(frontier.size());
+    f_hat.resize(static_cast<size_t>(n * H));
+    probs.resize(static_cast<size_t>(n * k));
+    cols.resize(static_cast<size_t>(n * k));
+    // Tiles of rows, so that the logits held at once stay small however wide
+    // the frontier.
+    logits.resize(static_cast<size_t>(std::min<int64_t>(n, kHeadRowTile) * V));
+    for (int64_t r0 = 0; r0 < n; r0 += kHeadRowTile) {
+      const int64_t m = std::min<int64_t>(kHeadRowTile, n - r0);
+      ATLAS_RETURN_IF_ERROR(forward(w, feats.data() + r0 * H, H, toks.data() + r0, m, f_hat.data() + r0 * H,
+                                    logits.data(), workspace, workspace_floats));
+      TopKProblem tk;
+      tk.logits = logits.data();
+      tk.vocab = V;
+      tk.logits_row_stride = V;
+      tk.rows = m;
+      tk.k = k;
+      tk.ids_out = cols.data() + r0 * k;
+      tk.probs_out = probs.data() + r0 * k;
+      tk.workspace = topk_ws.data();
+      tk.workspace_bytes = static_cast<int64_t>(topk_ws.size());
+      ATLAS_RETURN_IF_ERROR(top_k_probs(tk));
+    }
+    for (auto& f : fresh) f.clear();
+    for (int64_t r = 0; r < n; ++r) {
+      const Row& row = frontier[static_cast<size_t>(r)];
+      const HeadDraftJob& job = jobs[row.job];
+      auto& jc = cands[static_cast<size_t>(row.job)];
+      const int32_t take = std::min<int32_t>(k, job.budget);
+      for (int32_t i = 0; i < take; ++i) {
+        const float p = probs[static_cast<size_t>(r * k + i)];
+        const double path = row.path * static_cast<double>(p);
+        if (path <= 0.0 || (depth > 0 && path < job.floor)) break;  // probabilities descend
+        jc.push_back({path, std::min(std::max(p, 0.0f), 1.0f), w->draft_ids_[static_cast<size_t>(cols[r * k + i])],
+                      row.cand});
+        fresh[static_cast<size_t>(row.job)].push_back({static_cast<int32_t>(jc.size()) - 1, static_cast<int32_t>(r)});
+      }
+    }
+    if (depth + 1 == settings.max_depth) break;
+    next.clear();
+    std::vector<int64_t> rows;
+    for (int64_t j = 0; j < num_jobs; ++j) {
+      auto& fj = fresh[static_cast<size_t>(j)];
+      if (fj.empty()) continue;
+      const auto& jc = cands[static_cast<size_t>(j)];
+      const int32_t budget = jobs[j].budget;
+      // A child is never more probable than its parent: expand only nodes
+      // above the budget-th best candidate so far.
+      double cut = -1.0;
+      if (static_cast<int64_t>(jc.size()) >= budget) {
+        sorted_paths.clear();
+        for (const Cand& c : jc) sorted_paths.push_back(c.path);
+        std::nth_element(sorted_paths.begin(), sorted_paths.begin() + (budget - 1), sorted_paths.end(),
+                         std::greater<double>());
+        cut = sorted_paths[static_cast<size_t>(budget - 1)];
+      }
+      std::stable_sort(fj.begin(), fj.end(), [&](const std::pair<int32_t, int32_t>& a,
+                                                 const std::pair<int32_t, int32_t>& b) {
+        return jc[static_cast<size_t>(a.first)].path > jc[static_cast<size_t>(b.first)].path;
+      });
+      const size_t expand = static_cast<size_t>(std::min<int32_t>(settings.width, budget));
+      for (size_t i = 0; i < fj.size() && i < expand; ++i) {
+        const Cand& c = jc[static_cast<size_t>(fj[i].first)];
+        if (c.path > cut && c.path >= jobs[j].floor) {
+          next.push_back({j, fj[i].first, c.path});
+          rows.push_back(fj[i].second);
+        }
+      }
+    }
+    if (next.empty()) break;
+    feats.resize(static_cast<size_t>(next.size() * H));
+    toks.resize(next.size());
+    for (size_t i = 0; i < next.size(); ++i) {
+      std::copy(f_hat.data() + rows[i] * H, f_hat.data() + (rows[i] + 1) * H, feats.data() + i * H);
+      toks[i] = cands[static_cast<size_t>(next[i].job)][static_cast<size_t>(next[i].cand)].token;
+    }
+    frontier.swap(next);
+  }
+  // Keep each job's budget most probable candidates (ties: the earlier), in
+  // creation order, their parents renumbered among the kept.
+  for (int64_t j = 0; j < num_jobs; ++j) {
+    const auto& jc = cands[static_cast<size_t>(j)];
+    std::vector<int32_t> order(jc.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int32_t>(i);
+    const size_t keep = std::min<size_t>(order.size(), static_cast<size_t>(jobs[j].budget));
+    std::partial_sort(order.begin(), order.begin() + keep, order.end(), [&](int32_t a, int32_t b) {
+      const double pa = jc[static_cast<size_t>(a)].path, pb = jc[static_cast<size_t>(b)].path;
+      return pa > pb || (pa == pb && a < b);
+    });
+    order.resize(keep);
+    std::sort(order.begin(), order.end());
+    std::vector<int32_t> index(jc.size(), -1);
+    auto& dst = (*out)[static_cast<size_t>(j)];
+    for (int32_t c : order) {
+      const Cand& cand = jc[static_cast<size_t>(c)];
+      const int32_t parent = cand.parent < 0 ? -1 : index[static_cast<size_t>(cand.parent)];
+      if (cand.parent >= 0 && parent < 0) continue;  // never: the kept set is closed under parents
+      index[static_cast<size_t>(c)] = static_cast<int32_t>(dst.size());
+      dst.push_back({parent, cand.token, cand.prob, cand.path});
+    }
   }
   return Status::Ok();
 }

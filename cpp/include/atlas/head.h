@@ -148,6 +148,40 @@ struct HeadVersionRecord {
   double metric = 0.0;  // NaN until the caller records one
 };
 
+// Best-first drafting of token trees from a head's forward (the learned
+// speculator's propose, atlas/speculators/learned.py, describes the rule): per
+// request a root with its parent feature and token, a node budget and a path
+// probability floor below depth 1; at each depth the `width` most probable
+// nodes of the depth before (path probability: the product of the head's
+// conditional probabilities from the root, in double) are expanded into their
+// `topk` most probable children (softmax over the draft vocabulary with the
+// verifier's numerics, atlas/verify.h), all requests in one forward a depth,
+// while a node could still place a child among the budget most probable
+// candidates; then each request keeps its budget most probable candidates
+// (ties: the earlier created), a set closed under parents.
+struct HeadDraftJob {
+  const float* feature = nullptr;  // [H]: the feature of the root's parent position
+  int32_t token = 0;               // the root's token, in [0, vocab)
+  int32_t budget = 1;              // nodes it may add, >= 1
+  double floor = 0.0;              // in [0, 1)
+};
+
+struct HeadDraftSettings {
+  int32_t topk = 4;       // children considered per expanded node, >= 1
+  int32_t width = 4;      // nodes expanded per depth and request, >= 1
+  int32_t max_depth = 6;  // >= 1
+};
+
+// A kept candidate: its parent among the same request's kept candidates
+// (-1: the root), its token (a full-vocabulary id) and the head's conditional
+// probability of it, in creation order (a parent before its children).
+struct HeadDraftNode {
+  int32_t parent = -1;
+  int32_t token = 0;
+  float prob = 0.0f;
+  double path = 0.0;
+};
+
 class DraftHead {
  public:
   // embed [vocab, hidden] float32, row-major: borrowed (see above).
@@ -178,6 +212,11 @@ class DraftHead {
   // layout [out, in] (out_floats >= its element count): a matrix's bfloat16
   // values widened to float32, a vector as pushed.
   Status read_tensor(const HeadWeights* w, int32_t t, float* out, int64_t out_floats) const;
+
+  // Drafts a tree per job with weights w (see HeadDraftJob): out[j] receives
+  // job j's kept candidates. workspace as forward()'s.
+  Status draft(const HeadWeights* w, const HeadDraftJob* jobs, int64_t num_jobs, const HeadDraftSettings& settings,
+               std::vector<std::vector<HeadDraftNode>>* out, float* workspace, int64_t workspace_floats) const;
 
   // Floats of workspace forward() needs, whatever the batch size: rows are
   // processed in tiles of kHeadRowTile.
