@@ -148,8 +148,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     Float32 rows in CPU memory go to ``_native.rms_norm`` (cpp/include/atlas/layer_ops.h):
     the chain of torch operations below costs about 45 microseconds a call in
     dispatch alone, 61 calls a forward of SmolLM2-135M."""
-    if x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() == 2 and x.stride(-1) == 1 and x.is_cpu \
-            and weight.is_cpu and not (x.requires_grad or weight.requires_grad):
+    if x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() == 2 and x.stride(-1) == 1 \
+            and x.is_cpu and weight.is_cpu and weight.is_contiguous() and not (x.requires_grad or weight.requires_grad):
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         _native.rms_norm(x, weight, eps, out)
         return out

@@ -127,7 +127,8 @@ class LearnedSpeculator(Speculator):
         # depth for every request, best-first on path probability.
         feats = np.stack([self._feature[rids[b]] for b in jobs]).astype(np.float32, copy=False)
         toks = np.array([int(contexts[b][-1]) for b in jobs], np.int32)
-        budgets = np.array([trees[b].max_nodes - len(trees[b]) for b in jobs], np.int32)
+        # (the native loop takes budgets up to 2^16 nodes, far past any verified tree)
+        budgets = np.array([min(trees[b].max_nodes - len(trees[b]), 1 << 16) for b in jobs], np.int32)
         floors = np.array([max(self.min_path_prob, float(getattr(trees[b], "min_path_prob", 0.0))) for b in jobs])
         offsets, parents, tokens, probs = snap.draft(feats, toks, budgets, floors, self.topk, self.width,
                                                      self.max_depth)
