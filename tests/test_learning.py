@@ -851,8 +851,20 @@ def test_the_trainer_process_is_paused_while_a_forward_runs(tiny):
     loop.start()
     try:
         pid = loop.trainer.pid
+        # While the child starts up (it imports torch: seconds), a forward
+        # leaves it running; an explicit pause() stops it all the same.
+        if not loop.trainer._child.ready:
+            loop.forward_begins()
+            time.sleep(0.2)
+            assert _proc_state(pid) != "T"
+            loop.forward_ends()
+        loop.trainer.pause()
+        assert _wait(lambda: _proc_state(pid) == "T", 10)
+        loop.trainer.resume()
+        assert _wait(lambda: _proc_state(pid) != "T", 10)
         _feed(loop, tiny)
         assert _wait(lambda: loop.trainer.rounds >= 1, 60)
+        assert loop.trainer._child.ready
         loop.forward_begins()
         assert _wait(lambda: _proc_state(pid) == "T", 10)
         rounds = loop.trainer.rounds

@@ -98,7 +98,7 @@ class LearningLoop:
     ``max_pending_bytes``: the examples that may wait for the trainer
     process; its niceness increment defaults to ``PROCESS_NICE``;
     ``pause_during_forward`` (default: when the target runs on the CPU) stops
-    the trainer process while each target forward runs (see
+    the trainer process, once it has started up, while each target forward runs (see
     :meth:`forward_begins`), so that it trains in the gaps between forwards
     instead of slowing them. Every other keyword goes to the :class:`Trainer` (``lr``,
     ``batch_size``, ``steps_per_round``, ``threads``, ``nice``,
@@ -214,7 +214,7 @@ class LearningLoop:
         ``pause_during_forward`` the trainer process is stopped until
         :meth:`forward_ends`."""
         if self.pause_during_forward:
-            self.trainer.pause()
+            self.trainer.pause(forward=True)
 
     def forward_ends(self) -> None:
         if self.pause_during_forward:
