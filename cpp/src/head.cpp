@@ -896,7 +896,7 @@ Status DraftHead::draft(const HeadWeights* w, const HeadDraftJob* jobs, int64_t 
       const int32_t parent = cand.parent < 0 ? -1 : index[static_cast<size_t>(cand.parent)];
       if (cand.parent >= 0 && parent < 0) continue;  // never: the kept set is closed under parents
       index[static_cast<size_t>(c)] = static_cast<int32_t>(dst.size());
-      dst.push_back({parent, cand.token, cand.prob, cand.path});
+      dst.push_back({parent, cand.token, cand.prob});
     }
   }
   return Status::Ok();

@@ -173,14 +173,12 @@ struct HeadDraftSettings {
 };
 
 // A kept candidate: its parent among the same request's kept candidates
-// (-1: the root), its token (a full-vocabulary id), the head's conditional
-// probability of it and its path probability, in creation order (a parent
-// before its children).
+// (-1: the root), its token (a full-vocabulary id) and the head's conditional
+// probability of it, in creation order (a parent before its children).
 struct HeadDraftNode {
   int32_t parent = -1;
   int32_t token = 0;
   float prob = 0.0f;
-  double path = 0.0;
 };
 
 class DraftHead {

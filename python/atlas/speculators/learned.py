@@ -115,20 +115,20 @@ class LearnedSpeculator(Speculator):
         snap = self.native.snapshot()
         if snap is None:
             return
-        jobs = []
+        jobs, budgets = [], []
         for b, rid in enumerate(rids):
-            feat = self._feature.get(rid)
             budget = trees[b].max_nodes - len(trees[b])
-            if feat is not None and budget > 0:
+            if self._feature.get(rid) is not None and budget > 0:
                 jobs.append(b)
+                # (the native loop takes budgets up to 2^16 nodes, far past any verified tree)
+                budgets.append(min(budget, 1 << 16))
         if not jobs:
             return
         # The native loop (atlas/head.h: HeadDraftJob): one head forward per
         # depth for every request, best-first on path probability.
         feats = np.stack([self._feature[rids[b]] for b in jobs]).astype(np.float32, copy=False)
         toks = np.array([int(contexts[b][-1]) for b in jobs], np.int32)
-        # (the native loop takes budgets up to 2^16 nodes, far past any verified tree)
-        budgets = np.array([min(trees[b].max_nodes - len(trees[b]), 1 << 16) for b in jobs], np.int32)
+        budgets = np.array(budgets, np.int32)
         floors = np.array([max(self.min_path_prob, float(getattr(trees[b], "min_path_prob", 0.0))) for b in jobs])
         offsets, parents, tokens, probs = snap.draft(feats, toks, budgets, floors, self.topk, self.width,
                                                      self.max_depth)
