@@ -167,6 +167,87 @@ def test_tap_reads_bfloat16_hidden_states():
     np.testing.assert_array_equal(ex.parent_feature[0], hidden[1].float().numpy())
 
 
+def test_tap_prompt_examples_cover_every_prompt_token_and_leave_their_targets_to_the_trainer():
+    """With prompt_examples, a prefill gives an example for every prompt token
+    after the first, each the parent of the next; only the last carries the
+    target's top-k (the record has logits for it alone), the others -1 / -inf,
+    and the next step's root links to the last one."""
+    rng = np.random.default_rng(5)
+    H, V, k = 6, 23, 4
+    hidden = torch.from_numpy(rng.standard_normal((6, H)).astype(np.float32))
+    logits = torch.from_numpy(rng.standard_normal((2, V)).astype(np.float32))
+    # rid 3: a 4-token prompt; rid 4: a 2-token prompt
+    pre = record(True, [3, 4], [4, 2], [5, 6, 7, 8, 9, 10], [-1, 0, 1, 2, -1, 0], hidden, logits, [[], []],
+                 [[11], [12]])
+    got = []
+    tap = Tap(V, k, sink=got.append, prompt_examples=True)
+    tap.observe(pre)
+    ex = got[0]
+    assert len(ex) == 3 + 1 == tap.examples
+    np.testing.assert_array_equal(ex.token, [6, 7, 8, 10])
+    np.testing.assert_array_equal(ex.feature, hidden[[1, 2, 3, 5]].numpy())
+    np.testing.assert_array_equal(ex.parent_feature, hidden[[0, 1, 2, 4]].numpy())
+    np.testing.assert_array_equal(ex.parent_back, [0, 1, 1, 0])
+    np.testing.assert_array_equal(ex.missing_targets(), [True, True, False, False])
+    assert (ex.topk_ids[:2] == -1).all() and np.isneginf(ex.topk_logits[:2]).all()
+    for row, b in ((2, 0), (3, 1)):
+        want = np.argsort(-logits[b].numpy(), kind="stable")[:k]
+        np.testing.assert_array_equal(ex.topk_ids[row], want)
+        np.testing.assert_array_equal(ex.topk_logits[row], logits[b].numpy()[want])
+    # The next decode step's root (rid 3) reads the last prompt row and links to its example.
+    dec = record(False, [3], [2], [11, 13], [-1, 0], torch.zeros(2, H), torch.zeros(2, V), [[]], [[13]])
+    ex2 = tap.examples_of(dec)
+    np.testing.assert_array_equal(ex2.parent_feature[0], hidden[3].numpy())
+    assert ex2.parent_back[0] == 4 - 2   # the root is example 4; rid 3's last prompt row example 2
+    # Without prompt_examples the same prefill gives one example per request, with targets.
+    plain = Tap(V, k).examples_of(pre)
+    assert len(plain) == 2 and not plain.missing_targets().any()
+    with pytest.raises(ValueError, match="prompt_examples"):
+        Tap(V, k, prompt_examples=1)
+
+
+def test_fill_targets_computes_the_draft_vocabulary_top_k_of_rows_without_targets(tiny):
+    from atlas.learning.trainer import fill_targets
+    _, target, _, _ = tiny
+    H, k = target.config.hidden_size, 5
+    ids = np.arange(3, target.config.vocab_size, 7)[:40]
+    head = DraftHead.from_target(target, ids)
+    rng = np.random.default_rng(8)
+    n = 6
+    feats = rng.standard_normal((n, H)).astype(np.float32)
+    top_ids = rng.integers(0, 50, (n, k)).astype(np.int32)
+    top_l = np.sort(rng.standard_normal((n, k)).astype(np.float32))[:, ::-1].copy()
+    top_ids[[1, 4]] = -1
+    top_l[[1, 4]] = -np.inf
+    ex = Examples(feats + 1, np.arange(n, dtype=np.int32), top_ids, top_l, feats, np.zeros(n, np.int64))
+    cache = {}
+    out = fill_targets(ex, head, cache)
+    assert not out.missing_targets().any()
+    lm = target.model.lm_head.detach().float().numpy()[ids]
+    for r in range(n):
+        if r in (1, 4):
+            logits = lm.astype(np.float64) @ feats[r].astype(np.float64)
+            want = np.argsort(-logits, kind="stable")[:k]
+            np.testing.assert_array_equal(out.topk_ids[r], ids[want])
+            np.testing.assert_allclose(out.topk_logits[r], logits[want], rtol=1e-5, atol=1e-5)
+        else:   # rows with targets are left as they were
+            np.testing.assert_array_equal(out.topk_ids[r], top_ids[r])
+            np.testing.assert_array_equal(out.topk_logits[r], top_l[r])
+    assert "rows" in cache and fill_targets(out, head, cache) is out
+    # More top-k slots than draft tokens: the rest stay empty (-1, -inf).
+    small = DraftHead.from_target(target, ids[:3])
+    wide = fill_targets(ex, small)
+    assert (wide.topk_ids[1, 3:] == -1).all() and np.isneginf(wide.topk_logits[1, 3:]).all()
+    assert set(wide.topk_ids[1, :3]) == set(ids[:3])
+    # A replay buffer refuses rows without targets; the trainer fills them first.
+    buf = ReplayBuffer(H, k, capacity=100, max_bytes=None, held_out=0)
+    with pytest.raises(ValueError, match="without targets"):
+        buf.add(ex)
+    assert buf.size == 0
+    Trainer(head, buf).add_examples(ex)
+    assert buf.size == n and (buf.topk_ids[:n] >= 0).all()
+
+
 # ---- the replay buffer -----------------------------------------------------------------
 
 def examples(tokens, hidden=5, k=3, back=None):

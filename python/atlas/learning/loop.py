@@ -80,9 +80,25 @@ LOOP_SELF_FEED = 0.0
 # after 195 steps of 512 with W_out frozen (16 s). Served (the same A/B) with
 # these defaults: forwards 0.9 ms and drafting 0.5 ms a step longer than with
 # learning off, and 3.7% fewer tokens a second, against 6.4% before.
+#
+# Since then the loop takes steps of 128 at a learning rate of 1e-3 (and 40
+# steps a round, the same examples between evaluations as 10 of 512): in a
+# simulation of the stream (the teacher-forced prompts and outputs of
+# HumanEval requests 0-122 fed in order, from the static head, depth-1
+# greedy acceptance on the outputs of the other 41), with the same examples
+# trained on (76,800: about what the trainer reaches in bench_atlas.py's
+# stream) 0.483 in 150 steps of 512 at 2e-3, 0.497 in 300 of 256 at 1.5e-3,
+# 0.502 in 600 of 128 at 1e-3 (0.498 at 2e-3, 0.494 at 7e-4; 1,200 of 64:
+# 0.497), for about a quarter more CPU (a step's fixed part, Adam and the
+# average, weighs more in smaller steps). The trainer's time is what limits
+# learning in the stream: 1,500 steps of 512 reached 0.510 there.
 LOOP_TRAIN_OUTPUT = False
-LOOP_BATCH_SIZE = 512
-LOOP_STEPS_PER_ROUND = 10
+LOOP_BATCH_SIZE = 128
+LOOP_LR = 1e-3
+LOOP_STEPS_PER_ROUND = 40
+# Whether the tap also turns every prompt token into an example (see
+# atlas.learning.tap; 0.482 -> 0.502 in the simulation above).
+LOOP_PROMPT_EXAMPLES = True
 
 
 class LearningLoop:
@@ -100,11 +116,13 @@ class LearningLoop:
     ``pause_during_forward`` (default: when the target runs on the CPU) stops
     the trainer process, once it has started up, while each target forward runs (see
     :meth:`forward_begins`), so that it trains in the gaps between forwards
-    instead of slowing them. Every other keyword goes to the :class:`Trainer` (``lr``,
+    instead of slowing them. ``prompt_examples`` (default ``LOOP_PROMPT_EXAMPLES``):
+    the tap also learns from every prompt token (see :mod:`atlas.learning.tap`).
+    Every other keyword goes to the :class:`Trainer` (``lr``,
     ``batch_size``, ``steps_per_round``, ``threads``, ``nice``,
     ``max_share``, ``min_gain``, ...); the loop's own defaults: ``self_feed``
     ``LOOP_SELF_FEED``, ``train_output`` ``LOOP_TRAIN_OUTPUT``, ``batch_size``
-    ``LOOP_BATCH_SIZE``, ``steps_per_round`` ``LOOP_STEPS_PER_ROUND``, and for
+    ``LOOP_BATCH_SIZE``, ``lr`` ``LOOP_LR``, ``steps_per_round`` ``LOOP_STEPS_PER_ROUND``, and for
     a paused process ``max_share`` 1.
 
     ``trainer`` is the :class:`Trainer` or the
@@ -119,7 +137,7 @@ class LearningLoop:
                  capacity: Optional[int] = None, held_out: int = 512, held_out_fraction: float = 0.25,
                  half_life: Optional[float] = None, process: Optional[bool] = None,
                  max_pending_bytes: int = MAX_PENDING_BYTES, pause_during_forward: Optional[bool] = None,
-                 **trainer_kwargs):
+                 prompt_examples: bool = LOOP_PROMPT_EXAMPLES, **trainer_kwargs):
         self.target, self.speculator = target, speculator
         nat = speculator.native
         if nat.hidden != target.config.hidden_size or nat.vocab != target.config.vocab_size:
@@ -167,6 +185,7 @@ class LearningLoop:
         trainer_kwargs.setdefault("self_feed", LOOP_SELF_FEED)
         trainer_kwargs.setdefault("train_output", LOOP_TRAIN_OUTPUT)
         trainer_kwargs.setdefault("batch_size", LOOP_BATCH_SIZE)
+        trainer_kwargs.setdefault("lr", LOOP_LR)
         trainer_kwargs.setdefault("steps_per_round", LOOP_STEPS_PER_ROUND)
         self.process = os.name == "posix" if process is None else bool(process)
         # On the CPU the forward's threads use every core: a trainer that runs
@@ -192,12 +211,13 @@ class LearningLoop:
                                           on_push=self._on_push, max_pending_bytes=max_pending_bytes,
                                           **trainer_kwargs)
             self.buffer = self.trainer.buffer
-            self.tap = Tap(nat.vocab, topk, sink=self.trainer.send)
+            self.tap = Tap(nat.vocab, topk, sink=self.trainer.send, prompt_examples=prompt_examples)
         else:
             self.buffer = ReplayBuffer(nat.hidden, topk, **buffer)
-            self.tap = Tap(nat.vocab, topk, sink=self.buffer.add)
             self.trainer = Trainer(cand, self.buffer, speculator, counts=lambda: self.tap.counts,
                                    on_push=self._on_push, **trainer_kwargs)
+            # (prompt rows' targets are then computed on the serving thread)
+            self.tap = Tap(nat.vocab, topk, sink=self.trainer.add_examples, prompt_examples=prompt_examples)
 
     # ---- the engine's observer ----------------------------------------------------------
 

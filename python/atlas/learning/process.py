@@ -674,6 +674,30 @@ class _ChildTrainer(Trainer):
                  revocab: bool, **kwargs):
         super().__init__(head, buffer, None, counts=link.latest_counts if revocab else None, **kwargs)
         self.link, self.live_head = link, live_head
+        # Batches with rows still to fill, from the inbox thread. The main
+        # thread fills them (torch work), between steps: a daemon thread that
+        # is inside torch when the child exits aborts it.
+        self._unfilled: "queue.Queue" = queue.Queue()
+
+    def receive(self, ex) -> None:
+        """The inbox thread's entry: a complete batch goes to the buffer now,
+        one with rows to fill waits for the main thread."""
+        if ex.missing_targets().any():
+            self._unfilled.put(ex)
+        else:
+            self.buffer.add(ex)
+
+    def ingest(self) -> None:
+        while True:
+            try:
+                ex = self._unfilled.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self.add_examples(ex)
+            except ValueError as e:
+                self.link.rejected += 1
+                self._record_error(f"examples refused by the replay buffer: {e}")
 
     def measure_live(self, batch: Batch) -> Optional[float]:
         if self.live_head is not None:
@@ -786,7 +810,7 @@ class _Link:
                     if msg[0] == "examples":
                         self.received += 1
                         try:
-                            self.buffer.add(msg[1])
+                            self.trainer.receive(msg[1])
                         except ValueError as e:
                             self.rejected += 1
                             self.trainer._record_error(f"examples refused by the replay buffer: {e}")

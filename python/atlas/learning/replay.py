@@ -173,6 +173,9 @@ class ReplayBuffer:
             raise ValueError(f"features must have shape ({n}, {self.hidden})")
         if ex.topk_ids.shape != (n, self.topk) or ex.topk_logits.shape != (n, self.topk):
             raise ValueError(f"topk_ids and topk_logits must have shape ({n}, {self.topk})")
+        if ex.missing_targets().any():
+            raise ValueError("examples without targets (the prompt rows of Tap(prompt_examples=True)): pass "
+                             "them through Trainer.add_examples, which computes them")
         skip = max(0, n - self.capacity)  # a batch larger than the ring keeps its newest rows
         with self._lock:
             seq = self.total + np.arange(skip, n, dtype=np.int64)

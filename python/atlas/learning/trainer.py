@@ -167,6 +167,7 @@ import torch
 
 from .head import DraftHead, choose_draft_vocab
 from .replay import Batch, ReplayBuffer
+from .tap import Examples
 
 log = logging.getLogger("atlas.learning")
 
@@ -216,6 +217,46 @@ def native_metric_arrays(native, features: np.ndarray, tokens: np.ndarray, top1:
         snap.forward(np.ascontiguousarray(feats[lo:hi]), np.ascontiguousarray(toks[lo:hi]), f_hat, logits)
         hits += int((ids[logits.argmax(-1)] == top1[lo:hi]).sum())
     return hits / max(len(toks), 1)
+
+
+def fill_targets(ex: Examples, head: DraftHead, cache: Optional[dict] = None) -> Examples:
+    """``ex`` with targets for its rows that have none (:meth:`Examples.missing_targets`,
+    the prompt rows of ``Tap(prompt_examples=True)``): the target's k largest
+    logits among ``head``'s draft vocabulary and their token ids, computed
+    from each row's feature (the target's final-norm hidden state there) and
+    the target's LM head rows of those tokens (``head.lm_head``), in float32.
+    Only the draft vocabulary, not the whole one: the loss renormalises the
+    target's distribution over the tokens the head can draft anyway, and the
+    rows cost ``draft_vocab * H`` multiply-adds each, not ``vocab * H`` (for
+    SmolLM2's head 4096 of 49152 tokens: about 5 ms of one core for a
+    150-token prompt). So a prompt row's greedy choice in the held-out metric
+    is the best draft token's, which the head can always draft. ``cache``
+    (a dict the caller keeps) holds the gathered LM head rows between calls
+    with the same draft vocabulary. Returns ``ex`` itself when nothing is
+    missing."""
+    missing = ex.missing_targets()
+    if not missing.any():
+        return ex
+    # One copy of the ids, used for the rows and the token ids alike: a
+    # re-chosen vocabulary (another thread's) changes which tokens score, not
+    # whether a logit belongs to its token.
+    ids = head.draft_ids.numpy().astype(np.int64)
+    cache = {} if cache is None else cache
+    if cache.get("ids") is None or not np.array_equal(cache["ids"], ids):
+        cache["ids"] = ids
+        cache["rows"] = head.lm_head[torch.from_numpy(ids)].to(torch.float32).contiguous()
+    k = ex.topk_ids.shape[1]
+    top_ids, top_l = ex.topk_ids.copy(), ex.topk_logits.copy()
+    with torch.no_grad():
+        logits = torch.from_numpy(np.ascontiguousarray(ex.feature[missing], np.float32)) @ cache["rows"].T
+        kk = min(k, logits.shape[1])
+        vals, cols = torch.topk(logits, kk, dim=-1)
+    rows = np.flatnonzero(missing)
+    top_ids[rows, :kk] = ids[cols.numpy()].astype(np.int32)
+    top_l[rows, :kk] = vals.numpy()
+    top_ids[rows, kk:] = -1
+    top_l[rows, kk:] = -np.inf
+    return Examples(ex.parent_feature, ex.token, top_ids, top_l, ex.feature, ex.parent_back)
 
 
 def bf16_dot_products() -> bool:
@@ -369,6 +410,7 @@ class Trainer:
         self.state = "idle"           # idle | running | stopped | error
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
+        self._target_rows: dict = {}   # fill_targets' cache of LM head rows
 
     # ---- training --------------------------------------------------------------------
 
@@ -402,6 +444,7 @@ class Trainer:
         for _ in range(n):
             if throttle and self._stop.is_set():
                 break
+            self.ingest()
             batch = self.buffer.sample(self.batch_size, self.rng)
             if batch is None:
                 break
@@ -435,6 +478,17 @@ class Trainer:
             for avg, p in zip(self.average.parameters(), self.head.parameters()):
                 if p.requires_grad:   # a frozen one equals its average
                     avg.lerp_(p, 1.0 - self.ema)
+
+    def add_examples(self, ex: Examples) -> None:
+        """Adds tapped examples to the buffer, first computing the targets of
+        rows that have none (:func:`fill_targets`, with the candidate's draft
+        vocabulary): what the learning loop's tap feeds."""
+        self.buffer.add(fill_targets(ex, self.head, self._target_rows))
+
+    def ingest(self) -> None:
+        """Called by the training thread before each step and while it waits
+        for data: a trainer process adds the batches that arrived meanwhile
+        (here nothing: examples were added when they came)."""
 
     def ready(self) -> bool:
         """Enough data for a round: a training region of min_train examples and
@@ -567,6 +621,7 @@ class Trainer:
         """Rounds (throttled) until stopped, waiting while the buffer has too
         little data; what the worker runs, in a thread or in a process."""
         while not self._stop.is_set():
+            self.ingest()
             if not self.ready():
                 self._stop.wait(POLL_SECONDS)
                 continue
