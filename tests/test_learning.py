@@ -661,6 +661,22 @@ def test_trainer_rechooses_the_draft_vocabulary_from_traffic(tiny):
         torch.testing.assert_close(getattr(avg, name), getattr(head, name))
     assert not tr.maybe_revocab()                         # stable once chosen
     assert tr.train_steps(3) == 3                         # the optimiser follows the new parameters
+    # Re-chosen after training: Adam's moments stay with their parameters, and
+    # the output layer's move with its rows (zero for the new ones).
+    moments = {id(p): {k: v.clone() for k, v in tr.opt.state[p].items()} for p in tr._trained()}
+    row50 = int(head.full_to_draft[50])
+    counts[200:240] = 7
+    assert tr.maybe_revocab()
+    w_out = head.w_out
+    for p in tr._trained():
+        for k, v in tr.opt.state[p].items():
+            if p is not w_out or k == "step":
+                torch.testing.assert_close(v, moments[id(p)][k])
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert moments[id(w_out)][k][row50].any()
+        torch.testing.assert_close(tr.opt.state[w_out][k][head.full_to_draft[50]], moments[id(w_out)][k][row50])
+        assert not tr.opt.state[w_out][k][head.full_to_draft[210]].any()
+    assert tr.train_steps(2) == 2
 
 
 # ---- checkpoints -----------------------------------------------------------------------------
