@@ -275,3 +275,27 @@ def test_without_emitted_tokens_the_fallback_keeps_the_static_head():
     for k in range(300):
         fallback_step(ctl, k, lambda k: True, lambda k: False, emitted=False)
     assert ctl.trusted == 1 and ctl.pair_n == 0
+
+
+def test_calibration_estimates_are_remembered_only_until_the_next_record():
+    """counted() keeps each cell's estimate between records (the selection
+    reads the same cells many times a step); a record forgets them all, and
+    every answer equals a fresh computation from the same counts."""
+    from atlas.controller import _Calibration
+    rng = np.random.default_rng(1)
+    cal = _Calibration()
+
+    def fresh(depth, conf):
+        other = _Calibration(accepted=cal.accepted.copy(), tried=cal.tried.copy())
+        return other.counted(depth, conf)
+
+    for step in range(200):
+        for _ in range(3):
+            d, c = int(rng.integers(1, 12)), float(rng.random())
+            assert cal.counted(d, c) == fresh(d, c)
+        cal.record(int(rng.integers(1, 12)), float(rng.random()), bool(rng.random() < 0.6))
+    assert cal.counted(1, 0.95) == cal.counted(1, 0.95) == fresh(1, 0.95)
+    before = cal.counted(1, 0.95)
+    for _ in range(20):
+        cal.record(1, 0.95, False)
+    assert cal.counted(1, 0.95) < before and cal.counted(1, 0.95) == fresh(1, 0.95)
