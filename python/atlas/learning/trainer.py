@@ -128,7 +128,8 @@ forwards (then about 20 steps of 256 a minute, for about a sixth of serving
 throughput; with the engine's and the kernels' later changes, and the loop's
 steps of 512 with the output layer frozen, about 50 steps a minute in
 ``bench/bench_atlas.py``'s stream, for 4% of serving throughput, see
-``atlas.learning.loop.LOOP_TRAIN_OUTPUT``). The child stays in the
+``atlas.learning.loop.LOOP_TRAIN_OUTPUT``; the loop's steps are now of 128
+examples, about 120 a minute there). The child stays in the
 serving process's session: Linux shares the CPU equally between sessions
 (autogroups), and a child in a session of its own got half the machine
 whatever its niceness (about 48 steps a minute, serving at 32 tokens/s).
