@@ -601,10 +601,12 @@ def test_distillation_loss_gives_ruled_out_tokens_no_weight():
     ids = torch.tensor([[0, 1], [3, 2]])
     # Row 0: token 1 ruled out (-inf); row 1: its one draft token ruled out, so no row.
     target = torch.tensor([[0.0, -inf], [0.0, -inf]])
-    loss, parts = distillation_loss(torch.zeros(2, 3), torch.zeros(2, 4), torch.ones(2, 4), target, ids,
-                                    full_to_draft)
+    logits = torch.zeros(2, 3, requires_grad=True)
+    loss, parts = distillation_loss(logits, torch.zeros(2, 4), torch.ones(2, 4), target, ids, full_to_draft)
     assert parts["rows"] == 1 and math.isfinite(float(loss))
     assert parts["ce"] == pytest.approx(math.log(3))   # p one-hot on token 0, q uniform over 3
+    loss.backward()   # the row left out gets no gradient, and no NaN
+    assert torch.isfinite(logits.grad).all() and not logits.grad[1].any() and logits.grad[0].any()
 
 
 def test_the_head_keeps_the_targets_lm_head_and_shares_a_tied_one():
