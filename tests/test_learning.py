@@ -998,22 +998,25 @@ def test_a_trainer_process_that_raises_is_reported_and_can_be_restarted(tiny):
     try:
         _feed(loop, tiny)
         assert _wait(lambda: loop.trainer.rounds >= 1, 60)
-        version, rounds = spec.version, loop.trainer.rounds
+        rounds = loop.trainer.rounds
         first = loop.trainer.pid
         # Tokens outside the vocabulary (the tap never makes them) reach the
         # child, whose embedding lookup raises when it trains or evaluates on them.
         vocab, H = target.config.vocab_size, target.config.hidden_size
         loop.tap.sink(examples([vocab + 3] * 400, hidden=H, k=16))
         assert _wait(lambda: loop.trainer.state == "error", 60)
+        # (a round that was ending when the bad batch came may still have
+        # pushed: the last good weights are those live at the failure)
+        version = spec.version
         st = loop.stats()
         assert st["errors"] == 1 and "IndexError" in st["last_error"] and "Traceback" in st["last_error"], st
         assert not loop.trainer.running and loop.trainer.exitcode == 1
         _assert_reaped(first)
         # Serving goes on with the last good weights; the tap's batches are dropped, not queued.
-        assert spec.version == version
         _assert_proposes(spec, target)
         _feed(loop, tiny, 2)
         assert loop.stats()["dropped"] > st["dropped"]
+        assert spec.version == version
         # A new child starts from the live weights, with an empty buffer.
         loop.start()
         assert loop.trainer.pid != first and loop.trainer.state == "running"
