@@ -260,7 +260,8 @@ class Tap:
 
         if n_ex:
             top_ids, top_l = topk_logits(record.logits, k)   # every row: no copy of the selected ones
-            top_ids, top_l = top_ids[np.maximum(logit_rows_a, 0)], top_l[np.maximum(logit_rows_a, 0)]
+            rows_l = np.maximum(logit_rows_a, 0)
+            top_ids, top_l = top_ids[rows_l], top_l[rows_l]
             if self.prompt_examples:
                 missing = logit_rows_a < 0   # prompt rows: targets computed by the trainer
                 top_ids[missing] = -1

@@ -60,7 +60,6 @@ class LearnedSpeculator(Speculator):
             raise ValueError(f"min_path_prob must be in [0, 1), got {min_path_prob}")
         self.max_depth, self.topk, self.width = max_depth, topk, width
         self.min_path_prob = float(min_path_prob)
-        self.hidden = int(head.hidden)
         # The native head reads this float32 table in place and keeps it alive
         # (no copy when the head's table is already float32 in CPU memory).
         embed = head.embed.detach().to("cpu", torch.float32).contiguous().numpy()
