@@ -115,7 +115,9 @@ def check_against_reference(cache, layer, q, seqs, trees, out):
     return 2 * base + floor
 
 
-CONTEXTS = [0, 1, 3, 97, 1025]
+# 160 and 1025: long enough that each kv head's pass is split in two (merged
+# by their softmax statistics, see kSplitContext in attention.cpp).
+CONTEXTS = [0, 1, 3, 97, 160, 1025]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -127,7 +129,7 @@ def test_matches_reference(dtype, head_dim, kv_heads, group):
     cache = atlas.KVCache(num_layers=2, num_kv_heads=kv_heads, head_dim=head_dim, num_blocks=220,
                           block_size=bs, max_seqs=8, dtype=dtype)
     trees = [tree_of("chain", 1, rng), tree_of("fan", 64, rng), tree_of("random", 17, rng),
-             tree_of("chain", 33, rng), tree_of("random", 64, rng)]
+             tree_of("chain", 33, rng), tree_of("random", 64, rng), tree_of("random", 9, rng)]
     order = rng.permutation(len(CONTEXTS))
     contexts = [CONTEXTS[i] for i in order]
     seqs = build_batch(cache, contexts, trees, rng)

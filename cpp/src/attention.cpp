@@ -1,7 +1,8 @@
 // atlas/attention.cpp: tree attention over the paged KV cache on the CPU.
 //
 // Work is organised as a small blocked GEMM per sequence and kv head (the kv
-// heads of a tile split over the pool's threads, see atlas/attention.h): the
+// heads of a tile, or halves of their context, split over the pool's threads,
+// see atlas/attention.h and kSplitContext): the
 // "rows" are a tile of queries (up to kTileFloats / head_dim rows) times the G
 // query heads that share the kv head, so every key and value row read from the
 // paged cache serves all of them. The rows walk their positions in chunks of
@@ -79,6 +80,16 @@ constexpr int kChunk = 32;
 // context that is already cache resident.
 constexpr int64_t kTileFloats = 4096;
 
+// Why split at 128 positions: a kv head's pass over a long context is the unit
+// the pool's threads share, and SmolLM2's 3 kv heads split over 2 threads as 2
+// and 1, one thread idle a third of the time. From 128 committed positions each
+// head's pass is two (positions below and above a page boundary near the middle
+// of the context, the tree in the second), merged by their softmax statistics:
+// 6 units, 3 a thread. Below that a pass is short enough that the extra setup
+// and merge would eat the gain. The split depends on the context only, never
+// on the thread count, so the result does not either.
+constexpr int64_t kSplitContext = 128;
+
 std::string str(int64_t v) { return std::to_string(v); }
 
 // Scratch reused across calls (one per thread: the binding runs calls on
@@ -87,6 +98,7 @@ std::string str(int64_t v) { return std::to_string(v); }
 struct Workspace {
   std::vector<float> maskf;
   std::vector<uint8_t> any;
+  std::vector<float> part_m, part_l, part_acc;  // the split segments' results (see Tile)
 };
 
 // Scratch of one thread's kv-head passes (see Tile).
@@ -499,7 +511,8 @@ struct Job {
   const void* v = nullptr;  // likewise V
   const int32_t* table = nullptr;
   int64_t block_size = 0, row = 0;  // row: elements per token row of a plane
-  int64_t ctx = 0, end = 0;         // committed length; positions [0, end) are visited
+  int64_t ctx = 0;                  // committed length
+  int64_t begin = 0, end = 0;       // positions [begin, end) are visited
   int dim = 0, rows = 0, rp = 0;    // rp: rows padded to a multiple of W
   float scale = 0.0f;
   const float* qt = nullptr;        // [dim, rp] queries, transposed (but see dot)
@@ -519,7 +532,7 @@ ATLAS_AI void attend_chunks(const Job& j) {
   std::fill(j.acc, j.acc + static_cast<int64_t>(rows) * dim, 0.0f);
   const T* kp = static_cast<const T*>(j.k);
   const T* vp = static_cast<const T*>(j.v);
-  for (int64_t pos = 0; pos < j.end;) {
+  for (int64_t pos = j.begin; pos < j.end;) {
     const int64_t off = pos % bs;
     int64_t n = std::min<int64_t>({kChunk, bs - off, j.end - pos});
     const bool tree = pos >= j.ctx;
@@ -691,15 +704,22 @@ struct Tile {
   int64_t first = 0, tq = 0;  // the tile's first query (batch-wide index) and its query count
   int group = 0, nkv = 0, num_q_heads = 0, width = 0;
   int64_t rows_max = 0, rp_max = 0;
+  // Two segments per kv head (see kSplitContext) when split is set: positions
+  // [0, mid) and [mid, end), each a unit of work whose running max, sum and
+  // accumulator go to part_m / part_l / part_acc[unit], merged by the caller.
+  bool split = false;
+  int64_t mid = 0;
+  float *part_m = nullptr, *part_l = nullptr, *part_acc = nullptr;
   mutable std::atomic<bool> failed{false};  // a part could not allocate its scratch
 };
 
 template <typename T>
 void tile_heads(const void* arg, int32_t part, int32_t parts) {
   const Tile<T>& t = *static_cast<const Tile<T>*>(arg);
-  const int g0 = static_cast<int>(int64_t{t.nkv} * part / parts);
-  const int g1 = static_cast<int>(int64_t{t.nkv} * (part + 1) / parts);
-  if (g0 >= g1) return;
+  const int units = t.nkv * (t.split ? 2 : 1);
+  const int u0 = static_cast<int>(int64_t{units} * part / parts);
+  const int u1 = static_cast<int>(int64_t{units} * (part + 1) / parts);
+  if (u0 >= u1) return;
   const int dim = t.job.dim, group = t.group;
   Job job = t.job;
   thread_local HeadScratch ws;
@@ -718,7 +738,23 @@ void tile_heads(const void* arg, int32_t part, int32_t parts) {
   }
   float* qt = ws.qt.data();
   const int rows = job.rows, rp = job.rp;
-  for (int g = g0; g < g1; ++g) {
+  const int splits = t.split ? 2 : 1;
+  int last_g = -1;
+  for (int u = u0; u < u1; ++u) {
+    const int g = u / splits;
+    if (t.split) {
+      const bool first_half = u % 2 == 0;
+      job.begin = first_half ? 0 : t.mid;
+      job.end = first_half ? t.mid : t.job.end;
+      job.acc = t.part_acc + static_cast<int64_t>(u) * t.rows_max * dim;
+      job.m = t.part_m + static_cast<int64_t>(u) * t.rp_max;
+      job.l = t.part_l + static_cast<int64_t>(u) * t.rp_max;
+    }
+    if (g == last_g) {  // the same head's queries, already in qt
+      attend<T>(t.width, job);
+      continue;
+    }
+    last_g = g;
     // qt[d * rp + r] = query row r (query first + r / group, head g * group + r % group),
     // or qt[r * dim + d] on the dot-product path.
     for (int64_t qi = 0; qi < t.tq; ++qi)
@@ -737,6 +773,7 @@ void tile_heads(const void* arg, int32_t part, int32_t parts) {
     job.k = t.kplane + static_cast<int64_t>(g) * dim;
     job.v = t.vplane + static_cast<int64_t>(g) * dim;
     attend<T>(t.width, job);
+    if (t.split) continue;  // the caller merges the two segments
 
     const float* l = job.l;
     for (int64_t qi = 0; qi < t.tq; ++qi)
@@ -747,6 +784,30 @@ void tile_heads(const void* arg, int32_t part, int32_t parts) {
         const float* a = job.acc + r * dim;
         for (int d = 0; d < dim; ++d) store_out(dst + d, a[d] * inv);
       }
+  }
+}
+
+// Merges the two segments of each kv head of a split tile (unit 2g: positions
+// [0, mid), unit 2g + 1: [mid, end)) and writes the output rows: with M the
+// larger running max, out = (acc0 e^(m0 - M) + acc1 e^(m1 - M)) / (l0 e^(m0 - M) +
+// l1 e^(m1 - M)). Every row sees position 0 (committed context is visible to all)
+// and its own node, so both segments saw keys and both maxima are finite.
+template <typename T>
+void merge_segments(const Tile<T>& t) {
+  const int dim = t.job.dim, rows = t.job.rows;
+  for (int g = 0; g < t.nkv; ++g) {
+    const int64_t u0 = 2 * g, u1 = 2 * g + 1;
+    for (int r = 0; r < rows; ++r) {
+      const float m0 = t.part_m[u0 * t.rp_max + r], m1 = t.part_m[u1 * t.rp_max + r];
+      const float mx = std::max(m0, m1);
+      const float a0 = std::exp(m0 - mx), a1 = std::exp(m1 - mx);
+      const float inv = 1.0f / (t.part_l[u0 * t.rp_max + r] * a0 + t.part_l[u1 * t.rp_max + r] * a1);
+      const float* acc0 = t.part_acc + (u0 * t.rows_max + r) * dim;
+      const float* acc1 = t.part_acc + (u1 * t.rows_max + r) * dim;
+      const int64_t qi = r / t.group, h = r % t.group;
+      T* dst = t.out + ((t.first + qi) * t.num_q_heads + static_cast<int64_t>(g) * t.group + h) * dim;
+      for (int d = 0; d < dim; ++d) store_out(dst + d, (acc0[d] * a0 + acc1[d] * a1) * inv);
+    }
   }
 }
 
@@ -788,7 +849,6 @@ void run(const TreeAttentionProblem& p, int64_t max_queries) {
   job.scale = p.scale;
   job.maskf = maskf;
   job.any = any;
-  const int32_t parts = std::min<int32_t>(p.threads, nkv);
 
   for (int64_t b = 0; b < p.batch; ++b) {
     const int64_t q0 = p.q_offsets[b];
@@ -816,14 +876,25 @@ void run(const TreeAttentionProblem& p, int64_t max_queries) {
           any[jn] = 1;
         }
       job.ctx = ctx;
+      job.begin = 0;
       job.end = ctx + nodes;
       job.rows = rows;
       job.rp = rp;
       job.dot = rows <= dot_rows(width) && dim % width == 0;
       t.first = q0 + t0;
       t.tq = tq;
-      parallel_parts(parts, tile_heads<T>, &t);
+      // Long contexts: two segments per kv head, split at a page boundary.
+      t.mid = ctx >= kSplitContext ? ctx / 2 / bs * bs : 0;
+      t.split = t.mid > 0;
+      const int units = nkv * (t.split ? 2 : 1);
+      if (t.split) {
+        t.part_m = grow(ws.part_m, static_cast<size_t>(units * t.rp_max));
+        t.part_l = grow(ws.part_l, static_cast<size_t>(units * t.rp_max));
+        t.part_acc = grow(ws.part_acc, static_cast<size_t>(units * t.rows_max * dim));
+      }
+      parallel_parts(std::min<int32_t>(p.threads, units), tile_heads<T>, &t);
       if (t.failed.load()) throw std::bad_alloc();
+      if (t.split) merge_segments(t);
     }
   }
 }

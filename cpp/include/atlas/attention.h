@@ -11,9 +11,13 @@
 //
 // GQA: query head h reads kv head h / (num_q_heads / num_kv_heads).
 //
-// Threads: the kv heads of each tile of queries are split over `threads`
-// parts (the calling thread and the pool's workers), contiguous ranges of
-// heads each. SmolLM2-135M has 3 kv heads, so 2 threads take 1 and 2 of them.
+// Threads: the work of each tile of queries is split over `threads` parts (the
+// calling thread and the pool's workers). Its units are the kv heads, each
+// one pass over the context, or from 128 committed positions two passes per
+// head (the context below and above a page boundary near its middle, merged
+// by their softmax statistics), so that SmolLM2-135M's 3 kv heads make 6
+// units, 3 for each of 2 threads, instead of 2 and 1. The units depend on
+// the problem only: the result does not depend on `threads`.
 #pragma once
 
 #include <cstdint>
