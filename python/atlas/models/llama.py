@@ -392,7 +392,7 @@ class LlamaModel:
             q_off_dev = torch.from_numpy(np.asarray(q_offsets, np.int64)).to(device, non_blocking=True)
             parents_dev = torch.from_numpy(np.asarray(parents, np.int32)).to(device, non_blocking=True)
         # A forward of a few rows (plain decoding, a draft tree) runs its
-        # matrices and tree attention (its kv heads split, see
+        # matrices and tree attention (its kv heads and their context split, see
         # atlas/attention.h) on atlas's pool threads and everything else on one
         # torch thread: its small element-wise products gain nothing from
         # more, and torch's OpenMP team would fight the panel workers for the
