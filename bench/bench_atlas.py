@@ -21,6 +21,11 @@ head's greedy draft equals the target's next token (depth-1 acceptance).
 
     python bench/bench_atlas.py [--prompts 164] [--new-tokens 128] [--out bench_atlas.png]
 
+``--trainer-beside-forwards`` lets the trainer process run during the target
+forwards too (``LearningLoop(pause_during_forward=False, max_share=1.0)``): on a 2-core CPU it
+trains many times more steps and slows serving badly, which shows what the
+learner reaches when CPU is not what limits it.
+
 With ``--shift N``: a domain shift instead. Full atlas serves N code prompts,
 then N prose prompts (``bench/data/prose_prompts.txt``, at most 48); the tau
 and tokens per second of each block of requests are printed, and beside them
@@ -104,7 +109,12 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128, help="tokens per request (default 128)")
     ap.add_argument("--shift", type=int, default=0, help="domain-shift run with N code then N prose prompts")
     ap.add_argument("--out", default="bench_atlas.png", help="learning-curve picture")
+    ap.add_argument("--trainer-beside-forwards", action="store_true",
+                    help="never pause the trainer process during target forwards (on a CPU it then competes "
+                         "with them: more training, slower serving); default: paused, it trains in the gaps")
     args = ap.parse_args()
+    # (and no duty cycle: the whole of a core when it gets one)
+    learning_options = dict(pause_during_forward=False, max_share=1.0) if args.trainer_beside_forwards else None
 
     target = atlas.load(atlas.default_model())
     head = static_head(target, None)
@@ -119,7 +129,7 @@ def main():
         code = humaneval_prompts(args.shift)
         prose = prose_prompts(args.shift)
         static_engine = atlas.Engine(target, speculators=[LearnedSpeculator(head)], max_batch=1)
-        with atlas.Engine(target, max_batch=1, cache_dir=cache) as engine:
+        with atlas.Engine(target, max_batch=1, cache_dir=cache, learning_options=learning_options) as engine:
             served = run(engine, code + prose, args.new_tokens, "atlas")
         ref_prompts = code[-len(code) // 4:] + prose[:len(prose) // 4] + prose[-len(prose) // 4:]
         ref = run(static_engine, ref_prompts, args.new_tokens, "static")
@@ -153,7 +163,7 @@ def main():
     print(f"\nfull atlas: the whole stream ({len(prompts)} requests, learning on); plain decoding and each "
           f"speculator alone: the first and last {q}, each right after full atlas", flush=True)
     frozen, outputs = {}, []
-    with atlas.Engine(target, max_batch=1, cache_dir=cache) as engine:
+    with atlas.Engine(target, max_batch=1, cache_dir=cache, learning_options=learning_options) as engine:
         adaptive = engine.speculators[1].native
         trainer = engine.observers[0].trainer
 

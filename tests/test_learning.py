@@ -1145,3 +1145,27 @@ def test_engine_close_stops_its_trainer_process(tiny):
     engine.close()
     assert not loop.trainer.running and loop.trainer.exitcode == 0 and loop.stats()["state"] == "stopped"
     _assert_reaped(pid)
+
+
+def test_engine_learning_options_reach_the_default_loop_and_bad_ones_are_clear_errors(tiny):
+    _, target, _, _ = tiny
+    with pytest.raises(TypeError, match="must be a dict"):
+        atlas.Engine(target, learning_options=[("lr", 1e-3)])
+    with pytest.raises(ValueError, match="speculators='auto' and learning=True"):
+        atlas.Engine(target, speculators=None, learning_options=dict(lr=1e-3))
+    with pytest.raises(ValueError, match="speculators='auto' and learning=True"):
+        atlas.Engine(target, learning=False, learning_options=dict(lr=1e-3))
+    with pytest.raises(ValueError, match=r"cannot set \['cache_dir', 'head'\]"):
+        atlas.Engine(target, learning_options=dict(head=None, cache_dir="x"))
+    with pytest.warns(UserWarning, match="tokenizer"), pytest.raises(TypeError, match="unknown trainer settings"):
+        atlas.Engine(target, learning_options=dict(bach_size=64))
+    with pytest.warns(UserWarning, match="tokenizer"):
+        engine = atlas.Engine(target, max_batch=2, max_tree_nodes=6,
+                              learning_options=dict(pause_during_forward=False, max_share=1.0, lr=5e-4))
+    try:
+        loop = engine.observers[0]
+        assert not loop.pause_during_forward
+        assert loop.trainer.settings["lr"] == 5e-4 and loop.trainer.settings["max_share"] == 1.0
+        assert len(engine.generate([[1, 2, 3, 4]], max_new_tokens=8)[0].token_ids) == 8
+    finally:
+        engine.close()

@@ -116,7 +116,7 @@ class _Request:
         return self.prompt + self.generated
 
 
-def full_atlas(target, *, learning: bool = True, cache_dir=None):
+def full_atlas(target, *, learning: bool = True, cache_dir=None, learning_options: Optional[dict] = None):
     """What ``Engine(target)`` runs by default: the suffix speculator, the
     adaptive learned speculator (learning from the traffic when ``learning``)
     and the static learned speculator (frozen: the speed floor and the
@@ -125,6 +125,9 @@ def full_atlas(target, *, learning: bool = True, cache_dir=None):
     distilled on first use (``atlas distill``; minutes on a CPU) and kept,
     like the adaptive checkpoints, in the model's cache folder
     (``cache_dir``, default ``$ATLAS_CACHE_DIR`` or ``~/.cache/atlas``).
+    ``learning_options``: keywords for the
+    :class:`~atlas.learning.LearningLoop` (its own, such as
+    ``pause_during_forward``, and its trainer's, such as ``lr`` or ``nice``).
     Returns (speculators, fallback, observers)."""
     from .learning import LearningLoop
     from .learning.distill import distill, static_head
@@ -157,7 +160,7 @@ def full_atlas(target, *, learning: bool = True, cache_dir=None):
     adaptive = LearnedSpeculator(head)
     observers = []
     if learning:
-        loop = LearningLoop(target, adaptive, head=head, cache_dir=cache_dir)
+        loop = LearningLoop(target, adaptive, head=head, cache_dir=cache_dir, **(learning_options or {}))
         loop.start()
         observers.append(loop)
     suffix = SuffixSpeculator(vocab_size=target.config.vocab_size)
@@ -168,8 +171,9 @@ class Engine:
     """Serves generation requests for one target with optional speculators.
 
     ``target`` is what :func:`atlas.load` returns. ``speculators``: ``"auto"``
-    (the default) is full atlas, see :func:`full_atlas` (``learning`` and
-    ``cache_dir`` go to it); a list of speculators (see
+    (the default) is full atlas, see :func:`full_atlas` (``learning``,
+    ``cache_dir`` and ``learning_options``, the learning loop's settings, go
+    to it); a list of speculators (see
     :mod:`atlas.speculators`); or None for plain decoding.
     ``max_tree_nodes`` bounds each request's draft tree (root included); within
     it the :class:`~atlas.controller.Controller` picks each step's trees from
@@ -195,8 +199,19 @@ class Engine:
                  kv_cache_tokens: Optional[int] = None, block_size: int = 16,
                  controller: Optional[Controller] = None, fallback: Optional[tuple] = None,
                  observers: Sequence = (), learning: bool = True, cache_dir=None,
-                 threads: Optional[int] = None, device=None):
+                 learning_options: Optional[dict] = None, threads: Optional[int] = None, device=None):
         self._owned_observers = []
+        if learning_options is not None:
+            # Checked before anything is built (a first run distils for minutes).
+            if not isinstance(learning_options, dict):
+                raise TypeError(f"learning_options must be a dict, got {type(learning_options).__name__}")
+            if speculators != "auto" or not learning:
+                raise ValueError("learning_options configure the default learning loop: they need "
+                                 "speculators='auto' and learning=True")
+            taken = sorted(set(learning_options) & {"target", "speculator", "head", "cache_dir"})
+            if taken:
+                raise ValueError(f"learning_options cannot set {taken}: the engine sets them "
+                                 "(cache_dir is the engine's own argument)")
         if device is not None:
             device = torch.device(device)
             if target.model.device != device:
@@ -205,7 +220,8 @@ class Engine:
         if isinstance(speculators, str):
             if speculators != "auto":
                 raise ValueError(f"speculators must be 'auto', None or a list of speculators, got {speculators!r}")
-            speculators, fallback, auto_observers = full_atlas(target, learning=learning, cache_dir=cache_dir)
+            speculators, fallback, auto_observers = full_atlas(target, learning=learning, cache_dir=cache_dir,
+                                                               learning_options=learning_options)
             observers = list(observers) + auto_observers
             self._owned_observers = auto_observers
         if speculators is not None and not isinstance(speculators, (list, tuple)):
