@@ -22,9 +22,9 @@ head's greedy draft equals the target's next token (depth-1 acceptance).
     python bench/bench_atlas.py [--prompts 164] [--new-tokens 128] [--out bench_atlas.png]
 
 ``--trainer-beside-forwards`` lets the trainer process run during the target
-forwards too (``LearningLoop(pause_during_forward=False, max_share=1.0)``): on a 2-core CPU it
-trains many times more steps and slows serving badly, which shows what the
-learner reaches when CPU is not what limits it.
+forwards too (``LearningLoop(pause_during_forward=False, max_share=1.0)``):
+on a 2-core CPU it trains many times more steps and slows serving badly,
+which shows what the learner reaches when CPU is not what limits it.
 
 With ``--shift N``: a domain shift instead. Full atlas serves N code prompts,
 then N prose prompts (``bench/data/prose_prompts.txt``, at most 48); the tau

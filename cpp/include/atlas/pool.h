@@ -1,5 +1,6 @@
 // atlas/pool.h: the persistent worker threads that split one native call's
-// work (the linear layers' panels, tree attention's kv heads and context halves) over the cores.
+// work (the linear layers' panels, tree attention's kv heads and context
+// halves) over the cores.
 //
 // parallel_parts(parts, fn, arg) runs fn(arg, i, parts) for i = 0 .. parts-1:
 // part 0 on the calling thread, the others on workers 1 .. parts-1, and
