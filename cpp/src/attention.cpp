@@ -711,6 +711,11 @@ struct Tile {
   int64_t mid = 0;
   float *part_m = nullptr, *part_l = nullptr, *part_acc = nullptr;
   mutable std::atomic<bool> failed{false};  // a part could not allocate its scratch
+
+  // Output row of the tile's query qi, query head h of kv head g.
+  T* out_row(int64_t qi, int g, int h) const {
+    return out + ((first + qi) * num_q_heads + static_cast<int64_t>(g) * group + h) * job.dim;
+  }
 };
 
 template <typename T>
@@ -780,7 +785,7 @@ void tile_heads(const void* arg, int32_t part, int32_t parts) {
       for (int h = 0; h < group; ++h) {
         const int64_t r = qi * group + h;
         const float inv = 1.0f / l[r];
-        T* dst = t.out + ((t.first + qi) * t.num_q_heads + static_cast<int64_t>(g) * group + h) * dim;
+        T* dst = t.out_row(qi, g, h);
         const float* a = job.acc + r * dim;
         for (int d = 0; d < dim; ++d) store_out(dst + d, a[d] * inv);
       }
@@ -805,7 +810,7 @@ void merge_segments(const Tile<T>& t) {
       const float* acc0 = t.part_acc + (u0 * t.rows_max + r) * dim;
       const float* acc1 = t.part_acc + (u1 * t.rows_max + r) * dim;
       const int64_t qi = r / t.group, h = r % t.group;
-      T* dst = t.out + ((t.first + qi) * t.num_q_heads + static_cast<int64_t>(g) * t.group + h) * dim;
+      T* dst = t.out_row(qi, g, h);
       for (int d = 0; d < dim; ++d) store_out(dst + d, (acc0[d] * a0 + acc1[d] * a1) * inv);
     }
   }

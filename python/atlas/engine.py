@@ -205,7 +205,7 @@ class Engine:
             # Checked before anything is built (a first run distils for minutes).
             if not isinstance(learning_options, dict):
                 raise TypeError(f"learning_options must be a dict, got {type(learning_options).__name__}")
-            if speculators != "auto" or not learning:
+            if not (isinstance(speculators, str) and speculators == "auto") or not learning:
                 raise ValueError("learning_options configure the default learning loop: they need "
                                  "speculators='auto' and learning=True")
             taken = sorted(set(learning_options) & {"target", "speculator", "head", "cache_dir"})

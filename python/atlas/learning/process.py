@@ -696,8 +696,7 @@ class _ChildTrainer(Trainer):
             try:
                 self.add_examples(ex)
             except ValueError as e:
-                self.link.rejected += 1
-                self._record_error(f"examples refused by the replay buffer: {e}")
+                self.link.refused(e)
 
     def measure_live(self, batch: Batch) -> Optional[float]:
         if self.live_head is not None:
@@ -748,6 +747,12 @@ class _Link:
     def send(self, msg) -> None:
         with self.send_lock:
             self.results.send(msg)
+
+    def refused(self, e: ValueError) -> None:
+        """Counts and reports a batch the replay buffer refused (the inbox's
+        complete batches and the main thread's filled ones alike)."""
+        self.rejected += 1
+        self.trainer._record_error(f"examples refused by the replay buffer: {e}")
 
     def latest_counts(self) -> np.ndarray:
         return self.counts if self.counts is not None else np.zeros(self.vocab, np.int64)
@@ -812,8 +817,7 @@ class _Link:
                         try:
                             self.trainer.receive(msg[1])
                         except ValueError as e:
-                            self.rejected += 1
-                            self.trainer._record_error(f"examples refused by the replay buffer: {e}")
+                            self.refused(e)
                     elif msg[0] == "counts":
                         self.counts = msg[1]
                 now = time.monotonic()
