@@ -14,10 +14,18 @@ to plain decoding, and writes the learning curve as a PNG.
 
 It also measures what learning bought, on requests the learner had not seen:
 the adaptive head's weights live when the first three quarters of the stream
-had been served are frozen, and after the stream both that head and the static
-head are scored teacher-forced on the last quarter's requests (prompt and
-greedy output through the target): the share of output positions where the
-head's greedy draft equals the target's next token (depth-1 acceptance).
+had been served are frozen, and
+
+* that frozen head alone and the static head alone (learning off) serve each
+  request of the last quarter, each in a new engine of its own made at the
+  freeze (so their controllers start alike): their draft tokens accepted per
+  step (tau - 1) and tokens per second;
+* after the stream both heads are scored teacher-forced on the last quarter's
+  requests (prompt and greedy output through the target): the share of
+  output positions where the head's greedy draft equals the target's next
+  token (depth-1 acceptance), and the mean number of tokens of the head's
+  greedy chain (each depth reading the head's own predicted feature, up to
+  8) that the target accepts from each position.
 
     python bench/bench_atlas.py [--prompts 164] [--new-tokens 128] [--out bench_atlas.png]
 
@@ -45,6 +53,7 @@ import atlas
 from atlas.demo import humaneval_prompts, plot_learning_curve, serve, totals
 from atlas.learning.checkpoint import STATIC, model_dir
 from atlas.learning.distill import static_head, teacher_forced
+from atlas.learning.head import PUSHED
 from atlas.speculators import LearnedSpeculator, SuffixSpeculator
 
 
@@ -79,11 +88,17 @@ def fresh_cache_with(target, head_path):
     return cache
 
 
-def depth1_acceptance(target, snapshot, sequences):
-    """Teacher-forced depth-1 greedy acceptance of a native head version over
-    (prompt ids, output ids) pairs: output positions where the head's argmax
-    equals the target's."""
+CHAIN_DEPTH = 8
+
+
+def head_acceptance(target, snapshot, sequences):
+    """Teacher-forced acceptance of a native head version over (prompt ids,
+    output ids) pairs, from every output position: (depth-1 greedy acceptance:
+    the share of positions where the head's argmax is the target's next token;
+    greedy chain length: the mean number of consecutive tokens of the head's
+    argmax chain, up to CHAIN_DEPTH, that equal the target's greedy output)."""
     hits = total = 0
+    chain = 0.0
     cache = target.new_cache(-(-max(len(p) + len(o) for p, o in sequences) // 16) + 1, block_size=16, max_seqs=1)
     ids = snapshot.draft_ids.astype(np.int64)
     for prompt, out in sequences:
@@ -100,7 +115,35 @@ def depth1_acceptance(target, snapshot, sequences):
         snapshot.forward(feats, tok, f_hat, d_logits)
         hits += int((ids[d_logits.argmax(-1)] == want).sum())
         total += len(tok)
-    return hits / max(total, 1)
+        # The chain: depth d drafts from (its parent's predicted feature, the
+        # token drafted at depth d - 1); the target's output is greedy, so a
+        # drafted token is accepted when it equals the output token there.
+        alive = ids[d_logits.argmax(-1)] == want
+        chain += float(alive.sum())
+        pos = np.arange(first + 1, L)   # where each position's depth-1 token sits in toks
+        for d in range(1, CHAIN_DEPTH):
+            if not alive.any():
+                break
+            feats, tok = f_hat, np.ascontiguousarray(ids[d_logits.argmax(-1)].astype(np.int32))
+            f_hat = np.empty_like(feats)
+            snapshot.forward(feats, tok, f_hat, d_logits)
+            at = pos + d
+            ok = np.zeros_like(alive)
+            inside = at < L
+            ok[inside] = ids[d_logits.argmax(-1)][inside] == toks[at[inside]]
+            alive &= ok
+            chain += float(alive.sum())
+    return hits / max(total, 1), chain / max(total, 1)
+
+
+def frozen_copy(head, snapshot):
+    """A DraftHead (sharing ``head``'s frozen tables) holding the weights a
+    native snapshot serves."""
+    weights = {name: snapshot.tensor(name) for name in PUSHED if name != "draft_ids"}
+    weights["draft_ids"] = snapshot.draft_ids
+    copy = head.twin()
+    copy.load_export(weights)
+    return copy
 
 
 def main():
@@ -113,6 +156,8 @@ def main():
                     help="never pause the trainer process during target forwards (on a CPU it then competes "
                          "with them: more training, slower serving); default: paused, it trains in the gaps")
     args = ap.parse_args()
+    if args.prompts < 2 and not args.shift:
+        ap.error("--prompts must be at least 2: the last quarter is served by a head frozen before it")
     # (and no duty cycle: the whole of a core when it gets one)
     learning_options = dict(pause_during_forward=False, max_share=1.0) if args.trainer_beside_forwards else None
 
@@ -131,20 +176,20 @@ def main():
         static_engine = atlas.Engine(target, speculators=[LearnedSpeculator(head)], max_batch=1)
         with atlas.Engine(target, max_batch=1, cache_dir=cache, learning_options=learning_options) as engine:
             served = run(engine, code + prose, args.new_tokens, "atlas")
-        ref_prompts = code[-len(code) // 4:] + prose[:len(prose) // 4] + prose[-len(prose) // 4:]
+        # A quarter of each block (prose has at most 48 prompts; one request at least).
+        kc, kp = max(1, len(code) // 4), max(1, len(prose) // 4)
+        ref_prompts = code[-kc:] + prose[:kp] + prose[-kp:]
         ref = run(static_engine, ref_prompts, args.new_tokens, "static")
         plain = run(atlas.Engine(target, speculators=None, max_batch=1), ref_prompts, args.new_tokens, "plain")
-        block = max(1, args.shift // 4)
         print("\n| requests | atlas tau | atlas tokens/s |")
         print("|---|---|---|")
-        for i in range(0, len(served), block):
-            part = served[i:i + block]
+        for i in range(0, len(served), kc):
+            part = served[i:i + kc]
             tok = sum(s.tokens for s in part)
-            print(f"| {i + 1}-{i + len(part)}{' (prose)' if i >= args.shift else ' (code)'} | "
+            print(f"| {i + 1}-{i + len(part)}{' (prose)' if i >= len(code) else ' (code)'} | "
                   f"{tok / sum(s.steps for s in part):.2f} | {tok / sum(s.seconds for s in part):.1f} |")
-        q = len(ref) // 3
-        for name, lo, hi in (("code, last quarter", 0, q), ("prose, first quarter", q, 2 * q),
-                             ("prose, last quarter", 2 * q, len(ref))):
+        for name, lo, hi in (("code, last quarter", 0, kc), ("prose, first quarter", kc, kc + kp),
+                             ("prose, last quarter", kc + kp, kc + 2 * kp)):
             (s_tps, s_tau), (p_tps, _) = totals(ref[lo:hi]), totals(plain[lo:hi])
             print(f"{name}: static head alone tau {s_tau:.2f}, {s_tps:.1f} tokens/s; "
                   f"plain decoding {p_tps:.1f} tokens/s")
@@ -163,24 +208,38 @@ def main():
     print(f"\nfull atlas: the whole stream ({len(prompts)} requests, learning on); plain decoding and each "
           f"speculator alone: the first and last {q}, each right after full atlas", flush=True)
     frozen, outputs = {}, []
+    heads_alone, learn_side = {}, {}   # learning off / on: the static head / the frozen adaptive head alone
     with atlas.Engine(target, max_batch=1, cache_dir=cache, learning_options=learning_options) as engine:
         adaptive = engine.speculators[1].native
         trainer = engine.observers[0].trainer
 
         def keep(s, o):
             outputs.append(o.token_ids)
-            if s.index + 1 == len(prompts) - q:   # three quarters served: freeze the adaptive head
-                frozen["adaptive"] = adaptive.snapshot()
-                frozen["version"] = adaptive.version
-            if s.index not in ends:
+            freeze = s.index + 1 == len(prompts) - q   # three quarters served: freeze the adaptive head
+            if s.index not in ends and not freeze:
                 return
             pausable = hasattr(trainer, "pause")   # a trainer process; a thread cannot be paused
             if pausable:
                 trainer.pause()
             try:
-                for name, base in baselines.items():
+                if freeze:
+                    frozen["adaptive"] = snap = adaptive.snapshot()
+                    frozen["version"] = snap.version
+                    # Learning off and on, each head alone in an engine of its
+                    # own, both new and warmed up alike here, so that their
+                    # controllers start from the same state.
+                    for name, h in (("off", head), ("on", frozen_copy(head, snap))):
+                        heads_alone[name] = atlas.Engine(target, speculators=[LearnedSpeculator(h)], max_batch=1)
+                        heads_alone[name].generate(["def warm_up():\n"], max_new_tokens=8)
+                        learn_side[name] = []
+                if s.index not in ends:
+                    return
+                runs = [(name, base, side[name]) for name, base in baselines.items()]
+                if s.index >= len(prompts) - q:   # (in a stream of 2-7 requests the freeze is in the first quarter)
+                    runs += [(f"head alone, learning {name}", e, learn_side[name]) for name, e in heads_alone.items()]
+                for name, base, sink in runs:
                     got = serve(base, [prompts[s.index]], args.new_tokens)[0]
-                    side[name].append(got)
+                    sink.append(got)
                     print(f"      {name}: {got.tokens_per_second:6.1f} tokens/s, tau {got.tau:4.2f}", flush=True)
             finally:
                 if pausable:
@@ -192,8 +251,8 @@ def main():
     rows = {name: (totals(got[:q]), totals(got[-q:])) for name, got in side.items()}
     rows["full atlas"] = (totals(served[:q]), totals(served[-q:]))
     unseen = [(target.tokenizer.encode(p), out) for p, out in zip(prompts[-q:], outputs[-q:])]
-    static_acc = depth1_acceptance(target, LearnedSpeculator(head).native.snapshot(), unseen)
-    adaptive_acc = depth1_acceptance(target, frozen["adaptive"], unseen)
+    static_acc, static_chain = head_acceptance(target, LearnedSpeculator(head).native.snapshot(), unseen)
+    adaptive_acc, adaptive_chain = head_acceptance(target, frozen["adaptive"], unseen)
 
     base_first, base_last = rows["plain"][0][0], rows["plain"][1][0]
     print("\n| decoder | first quarter tokens/s | tau | vs plain | last quarter tokens/s | tau | vs plain |")
@@ -201,10 +260,17 @@ def main():
     for name, ((f_tps, f_tau), (l_tps, l_tau)) in rows.items():
         print(f"| {name} | {f_tps:.1f} | {f_tau:.2f} | {f_tps / base_first:.2f}x | {l_tps:.1f} | {l_tau:.2f} | "
               f"{l_tps / base_last:.2f}x |")
+    (s_tps, s_tau), (a_tps, a_tau) = totals(learn_side["off"]), totals(learn_side["on"])
     print(f"\nlearning on vs off, on the last {q} requests (unseen by the adaptive head frozen after "
-          f"{len(prompts) - q}, version {frozen['version']}): depth-1 greedy acceptance, teacher-forced")
-    print(f"| static head (learning off) | {static_acc:.3f} |\n| adaptive head (learning on) | {adaptive_acc:.3f} |"
-          f"\n| ratio | {adaptive_acc / max(static_acc, 1e-9):.2f}x |")
+          f"{len(prompts) - q}, version {frozen['version']})")
+    print("| | static head (learning off) | adaptive head (learning on) | ratio |\n|---|---|---|---|")
+    for label, st, ad in (
+            ("serving alone: draft tokens accepted per step (tau - 1)", s_tau - 1, a_tau - 1),
+            ("serving alone: tokens/s", s_tps, a_tps),
+            ("teacher-forced: depth-1 greedy acceptance", static_acc, adaptive_acc),
+            (f"teacher-forced: greedy chain tokens accepted (depth <= {CHAIN_DEPTH})", static_chain,
+             adaptive_chain)):
+        print(f"| {label} | {st:.3f} | {ad:.3f} | {ad / max(st, 1e-9):.2f}x |")
     print(f"\ncontroller: {summary}\nlearning: {learn}")
     plot_learning_curve(served, (base_first + base_last) / 2, args.out,
                         f"atlas on SmolLM2-135M, {len(prompts)} HumanEval requests, learning on")

@@ -75,3 +75,39 @@ def test_the_demo_runs_end_to_end(tmp_path):
     assert "distilling" in run.stdout
     assert png.stat().st_size > 1000
     assert list((tmp_path / "cache").glob("*/static.npz"))
+
+
+def test_the_adaptive_speculation_benchmark_runs(tmp_path):
+    """bench/bench_atlas.py, shortened, on the default model with a quickly
+    distilled static head: the stream's tables (speed, and learning on vs
+    off) and its PNG; then the domain-shift variant. Figures are not
+    checked: this keeps the benchmark running, bench/results/CPU.md holds
+    what it measures."""
+    import subprocess
+    import sys
+
+    from atlas.learning.distill import distill
+
+    target = atlas.load(atlas.default_model())
+    cache = tmp_path / "cache"
+    distill(target, tokens=1024, prompts=2, gen_tokens=8, steps=5, out=cache)
+    bench = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "bench_atlas.py")
+    env = dict(os.environ, ATLAS_CACHE_DIR=str(cache),
+               PYTHONPATH=os.pathsep.join(p for p in (os.path.dirname(atlas.__path__[0]),
+                                                      os.environ.get("PYTHONPATH")) if p))
+    png = tmp_path / "curve.png"
+    run = subprocess.run([sys.executable, bench, "--prompts", "4", "--new-tokens", "8", "--out", str(png)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    for row in ("| plain |", "| suffix alone |", "| static head alone |", "| full atlas |",
+                "| serving alone: draft tokens accepted per step (tau - 1) |",
+                "| teacher-forced: depth-1 greedy acceptance |", "| teacher-forced: greedy chain tokens accepted"):
+        assert row in run.stdout, (row, run.stdout[-2000:])
+    assert png.stat().st_size > 1000
+    run = subprocess.run([sys.executable, bench, "--shift", "2", "--new-tokens", "8"],
+                         capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "(prose)" in run.stdout and "prose, last quarter: static head alone" in run.stdout
+    bad = subprocess.run([sys.executable, bench, "--prompts", "1"], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert bad.returncode != 0 and "--prompts must be at least 2" in bad.stderr
