@@ -235,7 +235,7 @@ def main():
                 if s.index not in ends:
                     return
                 runs = [(name, base, side[name]) for name, base in baselines.items()]
-                if s.index >= len(prompts) - q:   # (in a stream of 2-7 requests the freeze is in the first quarter)
+                if s.index >= len(prompts) - q:   # (a stream of 2 requests freezes at its first quarter)
                     runs += [(f"head alone, learning {name}", e, learn_side[name]) for name, e in heads_alone.items()]
                 for name, base, sink in runs:
                     got = serve(base, [prompts[s.index]], args.new_tokens)[0]
