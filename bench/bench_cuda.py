@@ -215,7 +215,9 @@ def bench_attention(timer: Timer, copy_bw: float, quick: bool):
             "baseline": "torch SDPA, contiguous K/V + mask", "baseline_us": base_us, "speedup": base_us / us,
             "max_abs_diff_vs_sdpa": err,
         })
-        del cache, k, v
+        # Drop this case's device tensors before the next case allocates its
+        # own (rebinding rather than `del`, which the closures above read).
+        cache = k = v = None
     return rows
 
 
