@@ -113,24 +113,26 @@ def head_acceptance(target, snapshot, sequences):
         f_hat = np.empty_like(feats)
         d_logits = np.empty((len(tok), len(ids)), np.float32)
         snapshot.forward(feats, tok, f_hat, d_logits)
-        hits += int((ids[d_logits.argmax(-1)] == want).sum())
-        total += len(tok)
+        drafted = ids[d_logits.argmax(-1)]
         # The chain: depth d drafts from (its parent's predicted feature, the
         # token drafted at depth d - 1); the target's output is greedy, so a
         # drafted token is accepted when it equals the output token there.
-        alive = ids[d_logits.argmax(-1)] == want
+        alive = drafted == want
+        hits += int(alive.sum())
+        total += len(tok)
         chain += float(alive.sum())
         pos = np.arange(first + 1, L)   # where each position's depth-1 token sits in toks
         for d in range(1, CHAIN_DEPTH):
             if not alive.any():
                 break
-            feats, tok = f_hat, np.ascontiguousarray(ids[d_logits.argmax(-1)].astype(np.int32))
+            feats, tok = f_hat, drafted.astype(np.int32)
             f_hat = np.empty_like(feats)
             snapshot.forward(feats, tok, f_hat, d_logits)
+            drafted = ids[d_logits.argmax(-1)]
             at = pos + d
             ok = np.zeros_like(alive)
             inside = at < L
-            ok[inside] = ids[d_logits.argmax(-1)][inside] == toks[at[inside]]
+            ok[inside] = drafted[inside] == toks[at[inside]]
             alive &= ok
             chain += float(alive.sum())
     return hits / max(total, 1), chain / max(total, 1)

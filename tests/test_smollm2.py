@@ -57,6 +57,13 @@ def test_speculative_decoding_matches_transformers(smollm2):
     assert sum(o.stats.accepted for o in batched) > 0
 
 
+def subprocess_env(**extra):
+    """This process's environment for a child Python that imports the same
+    atlas (its folder first on PYTHONPATH), plus ``extra``."""
+    path = os.pathsep.join(p for p in (os.path.dirname(atlas.__path__[0]), os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path, **extra)
+
+
 def test_the_demo_runs_end_to_end(tmp_path):
     """The README's first command, shortened: `atlas demo` on the default model
     from an empty cache (so it distils the static head first), ending with
@@ -65,11 +72,9 @@ def test_the_demo_runs_end_to_end(tmp_path):
     import sys
 
     png = tmp_path / "curve.png"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (os.path.dirname(atlas.__path__[0]),
-                                                                  os.environ.get("PYTHONPATH")) if p))
     run = subprocess.run([sys.executable, "-m", "atlas", "demo", "--requests", "4", "--new-tokens", "16",
                           "--plain-requests", "1", "--cache-dir", str(tmp_path / "cache"), "--out", str(png)],
-                         capture_output=True, text=True, env=env, timeout=900)
+                         capture_output=True, text=True, env=subprocess_env(), timeout=900)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "| atlas, last quarter |" in run.stdout
     assert "distilling" in run.stdout
@@ -92,9 +97,7 @@ def test_the_adaptive_speculation_benchmark_runs(tmp_path):
     cache = tmp_path / "cache"
     distill(target, tokens=1024, prompts=2, gen_tokens=8, steps=5, out=cache)
     bench = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "bench_atlas.py")
-    env = dict(os.environ, ATLAS_CACHE_DIR=str(cache),
-               PYTHONPATH=os.pathsep.join(p for p in (os.path.dirname(atlas.__path__[0]),
-                                                      os.environ.get("PYTHONPATH")) if p))
+    env = subprocess_env(ATLAS_CACHE_DIR=str(cache))
     png = tmp_path / "curve.png"
     run = subprocess.run([sys.executable, bench, "--prompts", "4", "--new-tokens", "8", "--out", str(png)],
                          capture_output=True, text=True, env=env, timeout=600)
