@@ -1756,6 +1756,19 @@ PYBIND11_MODULE(_native, m) {
         throw_if_error(h.head.set_metric(v, metric));
       }, py::arg("version"), py::arg("metric"),
       "Record a metric (e.g. measured acceptance) for a pushed version.")
+      .def("prefetch", [](const PyDraftHead& h) {
+        bool queued = false;
+        throw_if_error(h.head.prefetch(&queued));
+        return queued;
+      }, "Start reading the live version's weights into the CPU caches on the head's background thread and "
+         "return at once (see atlas/head.h, 'Warming the caches'): True when queued, False before the first "
+         "push (or when the thread was just handing over a request: skipped, never waited for). A newer "
+         "request, or 1.5 ms after this one, abandon it.")
+      .def_property_readonly("prefetches_done", [](const PyDraftHead& h) { return h.head.prefetches_done(); },
+                             "Background cache warm-ups completed so far.")
+      .def_property_readonly("prefetches_abandoned",
+                             [](const PyDraftHead& h) { return h.head.prefetches_abandoned(); },
+                             "Warm-ups given up so far (a newer request came, or 1.5 ms passed).")
       .def_property_readonly("version", [](const PyDraftHead& h) { return h.head.version(); },
                              "Live version number (0 before the first push).")
       .def_property_readonly("history", &head_history,

@@ -308,6 +308,39 @@ def test_device_must_be_one_atlas_can_run_on(tiny):
     assert atlas.Engine(target, speculators=None, device="cpu").device.type == "cpu"
 
 
+def test_speculators_hear_of_every_serving_forward(tiny):
+    """Speculator.after_forward comes once right after each forward of a
+    serving step (the prefill and every decode step), none for the engine's
+    start-up timings."""
+    model, target = tiny
+    forwards, heard = [], []
+
+    class Listening(OracleDrafts):
+        def after_forward(self):
+            heard.append(len(forwards))
+
+    forward = target.forward
+
+    def counting_forward(*args, **kwargs):
+        forwards.append(1)
+        return forward(*args, **kwargs)
+
+    p = random_prompts(target.config.vocab_size, 1, seed=12)[0]
+    truth = {tuple(p): hf_greedy(model, p, 12)}
+    engine = atlas.Engine(target, speculators=[Listening(truth, depth=3)])
+    engine.generate([p], max_new_tokens=2)   # the start-up timings run before the first request
+    forwards.clear()
+    heard.clear()
+    target.forward = counting_forward
+    try:
+        out = engine.generate([p], max_new_tokens=12)[0]
+    finally:
+        del target.forward
+    assert heard == list(range(1, out.stats.steps + 1))
+    assert len(forwards) == out.stats.steps
+    assert_same_greedy(model, p, truth[tuple(p)], out.token_ids)
+
+
 def test_serving_work_between_forwards_runs_on_one_thread_beside_a_gap_trainer(tiny):
     """An observer with forward_begins (the learning loop, whose trainer process
     runs in the gaps between forwards) makes the engine run its own torch work

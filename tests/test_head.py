@@ -387,6 +387,97 @@ def test_forwards_racing_pushes_see_exactly_one_version():
     assert [v for v, _ in nat.history] == list(range(1, pushes + 2))
 
 
+def test_prefetch_runs_in_the_background_and_changes_no_result():
+    """DraftHead.prefetch hands the live version to the head's warm-up thread
+    and returns at once: nothing to warm before the first push; after it every
+    queued warm-up completes, or is abandoned for a newer request, in the
+    background; pushes may race them, and every forward gives the same bits
+    as without them."""
+    import time
+
+    def settled(nat, queued):
+        deadline = time.monotonic() + 10
+        while nat.prefetches_done + nat.prefetches_abandoned < queued and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return nat.prefetches_done + nat.prefetches_abandoned
+
+    a, b = random_head(seed=13), random_head(seed=14)
+    b.embed = a.embed
+    nat = native_of(a)
+    assert nat.prefetch() is False and nat.prefetches_done == 0
+    nat.push(a.export())
+    feats, toks = inputs(a, 9, seed=15)
+    ref_a = run_native(nat, feats, toks)
+    queued = 0
+    for i in range(200):
+        queued += nat.prefetch()   # False only while the thread hands over a request
+        if i % 50 == 25:
+            nat.push(b.export() if i % 100 == 25 else a.export())
+    assert queued > 0
+    assert settled(nat, queued) == queued
+    # (one not begun within 1.5 ms of its request is abandoned: on a busy
+    # machine that can happen to a few in a row)
+    for _ in range(100):
+        if nat.prefetches_done:
+            break
+        queued += nat.prefetch()
+        settled(nat, queued)
+    assert nat.prefetches_done >= 1
+    got = run_native(nat, feats, toks)
+    np.testing.assert_array_equal(got[0], ref_a[0])
+    np.testing.assert_array_equal(got[1], ref_a[1])
+
+    # Requests in quick succession on a head large enough (9 MB) that reading
+    # it takes longer than the next request: the newer abandons the older.
+    big = random_head(vocab=8200, hidden=512, draft_vocab=8192, intermediate=32, seed=16)
+    nat = native_of(big)
+    nat.push(big.export())
+    feats, toks = inputs(big, 1, seed=17)
+    ref = run_native(nat, feats, toks)
+    queued = 0
+    for _ in range(20):
+        queued += nat.prefetch() + nat.prefetch()
+        np.testing.assert_array_equal(run_native(nat, feats, toks)[1], ref[1])
+    assert settled(nat, queued) == queued
+    assert nat.prefetches_abandoned >= 1
+    del nat   # its thread, if still warming, lets go of the weights it holds
+
+
+def test_speculator_warms_the_caches_only_while_it_drafts():
+    """LearnedSpeculator.after_forward asks for a warm-up after the forwards
+    that follow a proposal, for PREFETCH_RECENT of them, and never with
+    prefetch=False."""
+    from atlas.speculators.learned import PREFETCH_RECENT
+
+    class Counting:
+        def __init__(self, native):
+            self.native, self.calls = native, 0
+
+        def prefetch(self):
+            self.calls += 1
+            return self.native.prefetch()
+
+        def __getattr__(self, name):
+            return getattr(self.native, name)
+
+    head = random_head(vocab=41, hidden=16, draft_vocab=6, intermediate=19, seed=22)
+    with pytest.raises(ValueError, match="prefetch"):
+        LearnedSpeculator(head, prefetch=1)
+    for prefetch in (True, False):
+        spec = LearnedSpeculator(head, max_depth=2, topk=2, width=2, prefetch=prefetch)
+        spec.native = Counting(spec.native)
+        spec.after_forward()                      # nothing drafted yet
+        assert spec.native.calls == 0
+        spec.start(1, [1, 2])
+        spec.observe(_Record(True, [1], [0, 2], torch.randn(2, 16), [np.zeros(0, np.int32)]))
+        tree = DraftTree(2, 4, 41)
+        spec.propose([1], [[1, 2]], [tree], 0)
+        assert len(tree) > 1
+        for _ in range(PREFETCH_RECENT + 3):
+            spec.after_forward()
+        assert spec.native.calls == (PREFETCH_RECENT if prefetch else 0)
+
+
 # ---- bad input ---------------------------------------------------------------------------
 
 def test_bad_arguments_raise():

@@ -56,13 +56,20 @@
 #include <immintrin.h>
 #endif
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdio>
 #include <cstring>
 #include <functional>
 #include <limits>
 #include <string>
+#include <system_error>
+#include <thread>
 #include <utility>
 
 namespace atlas {
@@ -631,6 +638,105 @@ const char* DraftHead::simd_path() const {
     case Path::kAvx2: return "avx2+fma";
     default: return "sse";
   }
+}
+
+// ---- cache warm-up (see "Warming the caches" in head.h) ----------------------------------
+
+struct DraftHead::Prefetcher {
+  std::mutex mu;  // guards the five fields below
+  std::condition_variable cv;
+  std::shared_ptr<const HeadWeights> pending;
+  uint64_t pending_ticket = 0;
+  std::chrono::steady_clock::time_point pending_since;
+  bool stop = false;
+  pid_t worker_pid = 0;             // the process whose thread serves `pending`, 0: none yet
+  std::atomic<uint64_t> ticket{0};  // bumped by every request: the latest one stands
+  std::atomic<int64_t> done{0}, abandoned{0};
+  std::atomic<uint32_t> sink{0};    // what the reads summed to, so that they are not optimised away
+};
+
+void DraftHead::prefetch_loop(std::shared_ptr<Prefetcher> s) {
+  std::unique_lock<std::mutex> lock(s->mu);
+  for (;;) {
+    s->cv.wait(lock, [&] { return s->stop || s->pending != nullptr; });
+    if (s->stop) return;
+    std::shared_ptr<const HeadWeights> w = std::move(s->pending);
+    s->pending.reset();
+    const uint64_t mine = s->pending_ticket;
+    const auto deadline = s->pending_since + std::chrono::microseconds(kHeadPrefetchMicros);
+    lock.unlock();
+    // One byte of every cache line, kPrefetchChunk bytes between checks that
+    // the request still stands: every 64-byte line of a range holds exactly
+    // one of its offsets 0, 64, ... (the last byte covers a partial line).
+    constexpr size_t kPrefetchChunk = 16 << 10;
+    uint32_t acc = 0;
+    bool given_up = false;
+    auto read = [&](const void* data, size_t bytes) {
+      const auto* b = static_cast<const volatile unsigned char*>(data);
+      for (size_t lo = 0; lo < bytes && !given_up; lo += kPrefetchChunk) {
+        if (s->ticket.load(std::memory_order_relaxed) != mine || std::chrono::steady_clock::now() > deadline) {
+          given_up = true;
+          break;
+        }
+        const size_t hi = std::min(bytes, lo + kPrefetchChunk);
+        for (size_t i = lo; i < hi; i += 64) acc += b[i];
+        acc += b[hi - 1];
+      }
+    };
+    for (const auto* m : {&w->w_in_, &w->w_gate_, &w->w_up_, &w->w_down_, &w->w_out_})
+      read(m->data(), m->size() * sizeof(uint32_t));
+    for (const auto* v : {&w->b_in_, &w->norm1_, &w->norm2_}) read(v->data(), v->size() * sizeof(float));
+    read(w->draft_ids_.data(), w->draft_ids_.size() * sizeof(int32_t));
+    s->sink.fetch_add(acc, std::memory_order_relaxed);
+    w.reset();  // (a version swapped out meanwhile is freed here, off the serving thread)
+    (given_up ? s->abandoned : s->done).fetch_add(1, std::memory_order_release);
+    lock.lock();
+  }
+}
+
+DraftHead::DraftHead() : prefetcher_(std::make_shared<Prefetcher>()) {}
+
+DraftHead::~DraftHead() {
+  std::lock_guard<std::mutex> lock(prefetcher_->mu);
+  prefetcher_->stop = true;
+  prefetcher_->pending.reset();
+  prefetcher_->cv.notify_all();
+}
+
+Status DraftHead::prefetch(bool* queued) const {
+  if (!ready_) return Status::Invalid("the draft head is not initialised");
+  if (queued == nullptr) return Status::Invalid("queued is null");
+  *queued = false;
+  std::shared_ptr<const HeadWeights> w = snapshot();
+  if (!w) return Status::Ok();
+  Prefetcher& s = *prefetcher_;
+  // try_lock: the thread holds the mutex only while it takes or hands back a
+  // request, and in a child forked at that moment it stays locked for good:
+  // then this skips instead of waiting.
+  std::unique_lock<std::mutex> lock(s.mu, std::try_to_lock);
+  if (!lock.owns_lock()) return Status::Ok();
+  const pid_t pid = getpid();
+  if (s.worker_pid != pid) {  // first call, or a forked child (it has no thread)
+    try {
+      std::thread(prefetch_loop, prefetcher_).detach();
+    } catch (const std::system_error& e) {
+      return Status::Internal(std::string("could not start the draft head's warm-up thread: ") + e.what());
+    }
+    s.worker_pid = pid;
+  }
+  if (s.pending) s.abandoned.fetch_add(1, std::memory_order_release);  // replaced before it started
+  s.pending = std::move(w);
+  s.pending_ticket = s.ticket.fetch_add(1, std::memory_order_relaxed) + 1;
+  s.pending_since = std::chrono::steady_clock::now();
+  s.cv.notify_one();
+  *queued = true;
+  return Status::Ok();
+}
+
+int64_t DraftHead::prefetches_done() const { return prefetcher_->done.load(std::memory_order_acquire); }
+
+int64_t DraftHead::prefetches_abandoned() const {
+  return prefetcher_->abandoned.load(std::memory_order_acquire);
 }
 
 std::shared_ptr<const HeadWeights> DraftHead::snapshot() const {

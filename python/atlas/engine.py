@@ -505,7 +505,9 @@ class Engine:
     def _forward(self, *args, **kwargs):
         """The target forward of a serving step, between the observers'
         ``forward_begins`` and ``forward_ends`` (where they have them: the
-        learning loop pauses its trainer process there)."""
+        learning loop pauses its trainer process there); every speculator's
+        ``after_forward`` comes right after the forward, before
+        ``forward_ends``."""
         hooks = [o for o in self.observers if hasattr(o, "forward_begins")]
         for o in hooks:
             o.forward_begins()
@@ -517,6 +519,8 @@ class Engine:
         finally:
             if gap != self.threads:
                 torch.set_num_threads(gap)
+            for s in self.speculators:   # (before a trainer resumes: see LearnedSpeculator)
+                s.after_forward()
             for o in hooks:
                 o.forward_ends()
 

@@ -5,7 +5,9 @@ that request's :class:`atlas.DraftTree` (whose root is the last emitted token),
 each with a confidence in [0, 1] and the speculator's proposer id. The tree's
 node budget caps what it may add. Its lifecycle per request (``rid`` is the
 engine's request id): ``start`` -> (``propose`` -> ``update`` -> ``observe``)* -> ``finish``;
-the prefill is followed by ``update`` and ``observe`` too.
+the prefill is followed by ``update`` and ``observe`` too. ``after_forward``
+comes once per engine step (all requests together), right after the
+target's forward.
 """
 from __future__ import annotations
 
@@ -28,6 +30,12 @@ class Speculator(ABC):
                 proposer: int) -> None:
         """Adds draft nodes to trees[i] for the request rids[i] whose tokens
         so far (prompt + generated, the root last) are contexts[i]."""
+
+    def after_forward(self) -> None:
+        """The target's forward of a serving step has just returned (before
+        verification): a speculator may start preparing its next proposal in
+        the background here (the learned one warms the CPU caches with its
+        weights). It must return at once."""
 
     def update(self, rid: int, tokens: Sequence[int]) -> None:
         """Tokens just emitted for the request (it may learn from them)."""
