@@ -443,10 +443,10 @@ def test_prefetch_runs_in_the_background_and_changes_no_result():
     del nat   # its thread, if still warming, lets go of the weights it holds
 
 
-def test_speculator_warms_the_caches_only_while_it_drafts():
+def test_speculator_warms_the_caches_only_while_it_drafts(caplog):
     """LearnedSpeculator.after_forward asks for a warm-up after the forwards
-    that follow a proposal, for PREFETCH_RECENT of them, and never with
-    prefetch=False."""
+    that follow a proposal, for PREFETCH_RECENT of them, never with
+    prefetch=False, and stops asking once one could not start."""
     from atlas.speculators.learned import PREFETCH_RECENT
 
     class Counting:
@@ -476,6 +476,24 @@ def test_speculator_warms_the_caches_only_while_it_drafts():
         for _ in range(PREFETCH_RECENT + 3):
             spec.after_forward()
         assert spec.native.calls == (PREFETCH_RECENT if prefetch else 0)
+
+    # A warm-up that cannot start (no thread to be had) turns warm-ups off
+    # with a warning; serving is not interrupted.
+    class Failing(Counting):
+        def prefetch(self):
+            self.calls += 1
+            raise RuntimeError("could not start the draft head's warm-up thread")
+
+    spec = LearnedSpeculator(head, max_depth=2, topk=2, width=2)
+    spec.native = Failing(spec.native)
+    spec.start(1, [1, 2])
+    spec.observe(_Record(True, [1], [0, 2], torch.randn(2, 16), [np.zeros(0, np.int32)]))
+    spec.propose([1], [[1, 2]], [DraftTree(2, 4, 41)], 0)
+    with caplog.at_level("WARNING", logger="atlas.speculators"):
+        spec.after_forward()
+        spec.after_forward()
+    assert spec.native.calls == 1 and spec.prefetch is False
+    assert "warm-up" in caplog.text
 
 
 # ---- bad input ---------------------------------------------------------------------------

@@ -42,6 +42,7 @@ so that the warm-up thread is woken first on the core they share.
 """
 from __future__ import annotations
 
+import logging
 from typing import Dict, Optional
 
 import numpy as np
@@ -49,6 +50,8 @@ import torch
 
 from .. import _native
 from . import Speculator
+
+log = logging.getLogger("atlas.speculators")
 
 # Steps after its last proposal during which the speculator still warms the
 # caches after each forward: the controller skips a head in some steps (where
@@ -114,7 +117,11 @@ class LearnedSpeculator(Speculator):
 
     def after_forward(self) -> None:
         if self._since_proposal < PREFETCH_RECENT and self.prefetch:
-            self.native.prefetch()
+            try:
+                self.native.prefetch()
+            except RuntimeError as e:   # no thread to be had: drafting goes on, from memory
+                log.warning("cache warm-up of the draft head turned off: %s", e)
+                self.prefetch = False
         self._since_proposal += 1
 
     def observe(self, record) -> None:
