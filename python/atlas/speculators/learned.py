@@ -38,7 +38,7 @@ of its own (``DraftHead.prefetch``, atlas/head.h), which overlaps with the
 verification and bookkeeping that come before the next proposal (measured
 there: about 0.1 to 0.25 ms less a drafting call in full atlas). The engine
 calls ``after_forward`` before the learning loop's trainer process resumes,
-so that the warm-up thread is woken first on the core they share.
+so that the warm-up thread is woken before the trainer competes with it.
 """
 from __future__ import annotations
 
