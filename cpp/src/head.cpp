@@ -652,7 +652,6 @@ struct DraftHead::Prefetcher {
   pid_t worker_pid = 0;             // the process whose thread serves `pending`, 0: none yet
   std::atomic<uint64_t> ticket{0};  // bumped by every request: the latest one stands
   std::atomic<int64_t> done{0}, abandoned{0};
-  std::atomic<uint32_t> sink{0};    // what the reads summed to, so that they are not optimised away
 };
 
 void DraftHead::prefetch_loop(std::shared_ptr<Prefetcher> s) {
@@ -668,8 +667,9 @@ void DraftHead::prefetch_loop(std::shared_ptr<Prefetcher> s) {
     // One byte of every cache line, kPrefetchChunk bytes between checks that
     // the request still stands: every 64-byte line of a range holds exactly
     // one of its offsets 0, 64, ... (the last byte covers a partial line).
+    // (Each byte is read through a volatile pointer, a read the compiler must
+    // perform.)
     constexpr size_t kPrefetchChunk = 16 << 10;
-    uint32_t acc = 0;
     bool given_up = false;
     auto read = [&](const void* data, size_t bytes) {
       const auto* b = static_cast<const volatile unsigned char*>(data);
@@ -679,15 +679,14 @@ void DraftHead::prefetch_loop(std::shared_ptr<Prefetcher> s) {
           break;
         }
         const size_t hi = std::min(bytes, lo + kPrefetchChunk);
-        for (size_t i = lo; i < hi; i += 64) acc += b[i];
-        acc += b[hi - 1];
+        for (size_t i = lo; i < hi; i += 64) (void)b[i];
+        (void)b[hi - 1];
       }
     };
     for (const auto* m : {&w->w_in_, &w->w_gate_, &w->w_up_, &w->w_down_, &w->w_out_})
       read(m->data(), m->size() * sizeof(uint32_t));
     for (const auto* v : {&w->b_in_, &w->norm1_, &w->norm2_}) read(v->data(), v->size() * sizeof(float));
     read(w->draft_ids_.data(), w->draft_ids_.size() * sizeof(int32_t));
-    s->sink.fetch_add(acc, std::memory_order_relaxed);
     w.reset();  // (a version swapped out meanwhile is freed here, off the serving thread)
     (given_up ? s->abandoned : s->done).fetch_add(1, std::memory_order_release);
     lock.lock();
