@@ -17,6 +17,7 @@ from atlas.speculators import SuffixSpeculator
 from oracle import assert_same_greedy, hf_greedy, tiny_llama
 
 TRUSTED = 4  # kTrustedMatch: the long anchor, and a match trusted alone
+MATCH_PRIOR = 1.5  # kMatchPrior: a confidence is a frequency times Ls / (Ls + MATCH_PRIOR)
 
 
 # ---- the reference --------------------------------------------------------------------
@@ -112,6 +113,7 @@ class RefSuffix:
                 node = node["kids"].setdefault(t, {"count": 0, "kids": {}})
                 node["count"] += 1
         heap, seq = [], 0
+        weight = chosen / (chosen + MATCH_PRIOR)   # a long match's frequencies are worth more
 
         def push(node, prob, parent):
             nonlocal seq
@@ -119,7 +121,7 @@ class RefSuffix:
             total = sum(k["count"] for _, k in kids)
             for tok, k in kids:
                 freq = k["count"] / total
-                heapq.heappush(heap, (-(prob * freq), seq, tok, k, np.float32(freq), parent))
+                heapq.heappush(heap, (-(prob * freq), seq, tok, k, np.float32(freq * weight), parent))
                 seq += 1
 
         push(root, 1.0, 0)
@@ -143,11 +145,13 @@ def as_nodes(tree):
     return list(zip(tree.tokens.tolist(), tree.parents.tolist(), tree.confidences.tolist()))
 
 
-def assert_tree(tree, expected, proposer=0):
-    """expected: [(token, parent, confidence)] without the root."""
+def assert_tree(tree, expected, match, proposer=0):
+    """expected: [(token, parent, frequency)] without the root; ``match``: the
+    proposal's match length Ls, whose weight scales every confidence."""
     assert tree.tokens[1:].tolist() == [t for t, _, _ in expected]
     assert tree.parents[1:].tolist() == [p for _, p, _ in expected]
-    np.testing.assert_array_equal(tree.confidences[1:], np.array([c for _, _, c in expected], np.float32))
+    weight = match / (match + MATCH_PRIOR)
+    np.testing.assert_array_equal(tree.confidences[1:], np.array([f * weight for _, _, f in expected], np.float32))
     assert (tree.proposers[1:] == (1 << proposer)).all()
 
 
@@ -159,12 +163,13 @@ def test_repeated_phrase_in_the_prompt():
     # it, m = 4 (trusted alone), continuation 14 15 3 10 (max_depth 4).
     s.start(7, [10, 11, 12, 13, 14, 15, 3, 10, 11, 12, 13])
     tree = native_tree(s, 7, 13, 8, proposer=2)
-    assert_tree(tree, [(14, 0, 1.0), (15, 1, 1.0), (3, 2, 1.0), (10, 3, 1.0)], proposer=2)
+    assert_tree(tree, [(14, 0, 1.0), (15, 1, 1.0), (3, 2, 1.0), (10, 3, 1.0)], 4, proposer=2)
     # The budget caps the chain (the root counts).
-    assert_tree(native_tree(s, 7, 13, 3), [(14, 0, 1.0), (15, 1, 1.0)])
-    # After committing 14 the own match continues from the same place.
+    assert_tree(native_tree(s, 7, 13, 3), [(14, 0, 1.0), (15, 1, 1.0)], 4)
+    # After committing 14 the own match continues from the same place, one
+    # token longer (m = 5: the whole text up to 14 at 4).
     s.update(7, [14])
-    assert_tree(native_tree(s, 7, 14, 8), [(15, 0, 1.0), (3, 1, 1.0), (10, 2, 1.0), (11, 3, 1.0)])
+    assert_tree(native_tree(s, 7, 14, 8), [(15, 0, 1.0), (3, 1, 1.0), (10, 2, 1.0), (11, 3, 1.0)], 5)
 
 
 def test_short_repeat_in_the_prompt_uses_the_one_token_anchor():
@@ -172,7 +177,7 @@ def test_short_repeat_in_the_prompt_uses_the_one_token_anchor():
     # No earlier [2 5 6 7]; the 1-token anchor 7 occurs at 2 with m = 3, alone:
     # no length has min_support = 2 occurrences, so the longest (3) is used.
     s.start(1, [5, 6, 7, 8, 9, 1, 2, 5, 6, 7])
-    assert_tree(native_tree(s, 1, 7, 10), [(8, 0, 1.0), (9, 1, 1.0), (1, 2, 1.0), (2, 3, 1.0), (5, 4, 1.0)])
+    assert_tree(native_tree(s, 1, 7, 10), [(8, 0, 1.0), (9, 1, 1.0), (1, 2, 1.0), (2, 3, 1.0), (5, 4, 1.0)], 3)
 
 
 def test_a_loop_is_drafted_to_full_depth():
@@ -180,16 +185,16 @@ def test_a_loop_is_drafted_to_full_depth():
     # [3 1 2 3] occurs at 3..6 with m = 6 >= its distance p = 3 to the end:
     # the request repeats with period 3, so the continuation [1 2 3] repeats.
     s.start(1, [5, 1, 2, 3, 1, 2, 3, 1, 2, 3])
-    assert_tree(native_tree(s, 1, 3, 16), [(t, i, 1.0) for i, t in enumerate([1, 2, 3, 1, 2, 3, 1])])
+    assert_tree(native_tree(s, 1, 3, 16), [(t, i, 1.0) for i, t in enumerate([1, 2, 3, 1, 2, 3, 1])], 6)
     # A run: anchor [7] at e = 2 (m = 2, p = 1: periodic) and e = 1 (m = 1,
     # p = 2: not, so its continuation stops at the end: [7 7]). m >= 2 has one
     # occurrence, m >= 1 two (min_support): both, and only the periodic one
-    # goes on past depth 2.
+    # goes on past depth 2 (Ls = 1).
     s.start(2, [9, 7, 7, 7])
-    assert_tree(native_tree(s, 2, 7, 16), [(7, i, 1.0) for i in range(7)])
+    assert_tree(native_tree(s, 2, 7, 16), [(7, i, 1.0) for i in range(7)], 1)
     # Without periodicity the continuation ends at the request's last token.
     s.start(3, [4, 5, 6, 9, 4, 5])
-    assert_tree(native_tree(s, 3, 5, 16), [(6, 0, 1.0), (9, 1, 1.0), (4, 2, 1.0), (5, 3, 1.0)])
+    assert_tree(native_tree(s, 3, 5, 16), [(6, 0, 1.0), (9, 1, 1.0), (4, 2, 1.0), (5, 3, 1.0)], 2)
 
 
 def test_continuation_seen_in_an_earlier_finished_request():
@@ -199,7 +204,7 @@ def test_continuation_seen_in_an_earlier_finished_request():
     s.finish(1)
     assert s.corpus_tokens() == 5  # the output only: prompts are not indexed by default
     s.start(2, [7, 21, 22])
-    assert_tree(native_tree(s, 2, 22, 8), [(23, 0, 1.0), (24, 1, 1.0)])  # m = 2, the document ends
+    assert_tree(native_tree(s, 2, 22, 8), [(23, 0, 1.0), (24, 1, 1.0)], 2)  # m = 2, the document ends
     s.start(3, [9, 1, 2])
     assert len(native_tree(s, 3, 2, 8)) == 1  # request 1's prompt is not in the corpus
     # With index_prompts the prompt is part of the document.
@@ -208,7 +213,7 @@ def test_continuation_seen_in_an_earlier_finished_request():
     s2.update(1, [20, 21])
     s2.finish(1)
     s2.start(3, [9, 1, 2])
-    assert_tree(native_tree(s2, 3, 2, 8), [(3, 0, 1.0), (20, 1, 1.0), (21, 2, 1.0)])
+    assert_tree(native_tree(s2, 3, 2, 8), [(3, 0, 1.0), (20, 1, 1.0), (21, 2, 1.0)], 2)
 
 
 def test_most_frequent_continuation_first():
@@ -219,8 +224,8 @@ def test_most_frequent_continuation_first():
     # Four occurrences of [1 2] (m = 2 each), continuations newest first:
     # [3 9], [3 8], [4], [3 9]. Root: 3 (3/4), 4 (1/4); below 3: 9 (2/3), 8 (1/3).
     # Best first: 3 (p .75), 9 (p .5), then 4 and 8 tie at p .25: 4 was queued first.
-    assert_tree(native_tree(s, 5, 2, 16), [(3, 0, 0.75), (9, 1, 2 / 3), (4, 0, 0.25), (8, 1, 1 / 3)])
-    assert_tree(native_tree(s, 5, 2, 3), [(3, 0, 0.75), (9, 1, 2 / 3)])
+    assert_tree(native_tree(s, 5, 2, 16), [(3, 0, 0.75), (9, 1, 2 / 3), (4, 0, 0.25), (8, 1, 1 / 3)], 2)
+    assert_tree(native_tree(s, 5, 2, 3), [(3, 0, 0.75), (9, 1, 2 / 3)], 2)
 
 
 def test_short_match_falls_back_to_a_supported_one():
@@ -232,7 +237,7 @@ def test_short_match_falls_back_to_a_supported_one():
     for d in docs:
         s.add_document(d)
     s.start(1, [7, 1, 2])
-    assert_tree(native_tree(s, 1, 2, 8), [(6, 0, 0.5), (5, 0, 0.5)])
+    assert_tree(native_tree(s, 1, 2, 8), [(6, 0, 0.5), (5, 0, 0.5)], 2)
     # min_support 1 keeps the longest; min_support 3 falls back to m >= 1.
     s1 = SuffixSpeculator(min_support=1)
     s3 = SuffixSpeculator(min_support=3)
@@ -240,8 +245,8 @@ def test_short_match_falls_back_to_a_supported_one():
         for d in docs:
             sp.add_document(d)
         sp.start(1, [7, 1, 2])
-    assert_tree(native_tree(s1, 1, 2, 8), [(5, 0, 1.0)])
-    assert_tree(native_tree(s3, 1, 2, 8), [(6, 0, 2 / 3), (5, 0, 1 / 3)])
+    assert_tree(native_tree(s1, 1, 2, 8), [(5, 0, 1.0)], 3)
+    assert_tree(native_tree(s3, 1, 2, 8), [(6, 0, 2 / 3), (5, 0, 1 / 3)], 1)
 
 
 def test_a_long_match_is_trusted_alone_and_the_own_request_comes_first():
@@ -252,13 +257,13 @@ def test_a_long_match_is_trusted_alone_and_the_own_request_comes_first():
     # 4-token anchor [1 2 3 4]: the request's own earlier [2 3 4] is no 4-token
     # match; the corpus has two (m = 4, trusted although min_support is 5).
     # The newest document comes first: 9 before 8 at equal counts.
-    assert_tree(native_tree(s, 1, 4, 8), [(9, 0, 0.5), (8, 0, 0.5), (9, 1, 1.0), (8, 2, 1.0)])
+    assert_tree(native_tree(s, 1, 4, 8), [(9, 0, 0.5), (8, 0, 0.5), (9, 1, 1.0), (8, 2, 1.0)], 4)
     # max_occurrences 1 visits the newest only.
     s1 = SuffixSpeculator(max_depth=2, max_occurrences=1)
     s1.add_document([1, 2, 3, 4, 8, 8])
     s1.add_document([1, 2, 3, 4, 9, 9])
     s1.start(1, [1, 2, 3, 4, 5, 1, 2, 3, 4])
-    assert_tree(native_tree(s1, 1, 4, 8), [(5, 0, 1.0), (1, 1, 1.0)])  # its own, m = 4
+    assert_tree(native_tree(s1, 1, 4, 8), [(5, 0, 1.0), (1, 1, 1.0)], 4)  # its own, m = 4
 
 
 def test_min_prob_cuts_unlikely_paths_and_trees_merge():
@@ -266,7 +271,7 @@ def test_min_prob_cuts_unlikely_paths_and_trees_merge():
     for d in ([1, 2, 3, 9], [1, 2, 4], [1, 2, 3, 8], [1, 2, 3, 9]):
         s.add_document(d)
     s.start(5, [5, 1, 2])
-    assert_tree(native_tree(s, 5, 2, 16), [(3, 0, 0.75), (9, 1, 2 / 3)])
+    assert_tree(native_tree(s, 5, 2, 16), [(3, 0, 0.75), (9, 1, 2 / 3)], 2)
     # Into a tree another speculator already filled: shared nodes merge
     # (confidence max, proposer bits or-ed), new ones take the budget left.
     tree = atlas.DraftTree(2, 4)
@@ -274,7 +279,7 @@ def test_min_prob_cuts_unlikely_paths_and_trees_merge():
     tree.add_child(0, 7, 0.5, 1)
     assert s.native.propose(5, tree, 0) == 1
     assert tree.tokens.tolist() == [2, 3, 7, 9]
-    np.testing.assert_array_equal(tree.confidences, np.float32([1, 0.9, 0.5, 2 / 3]))
+    np.testing.assert_array_equal(tree.confidences, np.float32([1, 0.9, 0.5, 2 / 3 * 2 / (2 + MATCH_PRIOR)]))
     assert tree.proposers.tolist() == [0, 3, 2, 1]
 
 
@@ -283,7 +288,7 @@ def test_no_occurrence_no_nodes_and_stats():
     s.start(1, [1, 2, 3])
     assert len(native_tree(s, 1, 3, 8)) == 1
     s.update(1, [1, 2])
-    assert_tree(native_tree(s, 1, 2, 8), [(3, 0, 1.0), (1, 1, 1.0), (2, 2, 1.0)])
+    assert_tree(native_tree(s, 1, 2, 8), [(3, 0, 1.0), (1, 1, 1.0), (2, 2, 1.0)], 2)
     st = s.stats()
     assert (st["proposals"], st["matched"], st["match_length_sum"], st["proposed_nodes"]) == (2, 1, 2, 3)
     assert st["live_requests"] == 1 and s.native.length(1) == 5
@@ -509,7 +514,7 @@ def test_bad_calls_raise_and_leave_the_state_intact():
         with pytest.raises(exc, match=match):
             call()
     assert not n.is_live(2) and n.length(1) == 5 and s.corpus_tokens() == 0
-    assert_tree(native_tree(s, 1, 2, 8), [(3, 0, 1.0), (1, 1, 1.0), (2, 2, 1.0)])
+    assert_tree(native_tree(s, 1, 2, 8), [(3, 0, 1.0), (1, 1, 1.0), (2, 2, 1.0)], 2)
     s.finish(12345)  # the wrapper's finish of a request it never saw is a no-op (the engine's cleanup)
     # Token ids from numpy arrays of any integer dtype and from tuples.
     n.extend(1, np.array([3], np.uint8))

@@ -483,7 +483,7 @@ void SuffixSpeculator::push_children(int32_t node, double prob, int32_t draft_pa
   }
   for (int32_t c : kids_) {
     const double freq = static_cast<double>(trie_[c].count) / static_cast<double>(total);
-    heap_.push_back({prob * freq, static_cast<float>(freq), (*seq)++, c, draft_parent});
+    heap_.push_back({prob * freq, freq, (*seq)++, c, draft_parent});
     std::push_heap(heap_.begin(), heap_.end(), FrontierLess());
   }
 }
@@ -525,6 +525,7 @@ Status SuffixSpeculator::propose(int64_t rid, DraftTree* tree, int32_t proposer,
   // continuations are cut there: the same tree, less work for small budgets.
   build_trie(ls, x, n, std::min(config_.max_depth, tree->max_nodes() - 1));
 
+  const double weight = ls / (ls + kMatchPrior);   // rule 3: the match's weight in every confidence
   heap_.clear();
   int32_t seq = 0;
   push_children(0, 1.0, 0, &seq);
@@ -536,7 +537,8 @@ Status SuffixSpeculator::propose(int64_t rid, DraftTree* tree, int32_t proposer,
     if (f.prob < config_.min_prob) break;  // every queued path is at most this likely
     int32_t node = -1;
     ATLAS_RETURN_IF_ERROR(
-        tree->add_child(f.draft_parent, trie_[f.trie_node].token, f.confidence, proposer, &node));
+        tree->add_child(f.draft_parent, trie_[f.trie_node].token, static_cast<float>(f.frequency * weight),
+                        proposer, &node));
     if (node < 0) break;  // the budget is reached
     push_children(f.trie_node, f.prob, node, &seq);
   }
