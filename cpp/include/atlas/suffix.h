@@ -55,10 +55,12 @@
 //      the match the frequency comes from, the more it is worth (measured on
 //      the greedy outputs of the 164 HumanEval requests served in order, nodes
 //      of frequency 1 whose parent was accepted: accepted at 0.70, 0.75, 0.84
-//      and 0.95 for Ls in 1-3, 4-7, 8-15 and 16-32, which this weight matches
-//      within 0.05; with the frequency alone they were all one confidence,
-//      and the controller, which calibrates acceptance per confidence, could
-//      not draft a long match deeper than a short one). The path
+//      and 0.95 for Ls in 1-3, 4-7, 8-15 and 16-32, against weights of
+//      0.40-0.67, 0.73-0.82, 0.84-0.91 and 0.91-0.96; with the frequency
+//      alone they were all one confidence, and the controller, which
+//      calibrates acceptance per confidence and so needs the classes apart
+//      rather than exact, could not draft a long match deeper than a short
+//      one). The path
 //      probability that orders the expansion is the product of the
 //      frequencies alone (one proposal has one Ls). No smoothing. Expansion
 //      stops at the tree's budget, at max_depth, or when the best path
