@@ -60,10 +60,9 @@
 //      alone they were all one confidence, and the controller, which
 //      calibrates acceptance per confidence and so needs the classes apart
 //      rather than exact, could not draft a long match deeper than a short
-//      one). The path
-//      probability that orders the expansion is the product of the
-//      frequencies alone (one proposal has one Ls). No smoothing. Expansion
-//      stops at the tree's budget, at max_depth, or when the best path
+//      one). The path probability that orders the expansion is the product
+//      of the frequencies alone (one proposal has one Ls). No smoothing.
+//      Expansion stops at the tree's budget, at max_depth, or when the best path
 //      probability is below min_prob. Nodes are added with DraftTree::add_child
 //      (merging into other speculators' nodes), proposer bit = the given id.
 //
