@@ -36,6 +36,7 @@ def main():
     import atlas
     from atlas.demo import humaneval_prompts
     from atlas.learning import DraftHead, LearningLoop, choose_draft_vocab, static_head
+    from atlas.learning.head import DEFAULT_DRAFT_VOCAB
     from atlas.speculators import LearnedSpeculator
 
     target = atlas.load(atlas.default_model())
@@ -44,7 +45,7 @@ def main():
     head = static_head(target)
     if head is None:
         counts = np.bincount(np.concatenate(prompts), minlength=target.config.vocab_size)
-        head = DraftHead.from_target(target, choose_draft_vocab(counts + 1e-3, 4096))
+        head = DraftHead.from_target(target, choose_draft_vocab(counts + 1e-3, DEFAULT_DRAFT_VOCAB))
         print("no static head saved: a fresh head (run `atlas distill` for the static one)")
 
     def serve(engine, prompt):

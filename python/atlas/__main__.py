@@ -37,6 +37,8 @@ def _distill(args) -> int:
 
 
 def main(argv=None) -> int:
+    from .learning.head import DEFAULT_DRAFT_VOCAB
+
     parser = argparse.ArgumentParser(prog="atlas", description="atlas: adaptive-learning speculative decoding")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -76,8 +78,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=2000, help="training steps of 256 examples (default 2000)")
     p.add_argument("--out", default=None, help="checkpoint root; the head goes to OUT/<model key>/static.npz "
                    "(default: $ATLAS_CACHE_DIR or ~/.cache/atlas)")
-    p.add_argument("--draft-vocab", type=int, default=4096,
-                   help="tokens the head scores: the corpus's most frequent (default 4096)")
+    p.add_argument("--draft-vocab", type=int, default=DEFAULT_DRAFT_VOCAB,
+                   help=f"tokens the head scores: the corpus's most frequent (default {DEFAULT_DRAFT_VOCAB})")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per teacher-forced forward (default 256)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")

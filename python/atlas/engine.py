@@ -136,17 +136,17 @@ def full_atlas(target, *, learning: bool = True, cache_dir=None, learning_option
     head = static_head(target, cache_dir)
     if head is None and target.tokenizer is None:
         # No tokenizer, no text to distil from: both heads start untrained
-        # (over the whole vocabulary, or its first 4096 ids) and the adaptive
-        # one learns from traffic.
+        # (over the whole vocabulary, or its first DEFAULT_DRAFT_VOCAB ids)
+        # and the adaptive one learns from traffic.
         import warnings
 
         import numpy as np
 
-        from .learning.head import DraftHead
+        from .learning.head import DEFAULT_DRAFT_VOCAB, DraftHead
 
         warnings.warn("atlas: this target has no tokenizer, so no static draft head can be distilled; "
                       "the learned speculators start untrained", stacklevel=3)
-        head = DraftHead.from_target(target, np.arange(min(target.config.vocab_size, 4096)))
+        head = DraftHead.from_target(target, np.arange(min(target.config.vocab_size, DEFAULT_DRAFT_VOCAB)))
     if head is None:
         print("atlas: no static draft head for this model yet: distilling one (once; `atlas distill`)", flush=True)
         # Lighter than `atlas distill`'s defaults so that a first run stays

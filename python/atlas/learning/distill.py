@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from .checkpoint import STATIC, Checkpoint, head_config, load_checkpoint, model_dir, save_checkpoint
-from .head import DraftHead, choose_draft_vocab
+from .head import DEFAULT_DRAFT_VOCAB, DraftHead, choose_draft_vocab
 from .replay import ReplayBuffer
 from .tap import Examples, topk_logits
 from .trainer import Trainer, head_metric
@@ -171,9 +171,9 @@ class DistillResult:
 
 
 def distill(target=None, *, model: Optional[str] = None, tokens: int = 16384, prompts: int = 256,
-            gen_tokens: int = 128, gen_batch: int = 16, steps: int = 2000, out=None, draft_vocab: int = 4096,
-            intermediate: Optional[int] = None, seq_len: int = 256, batch_size: int = 256, lr: float = 2e-3,
-            topk: int = 16, held_out_fraction: float = 0.05, seed: int = 0,
+            gen_tokens: int = 128, gen_batch: int = 16, steps: int = 2000, out=None,
+            draft_vocab: int = DEFAULT_DRAFT_VOCAB, intermediate: Optional[int] = None, seq_len: int = 256,
+            batch_size: int = 256, lr: float = 2e-3, topk: int = 16, held_out_fraction: float = 0.05, seed: int = 0,
             encode: Optional[Callable[[str], Sequence[int]]] = None,
             files: Optional[Sequence[os.PathLike]] = None, save: bool = True,
             progress: Optional[Callable[[str], None]] = None) -> DistillResult:
@@ -189,7 +189,7 @@ def distill(target=None, *, model: Optional[str] = None, tokens: int = 16384, pr
     ``~/.cache/atlas``). ``encode`` turns text into token ids (default: the
     target's tokenizer). ``progress`` receives one-line reports. With the
     defaults on SmolLM2-135M and 2 CPU cores (measured): about 2.5 minutes generating, 2
-    running the windows through the target and 4 training.
+    running the windows through the target and 2 training.
     """
     say = progress or (lambda msg: None)
     from_stdlib = files is None
