@@ -62,9 +62,10 @@
 //      rather than exact, could not draft a long match deeper than a short
 //      one). The path probability that orders the expansion is the product
 //      of the frequencies alone (one proposal has one Ls). No smoothing.
-//      Expansion stops at the tree's budget, at max_depth, or when the best path
-//      probability is below min_prob. Nodes are added with DraftTree::add_child
-//      (merging into other speculators' nodes), proposer bit = the given id.
+//      Expansion stops at the tree's budget, at max_depth, or when the best
+//      path probability is below min_prob. Nodes are added with
+//      DraftTree::add_child (merging into other speculators' nodes), proposer
+//      bit = the given id.
 //
 // Why hash chains over a token ring rather than a suffix tree or n-gram
 // count tables: eviction of the oldest document is then exact and O(its

@@ -8,10 +8,11 @@ microseconds per request.
 
 A node's confidence is the empirical conditional frequency of its token after
 its parent path among the matched occurrences, times the weight of the match
-they share, Ls / (Ls + 1.5) for a match of Ls tokens (``kMatchPrior``, atlas/suffix.h): a continuation seen
-after a 16-token match is accepted far more often than one seen after a
-4-token match (0.95 against 0.75 on HumanEval), and the controller, which
-calibrates acceptance per confidence, can only tell them apart this way.
+they share, Ls / (Ls + 1.5) for a match of Ls tokens (``kMatchPrior``,
+atlas/suffix.h): a continuation seen after a 16-token match is accepted far
+more often than one seen after a 4-token match (0.95 against 0.75 on
+HumanEval), and the controller, which calibrates acceptance per confidence,
+can only tell them apart this way.
 """
 from __future__ import annotations
 
