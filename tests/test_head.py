@@ -444,10 +444,12 @@ def test_prefetch_runs_in_the_background_and_changes_no_result():
 
 
 def test_speculator_warms_the_caches_only_while_it_drafts(caplog):
-    """LearnedSpeculator.after_forward asks for a warm-up after the forwards
-    that follow a proposal, for PREFETCH_RECENT of them, never with
-    prefetch=False, and stops asking once one could not start."""
-    from atlas.speculators.learned import PREFETCH_RECENT
+    """LearnedSpeculator.after_forward asks for a warm-up after a forward
+    when the head drafted in at least PREFETCH_MIN_DRAFTS of the last
+    PREFETCH_RECENT steps: not for a head drafting once in ten steps (the
+    fallback's untrusted one), never with prefetch=False, and it stops
+    asking once one could not start."""
+    from atlas.speculators.learned import PREFETCH_MIN_DRAFTS, PREFETCH_RECENT
 
     class Counting:
         def __init__(self, native):
@@ -463,19 +465,33 @@ def test_speculator_warms_the_caches_only_while_it_drafts(caplog):
     head = random_head(vocab=41, hidden=16, draft_vocab=6, intermediate=19, seed=22)
     with pytest.raises(ValueError, match="prefetch"):
         LearnedSpeculator(head, prefetch=1)
+    assert 1 < PREFETCH_MIN_DRAFTS <= PREFETCH_RECENT
     for prefetch in (True, False):
         spec = LearnedSpeculator(head, max_depth=2, topk=2, width=2, prefetch=prefetch)
         spec.native = Counting(spec.native)
         spec.after_forward()                      # nothing drafted yet
         assert spec.native.calls == 0
         spec.start(1, [1, 2])
-        spec.observe(_Record(True, [1], [0, 2], torch.randn(2, 16), [np.zeros(0, np.int32)]))
-        tree = DraftTree(2, 4, 41)
-        spec.propose([1], [[1, 2]], [tree], 0)
-        assert len(tree) > 1
-        for _ in range(PREFETCH_RECENT + 3):
+        spec.observe(_record(True, [1], [0, 2], torch.randn(2, 16), [np.zeros(0, np.int32)]))
+
+        def step(draft):
+            if draft:
+                tree = DraftTree(2, 4, 41)
+                spec.propose([1], [[1, 2]], [tree], 0)
+                assert len(tree) > 1
+            before = spec.native.calls
             spec.after_forward()
-        assert spec.native.calls == (PREFETCH_RECENT if prefetch else 0)
+            return spec.native.calls - before
+
+        # Once in ten steps: never warmed.
+        assert sum(step(k % 10 == 0) for k in range(30)) == 0
+        # Every step: warmed from the PREFETCH_MIN_DRAFTS-th on, while it
+        # drafts and for as long after as PREFETCH_RECENT steps allow.
+        warmed = [step(True) for _ in range(6)] + [step(False) for _ in range(PREFETCH_RECENT + 2)]
+        after = PREFETCH_RECENT - PREFETCH_MIN_DRAFTS
+        expected = [0] * (PREFETCH_MIN_DRAFTS - 1) + [1] * (6 - PREFETCH_MIN_DRAFTS + 1) + [1] * after
+        expected += [0] * (len(warmed) - len(expected))
+        assert warmed == (expected if prefetch else [0] * len(warmed))
 
     # A warm-up that cannot start (no thread to be had) turns warm-ups off
     # with a warning; serving is not interrupted.
@@ -487,11 +503,11 @@ def test_speculator_warms_the_caches_only_while_it_drafts(caplog):
     spec = LearnedSpeculator(head, max_depth=2, topk=2, width=2)
     spec.native = Failing(spec.native)
     spec.start(1, [1, 2])
-    spec.observe(_Record(True, [1], [0, 2], torch.randn(2, 16), [np.zeros(0, np.int32)]))
-    spec.propose([1], [[1, 2]], [DraftTree(2, 4, 41)], 0)
+    spec.observe(_record(True, [1], [0, 2], torch.randn(2, 16), [np.zeros(0, np.int32)]))
     with caplog.at_level("WARNING", logger="atlas.speculators"):
-        spec.after_forward()
-        spec.after_forward()
+        for _ in range(PREFETCH_MIN_DRAFTS + 2):
+            spec.propose([1], [[1, 2]], [DraftTree(2, 4, 41)], 0)
+            spec.after_forward()
     assert spec.native.calls == 1 and spec.prefetch is False
     assert "warm-up" in caplog.text
 
@@ -735,12 +751,13 @@ def test_the_head_keeps_the_targets_lm_head_and_shares_a_tied_one():
 
 # ---- drafting ------------------------------------------------------------------------------
 
-class _Record:
-    """The fields of an engine StepRecord that the speculator reads."""
-
-    def __init__(self, prefill, rids, q_offsets, hidden, accepted):
-        self.prefill, self.rids, self.q_offsets = prefill, rids, np.asarray(q_offsets, np.int64)
-        self.hidden, self.accepted = hidden, accepted
+def _record(prefill, rids, q_offsets, hidden, accepted):
+    """An engine StepRecord with the fields the speculator reads (the others
+    empty)."""
+    from atlas.engine import StepRecord
+    n = int(hidden.shape[0])
+    return StepRecord(prefill, list(rids), np.asarray(q_offsets, np.int64), np.zeros(n, np.int32),
+                      np.full(n, -1, np.int32), hidden, torch.zeros(0, 1), accepted, [[] for _ in rids])
 
 
 def token_paths(tree):
@@ -769,7 +786,7 @@ def test_best_first_drafting_keeps_the_most_probable_nodes():
     hidden = torch.from_numpy(rng.standard_normal((2 + 5, 16)).astype(np.float32))
     for rid, prompt in ((0, [3, 4]), (1, [7, 8, 9, 10, 11])):
         spec.start(rid, prompt)
-    spec.observe(_Record(True, [0, 1], [0, 2, 7], hidden, [np.zeros(0, np.int32)] * 2))
+    spec.observe(_record(True, [0, 1], [0, 2, 7], hidden, [np.zeros(0, np.int32)] * 2))
     roots = {0: 5, 1: 12}
     trees = [DraftTree(roots[r], budget + 1, 41) for r in (0, 1)]
     spec.propose([0, 1], [[3, 4, 5], [7, 8, 9, 10, 11, 12]], trees, proposer=2)
@@ -822,11 +839,11 @@ def test_observe_reads_the_feature_of_the_roots_parent():
     # A decode step: request 5 had a 4-node tree and accepted nodes 1 and 3;
     # request 6 a 3-node tree and accepted nothing.
     hidden = torch.arange(7 * 16, dtype=torch.float32).reshape(7, 16)
-    spec.observe(_Record(False, [5, 6], [0, 4, 7], hidden.to(torch.bfloat16),
+    spec.observe(_record(False, [5, 6], [0, 4, 7], hidden.to(torch.bfloat16),
                          [np.array([1, 3], np.int32), np.zeros(0, np.int32)]))
     np.testing.assert_array_equal(spec._feature[5], hidden[3].to(torch.bfloat16).float().numpy())
     np.testing.assert_array_equal(spec._feature[6], hidden[4].to(torch.bfloat16).float().numpy())
-    spec.observe(_Record(True, [6], [0, 2], hidden[:2], [np.zeros(0, np.int32)]))
+    spec.observe(_record(True, [6], [0, 2], hidden[:2], [np.zeros(0, np.int32)]))
     np.testing.assert_array_equal(spec._feature[6], hidden[1].numpy())
     spec.finish(5)
     assert 5 not in spec._feature

@@ -133,10 +133,28 @@ class _Calibration:
     fast_pred: float = 0.0
     fast_n: float = 0.0
     drift: float = 1.0
-    # counted() per (depth row, confidence bin) since the last record(): a
-    # step's selection asks for the same few dozen cells hundreds of times
-    # (each a few numpy sums: about 0.3 ms a step in full atlas).
-    _memo: Dict[Tuple[int, int], float] = field(default_factory=dict)
+    # The estimates of every (depth row, confidence bin) cell since the last
+    # record: a step's selection reads the same few dozen cells hundreds of
+    # times, and one table of them is a handful of numpy operations (per cell
+    # they were a few numpy sums each: about 0.3 ms a step in full atlas).
+    _counted: Optional[List[List[float]]] = None
+    _probs: Optional[List[List[float]]] = None
+
+    @staticmethod
+    def cell(depth: int, conf: float) -> Tuple[int, int]:
+        """The (depth row, confidence bin) of a node."""
+        return min(depth, MAX_DEPTH_BUCKET) - 1, min(int(conf * CONF_BINS), CONF_BINS - 1)
+
+    def _tables(self) -> Tuple[List[List[float]], List[List[float]]]:
+        if self._counted is None:
+            # Two-level: the confidence bin pooled over all depths (prior:
+            # acceptance = confidence) is the prior of each depth's own estimate.
+            prior = (np.arange(CONF_BINS) + 0.5) / CONF_BINS
+            pooled = (self.accepted.sum(axis=0) + PRIOR_WEIGHT * prior) / (self.tried.sum(axis=0) + PRIOR_WEIGHT)
+            table = (self.accepted + PRIOR_WEIGHT * pooled) / (self.tried + PRIOR_WEIGHT)
+            self._counted = table.tolist()
+            self._probs = self._counted if self.drift == 1.0 else np.minimum(table * self.drift, 1.0).tolist()
+        return self._counted, self._probs
 
     def counted(self, depth: int, conf: float) -> float:
         """The estimate from the decayed counts alone. Two-level: the
@@ -144,39 +162,45 @@ class _Calibration:
         confidence) is the prior of the depth's own estimate, so what is
         learnt at shallow depths carries to deep ones before they have been
         tried."""
-        d = min(depth, MAX_DEPTH_BUCKET) - 1
-        b = min(int(conf * CONF_BINS), CONF_BINS - 1)
-        p = self._memo.get((d, b))
-        if p is not None:
-            return p
-        prior = (b + 0.5) / CONF_BINS
-        pooled = (self.accepted[:, b].sum() + PRIOR_WEIGHT * prior) / (self.tried[:, b].sum() + PRIOR_WEIGHT)
-        p = self._memo[(d, b)] = float((self.accepted[d, b] + PRIOR_WEIGHT * pooled) /
-                                        (self.tried[d, b] + PRIOR_WEIGHT))
-        return p
+        d, b = self.cell(depth, conf)
+        return self._tables()[0][d][b]
 
     def prob(self, depth: int, conf: float) -> float:
         """Calibrated acceptance: the counted estimate times the drift
         correction, at most 1."""
-        p = self.counted(depth, conf)
-        return p if self.drift == 1.0 else min(p * self.drift, 1.0)
+        d, b = self.cell(depth, conf)
+        return self._tables()[1][d][b]
 
     def record(self, depth: int, conf: float, ok: bool) -> None:
-        pred = self.counted(depth, conf)
-        self.fast_n = min(self.fast_n + 1, DRIFT_MEMORY)
-        self.fast_ok += (ok - self.fast_ok) / self.fast_n
-        self.fast_pred += (pred - self.fast_pred) / self.fast_n
+        self.record_many([(depth, conf, ok)])
+
+    def record_many(self, trials: Sequence[Tuple[int, float, bool]]) -> None:
+        """Records one step's trials (depth, confidence, accepted), in order:
+        the same counts as that many record() calls; the drift check compares
+        each with what the counts predicted before the step, which is what
+        the step's selection read."""
+        if not trials:
+            return
+        counted = self._tables()[0]
+        k = len(trials)
+        rows, bins, oks = np.empty(k, np.int64), np.empty(k, np.int64), np.empty(k)
+        for j, (depth, conf, ok) in enumerate(trials):
+            d, b = self.cell(depth, conf)
+            rows[j], bins[j], oks[j] = d, b, ok
+            self.fast_n = min(self.fast_n + 1, DRIFT_MEMORY)
+            self.fast_ok += (ok - self.fast_ok) / self.fast_n
+            self.fast_pred += (counted[d][b] - self.fast_pred) / self.fast_n
+            self.recent_n = self.recent_n * DECAY + 1
+            self.recent += (ok - self.recent) / max(self.recent_n, 1.0)
         if self.fast_n >= DRIFT_MIN_OBS and self.fast_pred > 0:
             self.drift = min(max(self.fast_ok / self.fast_pred, DRIFT_RANGE[0]), DRIFT_RANGE[1])
-        d = min(depth, MAX_DEPTH_BUCKET) - 1
-        b = min(int(conf * CONF_BINS), CONF_BINS - 1)
-        self._memo.clear()
-        self.accepted *= DECAY
-        self.tried *= DECAY
-        self.accepted[d, b] += ok
-        self.tried[d, b] += 1
-        self.recent_n = self.recent_n * DECAY + 1
-        self.recent += (ok - self.recent) / max(self.recent_n, 1.0)
+        # Trial j is decayed by the k - 1 - j trials after it.
+        weight = DECAY ** np.arange(k - 1, -1, -1, dtype=np.float64)
+        self.accepted *= DECAY ** k
+        self.tried *= DECAY ** k
+        np.add.at(self.accepted, (rows, bins), weight * oks)
+        np.add.at(self.tried, (rows, bins), weight)
+        self._counted = self._probs = None
 
 
 class CostModel:
@@ -351,6 +375,9 @@ class Controller:
         self.pair_hits = np.zeros(2)
         self.pair_n = 0.0
         self._firsts: Optional[List[Tuple[Optional[int], Optional[int]]]] = None
+        # expected_tokens() of this step's candidate trees, by (speculator, id):
+        # worth_running asks again for each later speculator.
+        self._expected: Dict[Tuple[int, int], Tuple[DraftTree, float]] = {}
 
     # ---- which speculators run this step -------------------------------------------
 
@@ -359,6 +386,7 @@ class Controller:
         one of the fallback pair on most steps); :meth:`worth_running` then
         decides for each in turn."""
         self._this_step, self._this_forward = 0.0, False   # a new step: its times follow
+        self._expected.clear()
         run = [True] * self.num_speculators
         if self.select_mode == "all":
             return run
@@ -377,12 +405,18 @@ class Controller:
         nodes: the tokens it would add if all were verified."""
         if tree is None or len(tree) <= 1:
             return 0.0
-        cal = self.calib[speculator]
-        par, dep, conf = tree.parents, tree.depths, tree.confidences
-        pp = np.ones(len(par))
+        key = (speculator, id(tree))
+        known = self._expected.get(key)   # (the tree is kept with it: its id is not reused meanwhile)
+        if known is not None:
+            return known[1]
+        prob = self.calib[speculator].prob
+        par, dep, conf = tree.parents.tolist(), tree.depths.tolist(), tree.confidences.tolist()
+        pp = [1.0] * len(par)
         for i in range(1, len(par)):
-            pp[i] = pp[par[i]] * cal.prob(int(dep[i]), float(conf[i]))
-        return float(pp[1:].sum())
+            pp[i] = pp[par[i]] * prob(dep[i], conf[i])
+        e = sum(pp) - 1.0
+        self._expected[key] = (tree, e)
+        return e
 
     def worth_running(self, speculator: int, earlier: Sequence[Sequence[Optional[DraftTree]]],
                       batch: int) -> bool:
@@ -472,20 +506,22 @@ class Controller:
             for s, tree in enumerate(candidates[b]):
                 if tree is None or len(tree) <= 1:
                     continue
-                t_tok, t_par, t_dep, t_conf = tree.tokens, tree.parents, tree.depths, tree.confidences
+                t_tok, t_par = tree.tokens.tolist(), tree.parents.tolist()
+                t_dep, t_conf = tree.depths.tolist(), tree.confidences.tolist()
+                prob_of = self.calib[s].prob
                 local = [0] * len(t_tok)
                 for i in range(1, len(t_tok)):
                     parent = local[t_par[i]]
-                    key = (parent, int(t_tok[i]))
-                    conf = float(t_conf[i])
-                    p = self.calib[s].prob(int(t_dep[i]), conf)
+                    key = (parent, t_tok[i])
+                    conf = t_conf[i]
+                    p = prob_of(t_dep[i], conf)
                     j = index.get(key)
                     if j is None:
                         j = len(toks)
                         index[key] = j
-                        toks.append(int(t_tok[i]))
+                        toks.append(t_tok[i])
                         pars.append(parent)
-                        depth.append(int(t_dep[i]))
+                        depth.append(t_dep[i])
                         prob.append(p)
                         origins.append([(s, conf)])
                     else:
@@ -582,6 +618,7 @@ class Controller:
         ``emitted[b]`` the tokens request b emitted (the fallback's comparison
         reads the first; without it the comparison learns nothing)."""
         self.steps += 1
+        self._expected.clear()   # the calibrations change below
         firsts, self._firsts = self._firsts, None
         if firsts is not None and emitted is not None:
             for (fa, fs), em in zip(firsts, emitted):
@@ -616,20 +653,23 @@ class Controller:
             if ran is None or ran[s]:
                 self.gain_n[s] = min(self.gain_n[s] + 1, 1 / (1 - DECAY))
                 self.gain[s] += (credit[s] / max(len(trees), 1) - self.gain[s]) / min(self.gain_n[s], 50)
+        trials = [[] for _ in range(self.num_speculators)]
         for tree, orig, acc in zip(trees, origins, accepted):
             n = len(tree)
             if n <= 1:
                 continue
-            on_path = np.zeros(n, bool)
+            on_path = [False] * n
             on_path[0] = True
-            on_path[np.asarray(acc, dtype=np.int64)] = True
-            parents = tree.parents
-            depths = tree.depths
+            for i in acc:
+                on_path[int(i)] = True
+            parents = tree.parents.tolist()
+            depths = tree.depths.tolist()
             for i in range(1, n):
                 if on_path[parents[i]]:
-                    ok = bool(on_path[i])
                     for s, conf in orig[i]:
-                        self.calib[s].record(int(depths[i]), conf, ok)
+                        trials[s].append((depths[i], conf, on_path[i]))
+        for s, t in enumerate(trials):
+            self.calib[s].record_many(t)
 
     def record_forward(self, nodes: int, seconds: float) -> None:
         self.cost.record(nodes, seconds)

@@ -32,13 +32,14 @@ step take effect at the next one.
 
 Cache warm-up: on the CPU the target's forward evicts the head's weights
 from the caches, so a step's first depth waits on memory. While the head
-drafts in a step or one of the ``PREFETCH_RECENT`` before it,
-``after_forward`` asks the native head to read its live weights on a thread
-of its own (``DraftHead.prefetch``, atlas/head.h), which overlaps with the
-verification and bookkeeping that come before the next proposal (measured
-there: about 0.1 to 0.25 ms less a drafting call in full atlas). The engine
-calls ``after_forward`` before the learning loop's trainer process resumes,
-so that the warm-up thread is woken before the trainer competes with it.
+has drafted in at least ``PREFETCH_MIN_DRAFTS`` of the last
+``PREFETCH_RECENT`` steps (this one included), ``after_forward`` asks the
+native head to read its live weights on a thread of its own
+(``DraftHead.prefetch``, atlas/head.h), which overlaps with the verification
+and bookkeeping that come before the next proposal (measured there: about
+0.1 to 0.25 ms less a drafting call in full atlas). The engine calls
+``after_forward`` before the learning loop's trainer process resumes, so
+that the warm-up thread is woken before the trainer competes with it.
 """
 from __future__ import annotations
 
@@ -53,11 +54,14 @@ from . import Speculator
 
 log = logging.getLogger("atlas.speculators")
 
-# Steps after its last proposal during which the speculator still warms the
-# caches after each forward: the controller skips a head in some steps (where
-# other speculators have drafted enough), and a head it has not run for a
-# while (the fallback's untrusted one, tried every tenth step) is left cold.
+# The speculator warms the caches after a forward when it drafted in at least
+# PREFETCH_MIN_DRAFTS of the last PREFETCH_RECENT steps: the controller skips
+# a head in some steps (where other speculators have drafted enough), and one
+# it runs only now and then (the fallback's untrusted one, tried every tenth
+# step) is left cold. (Warming for the PREFETCH_RECENT forwards after any
+# proposal warmed that one four times in ten steps, for nothing.)
 PREFETCH_RECENT = 4
+PREFETCH_MIN_DRAFTS = 2
 
 
 class LearnedSpeculator(Speculator):
@@ -83,7 +87,8 @@ class LearnedSpeculator(Speculator):
             raise ValueError(f"prefetch must be a bool, got {prefetch!r}")
         self.max_depth, self.topk, self.width = max_depth, topk, width
         self.prefetch = prefetch
-        self._since_proposal = PREFETCH_RECENT   # forwards since the head last drafted
+        self._drafted = 0        # bit i: the head drafted in the step i forwards ago
+        self._drafting = False   # it drafted in this step
         self.min_path_prob = float(min_path_prob)
         # The native head reads this float32 table in place and keeps it alive
         # (no copy when the head's table is already float32 in CPU memory).
@@ -116,13 +121,14 @@ class LearnedSpeculator(Speculator):
         self._feature.pop(rid, None)
 
     def after_forward(self) -> None:
-        if self._since_proposal < PREFETCH_RECENT and self.prefetch:
+        self._drafted = ((self._drafted << 1) | self._drafting) & ((1 << PREFETCH_RECENT) - 1)
+        self._drafting = False
+        if self.prefetch and bin(self._drafted).count("1") >= PREFETCH_MIN_DRAFTS:
             try:
                 self.native.prefetch()
             except RuntimeError as e:   # no thread to be had: drafting goes on, from memory
                 log.warning("cache warm-up of the draft head turned off: %s", e)
                 self.prefetch = False
-        self._since_proposal += 1
 
     def observe(self, record) -> None:
         rows, rids = [], []
@@ -137,10 +143,9 @@ class LearnedSpeculator(Speculator):
             rids.append(rid)
         if not rows:
             return
-        rows = torch.as_tensor(rows, dtype=torch.long)
-        feats = record.hidden[rows].detach().to(torch.float32).cpu().numpy()
+        feats = record.hidden_rows(rows)
         for i, rid in enumerate(rids):
-            self._feature[rid] = feats[i].copy()
+            self._feature[rid] = feats[i]
 
     # ---- drafting ------------------------------------------------------------------------
 
@@ -157,7 +162,7 @@ class LearnedSpeculator(Speculator):
                 budgets.append(min(budget, 1 << 16))
         if not jobs:
             return
-        self._since_proposal = 0
+        self._drafting = True
         # The native loop (atlas/head.h: HeadDraftJob): one head forward per
         # depth for every request, best-first on path probability.
         feats = np.stack([self._feature[rids[b]] for b in jobs]).astype(np.float32, copy=False)
