@@ -1092,6 +1092,30 @@ def test_a_trainer_process_rechooses_the_draft_vocabulary_from_traffic_counts(ti
         loop.stop()
 
 
+def test_batches_that_do_not_fit_in_the_pipe_wait_and_arrive_in_order(tiny):
+    """The serving thread writes each batch into the examples pipe itself;
+    while the child reads nothing (stopped here), what no longer fits waits
+    in the backlog for the sender thread, and once the child reads again
+    every batch arrives: none dropped, none cut."""
+    loop, _ = _process_loop(tiny)
+    loop.start()
+    try:
+        assert _wait(lambda: loop.trainer._child is not None and loop.trainer._child.ready, 60)
+        loop.trainer.pause()
+        rounds = 0
+        while loop.trainer._child.pending_bytes == 0 and rounds < 20:   # past the pipe's size
+            _feed(loop, tiny, 40)
+            rounds += 1
+        assert loop.trainer._child.pending_bytes > 0, "the pipe never filled"
+        loop.trainer.resume()
+        assert _wait(lambda: loop.buffer.total == loop.tap.examples, 120)
+        st = loop.stats()
+        assert st["dropped"] == 0 and st["errors"] == 0, st
+        assert loop.trainer._child.pending_bytes == 0
+    finally:
+        loop.stop()
+
+
 def test_a_full_channel_drops_batches(tiny):
     """A bound smaller than one example (652 bytes here): every batch is
     dropped at once (the serving thread never waits for the child)."""
