@@ -45,10 +45,10 @@ runs of a first version, 34.45 against 33.73 ms and 34.87 against 34.93,
 with 176 against 164 and 201 against 174 steps.) A *service* thread sends
 the start-up data, reads results, pushes winning candidates into the
 speculator (which validates them), calls ``on_push`` (the loop's
-checkpoint), answers with the verdict, and notices the child's end. Child threads: the main thread trains
-(``Trainer.run_rounds``); an *inbox* thread fills the buffer from the
-examples pipe, answers control messages and reports counters every
-``REPORT_SECONDS``.
+checkpoint), answers with the verdict, and notices the child's end. Child
+threads: the main thread trains (``Trainer.run_rounds``); an *inbox* thread
+fills the buffer from the examples pipe, answers control messages and
+reports counters every ``REPORT_SECONDS``.
 
 Start-up data, once per child: the head's configuration, the candidate's
 weights, the live weights when the parent knows them, the buffer and
@@ -81,9 +81,9 @@ old one returned (its buffer and optimiser state are not kept).
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
-import fcntl
 import os
 import pickle
 import queue
@@ -203,7 +203,7 @@ class _Child:
 
     proc: subprocess.Popen
     ctrl: Connection                   # parent -> child; written by the service thread only
-    examples: int                      # parent -> child, non-blocking: written under TrainerProcess._lock
+    examples: int                      # parent -> child, non-blocking (see TrainerProcess._deliver)
     results: Connection                # child -> parent; read by the service thread only
     init: dict                         # the start-up message, sent by the service thread
     tables: list                       # float32 tensors sent raw after it
