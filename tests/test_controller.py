@@ -3,7 +3,7 @@ model's bound, and which speculators it asks to draft in which context."""
 import numpy as np
 import pytest
 
-from atlas.controller import EXPLORE_EVERY, STALE_RECORDS, Controller, CostModel
+from atlas.controller import EXPLORE_EVERY, PROBE_HINT, STALE_RECORDS, Controller, CostModel
 from atlas.tree import DraftTree
 
 VOCAB = 100
@@ -216,6 +216,25 @@ def test_the_drafting_hint_is_a_low_percentile_of_cutoffs_measured_on_exploratio
     # None selected: the largest proposed below depth 1 (depth 2) is the cutoff.
     assert dear.path_hint(1) == pytest.approx(0.9 ** 2, rel=1e-6)
     assert Controller(2, select="all").path_hint(1) == 0.0
+
+
+def test_the_untrusted_head_of_the_fallback_pair_probes_its_first_tokens_on_exploration_steps():
+    """On exploration steps the fallback's untrusted speculator drafts with
+    PROBE_HINT (its first tokens, which the comparison reads), every other
+    speculator with no hint; on other steps it does not run."""
+    ctl = Controller(3, fallback=(1, 2))
+    assert ctl.steps % EXPLORE_EVERY == 0
+    run = ctl.active()
+    assert run == [True, True, True] and ctl.trusted == 2   # the static one until the adaptive is measured
+    assert ctl.path_hint(1) == PROBE_HINT and 0.0 < PROBE_HINT < 1.0
+    assert ctl.path_hint(0) == 0.0 and ctl.path_hint(2) == 0.0
+    ctl.observe([DraftTree(0, 4, VOCAB)], [[[]]], [np.zeros(0, np.int32)], run)
+    assert ctl.active() == [True, False, True]
+    ctl.pair_n, ctl.pair_hits[:] = 50.0, [0.6, 0.4]           # the adaptive one measured better
+    for _ in range(EXPLORE_EVERY - 1):
+        ctl.observe([DraftTree(0, 4, VOCAB)], [[[]]], [np.zeros(0, np.int32)], ctl.active())
+    assert ctl.active() == [True, True, True] and ctl.trusted == 1
+    assert ctl.path_hint(2) == PROBE_HINT and ctl.path_hint(1) == 0.0
 
 
 def fallback_step(ctl, k, adaptive_right, static_right, emitted=True):

@@ -44,16 +44,18 @@ the smallest path probability in its own terms (the product of its
 confidences from the root) that the step selected, or when none was
 selected the largest it proposed. The hint is a low percentile of recent
 cutoffs, measured on exploration steps, where the hint is 0 (so that what is
-not drafted still gets measured).
+not drafted still gets measured), except for the fallback's untrusted
+speculator (below).
 
 Fallback: given a pair (adaptive, static) of speculator indices, the
 controller runs only the one it trusts, trying the other on a small share of
 steps (``EXPLORE_EVERY``) so that a recovering adaptive speculator is
-noticed. It compares the two on exactly those steps, where both drafted for
-the same contexts: per request, whether each one's most confident first
-token is the token the target emitted there (for greedy decoding, depth-1
-greedy acceptance, what the learning loop's trainer scores before a push).
-It trusts the adaptive one while its rate over the last ``PAIR_MEMORY``
+noticed; there it drafts with the hint ``PROBE_HINT``, so that a learned
+head drafts little more than its first tokens. It compares the two on
+exactly those steps, where both drafted for the same contexts: per request,
+whether each one's most confident first token is the token the target
+emitted there (for greedy decoding, depth-1 greedy acceptance, what the
+learning loop's trainer scores before a push). It trusts the adaptive one while its rate over the last ``PAIR_MEMORY``
 such pairs is at least the static one's, and drops it as soon as it falls
 below. (It used to compare each speculator's acceptance over the nodes the
 controller had selected from it. That rate depends on how deep the
@@ -95,6 +97,11 @@ DRIFT_RANGE = (0.2, 2.0)
 # Share of steps on which the speculator not currently trusted (fallback pair)
 # still runs, so that its acceptance estimate stays current.
 EXPLORE_EVERY = 10
+# The drafting hint of that untrusted speculator on those steps: it drafts its
+# first tokens, what the fallback's comparison reads, and goes deeper only
+# along near-certain paths. (With no hint a learned head drafted its whole
+# tree there, a forward of its own per depth, from cold caches.)
+PROBE_HINT = 0.99
 # The fallback's comparison (see the module docstring): EWMAs over about this
 # many (adaptive, static) pairs of first tokens, one per request every
 # EXPLORE_EVERY steps (so a head that turns worse is dropped within a few
@@ -458,8 +465,15 @@ class Controller:
     def path_hint(self, speculator: int) -> float:
         """A path probability, in ``speculator``'s own terms, below which its
         nodes below depth 1 have rarely been selected (see the module
-        docstring); 0 on exploration steps and until it has been measured."""
-        if self.select_mode == "all" or self.steps % EXPLORE_EVERY == 0:
+        docstring); 0 on exploration steps and until it has been measured.
+        The untrusted speculator of the fallback pair, which runs only on
+        exploration steps, gets ``PROBE_HINT`` there: the fallback's
+        comparison reads its first tokens alone."""
+        if self.select_mode == "all":
+            return 0.0
+        if self.steps % EXPLORE_EVERY == 0:
+            if self.fallback is not None and speculator in self.fallback and speculator != self.trusted:
+                return PROBE_HINT
             return 0.0
         return self._hints[speculator]
 
