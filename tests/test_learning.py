@@ -146,6 +146,23 @@ def test_tap_examples_match_a_plain_reference():
     tap.forget(7)
     ex2 = tap.examples_of(record(False, [7], [2], [31, 1], [-1, 0], rnd(2, H), rnd(2, V), [[]], [[1]]))
     assert len(ex2) == 1 and ex2.token[0] == 1
+    # With flush_rows the sink gets the same examples in fewer, larger batches:
+    # each as soon as at least that many wait, the rest at flush().
+    batched = []
+    tap = Tap(V, k, sink=batched.append, flush_rows=9)
+    for r in recs:
+        tap.observe(r)
+    assert [len(b) for b in batched] == [1 + 8] and tap.waiting == 5
+    tap.flush()
+    assert [len(b) for b in batched] == [9, 5] and tap.waiting == 0
+    tap.flush()
+    assert len(batched) == 2
+    joined = concat(batched)
+    for f in ex.__dataclass_fields__:
+        np.testing.assert_array_equal(getattr(joined, f), getattr(ex, f))
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="flush_rows"):
+            Tap(V, k, flush_rows=bad)
 
 
 def test_tap_refuses_a_bad_vocabulary_or_topk():
@@ -876,6 +893,7 @@ def test_the_loop_learns_while_serving_and_stays_lossless(tiny, process):
             rates.append(sum(o.stats.accepted for o in outs) / sum(o.stats.steps for o in outs))
             assert _wait(lambda: loop.trainer.rounds > rounds or loop.trainer.state != "running", 60)
         # Every tapped example reached the buffer (a trainer process reports it within a second).
+        loop.flush()
         assert _wait(lambda: loop.buffer.total == loop.tap.examples)
         held = loop.buffer.held_out_batch()   # a trainer process's buffer goes with it at stop()
         pid = loop.trainer.pid if process else None
@@ -987,6 +1005,7 @@ def test_trainer_process_settings_are_checked_in_the_serving_process(tiny):
     loop, _ = _process_loop(tiny)
     assert not loop.trainer.running and loop.trainer.pid is None
     _feed(loop, tiny, 1)   # before start() there is no child: the batches are dropped, and counted
+    loop.flush()
     st = loop.stats()
     assert st["dropped"] > 0 and st["dropped_examples"] == st["examples_seen"] > 0 and st["state"] == "idle"
 
@@ -1108,6 +1127,7 @@ def test_batches_that_do_not_fit_in_the_pipe_wait_and_arrive_in_order(tiny):
             rounds += 1
         assert loop.trainer._child.pending_bytes > 0, "the pipe never filled"
         loop.trainer.resume()
+        loop.flush()
         assert _wait(lambda: loop.buffer.total == loop.tap.examples, 120)
         st = loop.stats()
         assert st["dropped"] == 0 and st["errors"] == 0, st
@@ -1123,8 +1143,9 @@ def test_a_full_channel_drops_batches(tiny):
     loop.start()
     try:
         _feed(loop, tiny, 4)
+        loop.flush()
         st = loop.stats()
-        assert st["dropped"] == loop.tap.records > 0 and st["dropped_examples"] == st["examples_seen"]
+        assert st["dropped"] > 0 and st["dropped_examples"] == st["examples_seen"] > 0
     finally:
         loop.stop()
     assert loop.buffer.total == 0 and loop.stats()["state"] == "stopped"
@@ -1144,6 +1165,7 @@ def test_a_trainer_process_measures_an_unknown_live_version_natively(tiny, priva
     loop.start()
     try:
         _feed(loop, tiny)
+        loop.flush()
         assert _wait(lambda: loop.buffer.total == loop.tap.examples, 60)
         rounds = loop.trainer.rounds
         # The round after the next one began after all the data had arrived.

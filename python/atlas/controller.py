@@ -437,7 +437,7 @@ class Controller:
         e = 0.0
         for trees in earlier:
             e += max((self.expected_tokens(s, t) for s, t in enumerate(trees) if t is not None), default=0.0)
-        b = int(np.searchsorted(CONTEXT_EDGES, e / max(len(earlier), 1), side="right"))
+        b = bisect.bisect_right(CONTEXT_EDGES, e / max(len(earlier), 1))
         self._context[speculator] = b
         n = self.marginal_n[speculator, b]
         if n < MIN_CONTEXT_OBS or self.steps % EXPLORE_EVERY == 0 or not self._draft_seen[speculator]:

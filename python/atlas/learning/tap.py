@@ -58,7 +58,9 @@ process stopped and 0.90 ms while it trained beside it, against 0.91 and 1.76
 ms with the probabilities. The gather reads a float32 CPU tensor through
 numpy (:meth:`atlas.engine.StepRecord.hidden_rows`): in full atlas with
 learning on (HumanEval requests 124-139), ``Tap.observe`` took 0.39 ms a
-step, against 0.52 through torch's indexing.
+step, against 0.52 through torch's indexing. Handing a batch to the trainer
+process costs about as much for a few rows as for a few times more (see
+``flush_rows``; the learning loop gathers a few steps' examples per batch).
 """
 from __future__ import annotations
 
@@ -95,6 +97,14 @@ class Examples:
         """[n] bool: the rows whose targets are still to be computed (a prompt
         row of ``Tap(prompt_examples=True)``: ``topk_ids`` all -1)."""
         return (self.topk_ids < 0).all(axis=1) if self.topk_ids.size else np.zeros(len(self), bool)
+
+    @staticmethod
+    def concat(batches: List["Examples"]) -> "Examples":
+        """One batch of the given batches' examples, in order (their parent
+        links count examples back, so they hold across the joins)."""
+        if len(batches) == 1:
+            return batches[0]
+        return Examples(*(np.concatenate([getattr(b, f) for b in batches]) for f in Examples.__dataclass_fields__))
 
     @staticmethod
     def empty(hidden: int, k: int) -> "Examples":
@@ -141,16 +151,24 @@ class Tap:
     targets (see the module docstring); their consumer must compute them
     (:meth:`atlas.learning.trainer.Trainer.add_examples`), and a
     :class:`~atlas.learning.replay.ReplayBuffer` refuses them.
+    ``flush_rows``: hand the sink the examples of several records at once,
+    as soon as at least this many wait (0: each record's at once);
+    :meth:`flush` hands over what waits.
     """
 
     def __init__(self, vocab: int, topk: int = 16, sink: Optional[Callable[[Examples], None]] = None,
-                 prompt_examples: bool = False):
+                 prompt_examples: bool = False, flush_rows: int = 0):
         if not isinstance(vocab, (int, np.integer)) or isinstance(vocab, bool) or vocab < 1:
             raise ValueError(f"vocab must be a positive int, got {vocab!r}")
         if not isinstance(topk, int) or isinstance(topk, bool) or not 1 <= topk <= vocab:
             raise ValueError(f"topk must be an int in [1, vocab], got {topk!r}")
         if not isinstance(prompt_examples, bool):
             raise ValueError(f"prompt_examples must be a bool, got {prompt_examples!r}")
+        if not isinstance(flush_rows, int) or isinstance(flush_rows, bool) or flush_rows < 0:
+            raise ValueError(f"flush_rows must be an int >= 0, got {flush_rows!r}")
+        self.flush_rows = flush_rows
+        self._waiting: List[Examples] = []   # batches not yet handed to the sink (flush_rows)
+        self._waiting_rows = 0
         self.vocab, self.topk, self.sink = int(vocab), topk, sink
         self.prompt_examples = prompt_examples
         self.counts = np.zeros(vocab, np.int64)   # [vocab] tokens of committed traffic
@@ -163,8 +181,24 @@ class Tap:
         t0 = time.perf_counter()
         ex = self.examples_of(record)
         if self.sink is not None and len(ex):
-            self.sink(ex)
+            self._waiting.append(ex)
+            self._waiting_rows += len(ex)
+            if self._waiting_rows >= self.flush_rows:
+                self.flush()
         self.seconds += time.perf_counter() - t0
+
+    @property
+    def waiting(self) -> int:
+        """Examples emitted but not yet handed to the sink (``flush_rows``)."""
+        return self._waiting_rows
+
+    def flush(self) -> None:
+        """Hands the waiting examples to the sink, as one batch."""
+        if not self._waiting:
+            return
+        batch = Examples.concat(self._waiting)
+        self._waiting, self._waiting_rows = [], 0
+        self.sink(batch)
 
     def forget(self, rid: int) -> None:
         """Drops a request's tracked feature (it is over)."""
@@ -237,9 +271,9 @@ class Tap:
                 acc = record.accepted[b]
                 last = int(acc[-1]) if len(acc) else 0
                 tracked.append((rid, lo + last, int(node_id[last])))
-            emitted = record.emitted[b]
-            if len(emitted):
-                np.add.at(self.counts, np.asarray(emitted, np.int64) % self.vocab, 1)
+            counts, vocab = self.counts, self.vocab
+            for t in record.emitted[b]:   # a few tokens: faster one by one than through np.add.at
+                counts[int(t) % vocab] += 1
 
         hidden = record.hidden
         k = self.topk
