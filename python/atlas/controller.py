@@ -55,9 +55,9 @@ head drafts little more than its first tokens. It compares the two on
 exactly those steps, where both drafted for the same contexts: per request,
 whether each one's most confident first token is the token the target
 emitted there (for greedy decoding, depth-1 greedy acceptance, what the
-learning loop's trainer scores before a push). It trusts the adaptive one while its rate over the last ``PAIR_MEMORY``
-such pairs is at least the static one's, and drops it as soon as it falls
-below. (It used to compare each speculator's acceptance over the nodes the
+learning loop's trainer scores before a push). It trusts the adaptive one
+while its rate over the last ``PAIR_MEMORY`` such pairs is at least the
+static one's, and drops it as soon as it falls below. (It used to compare each speculator's acceptance over the nodes the
 controller had selected from it. That rate depends on how deep the
 controller reaches into a speculator's tree, and on which steps it ran, not
 only on how good its drafts are: measured on HumanEval, an adaptive head

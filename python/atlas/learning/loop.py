@@ -100,9 +100,10 @@ LOOP_STEPS_PER_ROUND = 40
 # Examples the tap gathers before it hands them over as one batch (see Tap's
 # flush_rows): a decode step's tree gives about ten, a prompt a hundred or
 # more. Each hand-over to the trainer process costs the serving thread a
-# pickle and a pipe write, which cost about as much for ten rows as for forty
-# (between forwards, whose weights have just swept the caches: 0.21 ms for
-# 25 KB, 0.25 ms for 48 KB, measured in full atlas on HumanEval).
+# pickle and a pipe write, mostly per hand-over rather than per byte (between
+# forwards, whose weights have just swept the caches: 0.21 ms for 25 KB,
+# 0.25 ms for 48 KB, measured in full atlas on HumanEval; the tap's time per
+# record over bench_atlas.py's stream went from 0.64 to 0.47 ms with this).
 LOOP_TAP_FLUSH_ROWS = 32
 # Whether the tap also turns every prompt token into an example (see
 # atlas.learning.tap; 0.482 -> 0.502 in the simulation above).

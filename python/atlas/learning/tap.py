@@ -59,8 +59,8 @@ ms with the probabilities. The gather reads a float32 CPU tensor through
 numpy (:meth:`atlas.engine.StepRecord.hidden_rows`): in full atlas with
 learning on (HumanEval requests 124-139), ``Tap.observe`` took 0.39 ms a
 step, against 0.52 through torch's indexing. Handing a batch to the trainer
-process costs about as much for a few rows as for a few times more (see
-``flush_rows``; the learning loop gathers a few steps' examples per batch).
+process costs mostly per hand-over, not per byte (see ``flush_rows``; the
+learning loop gathers a few steps' examples per batch).
 """
 from __future__ import annotations
 

@@ -131,11 +131,13 @@ steps of 512 with the output layer frozen, about 50 steps a minute in
 ``atlas.learning.loop.LOOP_TRAIN_OUTPUT``; the loop's steps are now of 128
 examples, about 100 a minute there, and about 140 since the draft
 vocabulary's default went from 4,096 to 2,048 tokens, about 150 since the
-serving thread writes the examples into the child's pipe itself). The child
-stays in the serving process's session: Linux shares the CPU equally
-between sessions (autogroups), and a child in a session of its own got half
-the machine whatever its niceness (about 48 steps a minute, serving at 32
-tokens/s).
+serving thread writes the examples into the child's pipe itself, and about
+135 since serving's gaps got shorter again, the tap handing its examples
+over a few steps at a time: 547-573 steps in the stream against 617-628).
+The child stays in the serving process's session: Linux shares the CPU
+equally between sessions (autogroups), and a child in a session of its own
+got half the machine whatever its niceness (about 48 steps a minute,
+serving at 32 tokens/s).
 Not measured yet: a machine where serving leaves cores idle (more cores
 than its threads, or serving on a GPU), where the process should train on a
 core of its own at the duty cycle's rate without slowing serving (a thread
