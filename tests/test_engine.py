@@ -11,6 +11,7 @@ import torch
 
 import atlas
 from atlas import _native
+from atlas.controller import CostModel
 from atlas.speculators import DraftModelSpeculator
 from oracle import OracleDrafts, assert_same_greedy, hf_greedy, tiny_llama, tiny_qwen2
 
@@ -214,6 +215,21 @@ def assert_same_sampled(model, prompt, expected, got, seed, temperature, top_k, 
     print(f"near-boundary flip (accepted): {msg}")
 
 
+class FixedCost(CostModel):
+    """Forward costs fixed by a test, nearly flat up to 12 nodes: the trees
+    the throughput controller selects then do not depend on how loaded the
+    machine was while it timed the forwards (a full suite once measured
+    them so that it drafted next to nothing: 3 tokens accepted in 120)."""
+
+    def __init__(self):
+        super().__init__()
+        super().record(1, 1.0)
+        super().record(12, 1.2)
+
+    def record(self, nodes, seconds):
+        pass
+
+
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (1.0, 40, 0.9)])
 def test_speculative_sampling_emits_the_plain_tokens(temperature, top_k, top_p):
     """With one-hot drafts each position's token is the plain sampler's draw
@@ -230,7 +246,9 @@ def test_speculative_sampling_emits_the_plain_tokens(temperature, top_k, top_p):
     plain_engine = atlas.Engine(target, speculators=None, max_batch=3)
     plain = [o.token_ids for o in plain_engine.generate(prompts, seed=seed, **kw)]
     truth = {tuple(p): t for p, t in zip(prompts, plain)}
-    for specs, controller in (([OracleDrafts(truth, depth=4)], None),
+    throughput = atlas.Controller(1, max_nodes=12)
+    throughput.cost = FixedCost()
+    for specs, controller in (([OracleDrafts(truth, depth=4)], throughput),
                               ([DraftModelSpeculator(target, depth=3, branch=2)],
                                atlas.Controller(1, max_nodes=12, select="all"))):
         engine = atlas.Engine(target, speculators=specs, max_tree_nodes=12, max_batch=3,
@@ -238,7 +256,7 @@ def test_speculative_sampling_emits_the_plain_tokens(temperature, top_k, top_p):
         batched = engine.generate(prompts, seed=seed, **kw)
         for b, (p, out) in enumerate(zip(prompts, batched)):
             assert_same_sampled(model, p, plain[b], out.token_ids, seed + b, temperature, top_k, top_p)
-        assert sum(o.stats.accepted for o in batched) > 10
+        assert sum(o.stats.accepted for o in batched) > 10, sum(o.stats.accepted for o in batched)
         # Alone: request 0 of this call gets the seed request 1 had above.
         alone = engine.generate([prompts[1]], seed=seed + 1, **kw)[0]
         assert_same_sampled(model, prompts[1], plain[1], alone.token_ids, seed + 1, temperature, top_k, top_p)
