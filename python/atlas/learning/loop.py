@@ -127,6 +127,8 @@ class LearningLoop:
     :meth:`forward_begins`), so that it trains in the gaps between forwards
     instead of slowing them. ``prompt_examples`` (default ``LOOP_PROMPT_EXAMPLES``):
     the tap also learns from every prompt token (see :mod:`atlas.learning.tap`).
+    The tap hands its examples over once ``LOOP_TAP_FLUSH_ROWS`` wait (a few
+    decode steps); :meth:`flush` and :meth:`stop` hand over the rest.
     Every other keyword goes to the :class:`Trainer` (``lr``,
     ``batch_size``, ``steps_per_round``, ``threads``, ``nice``,
     ``max_share``, ``min_gain``, ...); the loop's own defaults: ``self_feed``
