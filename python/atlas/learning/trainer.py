@@ -133,7 +133,7 @@ examples, about 100 a minute there, and about 140 since the draft
 vocabulary's default went from 4,096 to 2,048 tokens, about 150 since the
 serving thread writes the examples into the child's pipe itself, and about
 135 since serving's gaps got shorter again, the tap handing its examples
-over a few steps at a time: 547-573 steps in the stream against 617-628).
+over a few steps at a time: 534-573 steps in the stream against 617-628).
 The child stays in the serving process's session: Linux shares the CPU
 equally between sessions (autogroups), and a child in a session of its own
 got half the machine whatever its niceness (about 48 steps a minute,
