@@ -57,10 +57,11 @@ whether each one's most confident first token is the token the target
 emitted there (for greedy decoding, depth-1 greedy acceptance, what the
 learning loop's trainer scores before a push). It trusts the adaptive one
 while its rate over the last ``PAIR_MEMORY`` such pairs is at least the
-static one's, and drops it as soon as it falls below. (It used to compare each speculator's acceptance over the nodes the
-controller had selected from it. That rate depends on how deep the
-controller reaches into a speculator's tree, and on which steps it ran, not
-only on how good its drafts are: measured on HumanEval, an adaptive head
+static one's, and drops it as soon as it falls below. (It used to compare
+each speculator's acceptance over the nodes the controller had selected from
+it. That rate depends on how deep the controller reaches into a
+speculator's tree, and on which steps it ran, not only on how good its
+drafts are: measured on HumanEval, an adaptive head
 whose depth-1 acceptance had risen from 0.39 to 0.48 read 0.28 against the
 static head's 0.29, and the static head served most of the steps after the
 fortieth request.)

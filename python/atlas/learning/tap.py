@@ -223,6 +223,7 @@ class Tap:
         external: List[np.ndarray] = []     # parent features of roots, in order of the -1 rows
         tracked = []                        # (rid, hidden row, example id) to track after this record
         next_id = self.examples
+        counts, vocab = self.counts, self.vocab
         for b, rid in enumerate(record.rids):
             lo, hi = int(q[b]), int(q[b + 1])
             if record.prefill:
@@ -271,7 +272,6 @@ class Tap:
                 acc = record.accepted[b]
                 last = int(acc[-1]) if len(acc) else 0
                 tracked.append((rid, lo + last, int(node_id[last])))
-            counts, vocab = self.counts, self.vocab
             for t in record.emitted[b]:   # a few tokens: faster one by one than through np.add.at
                 counts[int(t) % vocab] += 1
 
