@@ -318,3 +318,56 @@ def test_calibration_estimates_are_remembered_only_until_the_next_record():
     for _ in range(20):
         cal.record(1, 0.95, False)
     assert cal.counted(1, 0.95) < before and cal.counted(1, 0.95) == fresh(1, 0.95)
+
+
+def test_agreed_and_contested_nodes_get_calibrations_of_their_own():
+    """Two speculators, each with confidence 0.5 in its first token. When they
+    propose the same token the target takes it 90% of the time; when they
+    disagree, speculator 0's token 40% and speculator 1's 10%. Each one's own
+    calibration pools both cases, so it cannot tell them apart; the merged
+    tree's acceptances, which the selection uses, follow each case."""
+    rng = np.random.default_rng(0)
+    ctl = Controller(2, max_nodes=16)
+    for n in (1, 2, 4, 8):
+        ctl.record_forward(n, 0.05)
+
+    def one(agree: bool):
+        second = [5] if agree else [6]
+        cands = [[chain([5], 0.5), chain(second, 0.5)]]
+        trees, origins = ctl.select([0], cands, VOCAB, [16], 0.0)
+        tree = trees[0]
+        u = rng.random()
+        want = (5 if u < 0.9 else None) if agree else (5 if u < 0.4 else 6 if u < 0.5 else None)
+        acc = [i for i in range(1, len(tree)) if tree.tokens[i] == want]
+        ctl.observe(trees, origins, [np.asarray(acc, np.int32)], [True, True])
+        return {int(t): float(c) for t, c in zip(tree.tokens[1:], tree.confidences[1:])}
+
+    for i in range(3000):
+        one(agree=i % 2 == 0)
+    agreed, contested = one(agree=True), one(agree=False)
+    assert agreed[5] == pytest.approx(0.9, abs=0.08)
+    assert contested[5] == pytest.approx(0.4, abs=0.08)
+    assert contested[6] == pytest.approx(0.1, abs=0.06)
+    # Speculator 1's own calibration saw 0.9 and 0.1 alike: about 0.5.
+    assert ctl.calib[1].prob(1, 0.5) == pytest.approx(0.5, abs=0.08)
+
+
+def test_a_single_speculator_is_calibrated_by_its_own_counts_alone():
+    """With one speculator every node is alone: the selected tree's
+    acceptances are that speculator's calibration, and no second calibration
+    learns anything."""
+    ctl = Controller(1, max_nodes=16)
+    for n in (1, 2, 4, 8):
+        ctl.record_forward(n, 0.05)
+    fan = DraftTree.from_arrays([0, 5, 6, 7], [-1, 0, 0, 1], confidences=[1.0, 0.6, 0.3, 0.8], max_nodes=4,
+                                vocab_size=VOCAB)
+    for i in range(200):
+        trees, origins = ctl.select([0], [[fan]], VOCAB, [16], 0.0)
+        acc = [1, 3] if i % 3 else []
+        ctl.observe(trees, origins, [np.asarray(acc, np.int32)], [True])
+    trees, _ = ctl.select([0], [[fan]], VOCAB, [16], 0.0)
+    tree = trees[0]
+    for i in range(1, len(tree)):
+        j = list(fan.tokens).index(tree.tokens[i])
+        assert tree.confidences[i] == pytest.approx(ctl.calib[0].prob(int(fan.depths[j]), float(fan.confidences[j])))
+    assert all(c.tried.sum() == 0 for c in ctl.agreement)
