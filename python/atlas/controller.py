@@ -378,7 +378,7 @@ class Controller:
         # and per request of this step, per node of its selected tree, the
         # (agreement, merged acceptance) that observe() records (None: alone).
         self.agreement = [_Calibration(), _Calibration()]
-        self._agreement_of: List[List[Optional[Tuple[int, float]]]] = []
+        self._agreement_of: List[Optional[List[Optional[Tuple[int, float]]]]] = []
         self.cost = CostModel()
         self.draft_time = np.zeros(num_speculators)   # EWMA seconds per step, per speculator
         # What a token costs now: EWMAs of a step's seconds (forward and
@@ -682,7 +682,9 @@ class Controller:
     def observe(self, trees: List[DraftTree], origins, accepted: List[np.ndarray],
                 ran: Optional[Sequence[bool]] = None, emitted: Optional[Sequence[Sequence[int]]] = None) -> None:
         """Updates the calibrations from a verified step: every node whose
-        parent was accepted (or is the root) is a trial for its proposers.
+        parent was accepted (or is the root) is a trial for its proposers,
+        and an agreed or contested one of the trees of the last
+        :meth:`select` also for that kind's second calibration.
         ``ran`` says which speculators proposed this step (default: all);
         ``emitted[b]`` the tokens request b emitted (the fallback's comparison
         reads the first; without it the comparison learns nothing)."""
