@@ -564,7 +564,7 @@ class Controller:
                         prob[j] = max(prob[j], p)
                         origins[j].append((s, conf))
                     local[i] = j
-            agree = self._agreement(pars, depth, prob, origins) if len(toks) > 1 else None
+            agree = self._agreement(pars, depth, prob, origins)
             merged.append((toks, pars, depth, prob, origins, agree))
 
         # 2. Path probabilities; greedy best-first across all requests.
@@ -628,14 +628,11 @@ class Controller:
         single speculator proposed every node."""
         n = len(pars)
         proposers = [0] * n   # per parent: bit mask of the speculators proposing a child
-        single = True
         for i in range(1, n):
-            orig = origins[i]
-            if len(orig) > 1:
-                single = False
-            for s, _ in orig:
+            for s, _ in origins[i]:
                 proposers[pars[i]] |= 1 << s
-        if single and all(m & (m - 1) == 0 for m in proposers):
+        # (a node with several proposers gives its parent several bits too)
+        if all(m & (m - 1) == 0 for m in proposers):
             return None
         out: List[Optional[Tuple[int, float]]] = [None] * n
         for i in range(1, n):
