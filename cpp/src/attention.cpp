@@ -54,6 +54,7 @@
 #include <vector>
 
 #include "atlas/pool.h"
+#include "simd.h"
 
 // The wide paths need GCC or Clang function targets on x86-64.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -119,34 +120,8 @@ inline void store_out(uint16_t* dst, float x) { *dst = float_to_bf16(x); }
 
 #define ATLAS_AI __attribute__((always_inline)) inline
 
-// Generic vectors of W lanes: floats, int32, uint32 and the W uint16 of bf16 rows.
-template <int W>
-struct Vec;
-template <>
-struct Vec<4> {
-  typedef float F __attribute__((vector_size(16)));
-  typedef int32_t I __attribute__((vector_size(16)));
-  typedef uint32_t U __attribute__((vector_size(16)));
-  typedef uint16_t H __attribute__((vector_size(8)));
-};
-template <>
-struct Vec<8> {
-  typedef float F __attribute__((vector_size(32)));
-  typedef int32_t I __attribute__((vector_size(32)));
-  typedef uint32_t U __attribute__((vector_size(32)));
-  typedef uint16_t H __attribute__((vector_size(16)));
-};
-
-// Unaligned, aliasing views: a load through one is a single unaligned vector
-// load (a memcpy into a local vector may be split into pieces, see head.cpp).
-template <typename V>
-struct Unaligned {
-  typedef V type __attribute__((aligned(4), may_alias));
-};
-template <typename V>
-struct Unaligned16 {  // vectors of uint16
-  typedef V type __attribute__((aligned(2), may_alias));
-};
+using simd::Unaligned;
+using simd::Vec;
 
 template <int W>
 ATLAS_AI typename Vec<W>::F load(const float* p) {
@@ -164,7 +139,7 @@ ATLAS_AI typename Vec<W>::F load_row(const float* p) {
 }
 template <int W>
 ATLAS_AI typename Vec<W>::F load_row(const uint16_t* p) {
-  typedef typename Unaligned16<typename Vec<W>::H>::type HU;
+  typedef typename Unaligned<typename Vec<W>::H>::type HU;
   const typename Vec<W>::U w = __builtin_convertvector(*reinterpret_cast<const HU*>(p), typename Vec<W>::U) << 16;
   return (typename Vec<W>::F)w;
 }
@@ -213,7 +188,7 @@ ATLAS_AI const float* rows_as_float(const uint16_t* src, int64_t stride, int n, 
                                     int64_t* out_stride) {
   typedef typename Vec<W>::F F;
   typedef typename Vec<W>::U U;
-  typedef typename Unaligned16<typename Vec<W>::H>::type HU;
+  typedef typename Unaligned<typename Vec<W>::H>::type HU;
   for (int t = 0; t < n; ++t) {
     const uint16_t* in = src + t * stride;
     float* o = buf + static_cast<int64_t>(t) * dim;

@@ -51,6 +51,7 @@
 #include "atlas/cpu.h"
 #include "atlas/layer_ops.h"
 #include "atlas/verify.h"
+#include "simd.h"
 
 #if ATLAS_X86_TARGETS
 #include <immintrin.h>
@@ -169,37 +170,15 @@ Status copy_vector(const char* name, const float* w, int64_t n, std::vector<floa
   return Status::Ok();
 }
 
-// Generic vectors (GCC/Clang) of 4 floats (one SSE register) and 8 floats
-// (one AVX register), and the 32-bit integer vectors of the same sizes that
-// the panels' words load into. Written with them rather than plain loops
+// The GEMM is written with generic vectors (simd.h) rather than plain loops
 // because GCC's loop vectoriser otherwise picks the k loop below (an in-order
 // float reduction: transposes and scalar adds, 4x slower) instead of the
-// panel's columns. The SSE path keeps to Vec4: without AVX, GCC lowers 8-float
-// vectors through memory (3x slower, measured).
-typedef float Vec4 __attribute__((vector_size(16)));
-typedef float Vec8 __attribute__((vector_size(32)));
-typedef uint32_t U32x4 __attribute__((vector_size(16)));
-typedef uint32_t U32x8 __attribute__((vector_size(32)));
-
-// The word vector with V's lanes.
-template <typename V>
-struct WordsOf;
-template <>
-struct WordsOf<Vec4> {
-  typedef U32x4 type;
-};
-template <>
-struct WordsOf<Vec8> {
-  typedef U32x8 type;
-};
-
-// An unaligned, aliasing view of V in memory: a load through it is one
-// unaligned vector load (a memcpy into a local vector was compiled as pieces
-// that stall store forwarding, 7x slower on one row, measured).
-template <typename V>
-struct Unaligned {
-  typedef V type __attribute__((aligned(4), may_alias));
-};
+// panel's columns. The SSE path keeps to 4-float vectors: without AVX, GCC
+// lowers 8-float vectors through memory (3x slower, measured).
+typedef simd::Vec<4>::F Vec4;
+typedef simd::Vec<8>::F Vec8;
+using simd::Unaligned;
+using simd::UintsOf;
 
 // Prefetch distance of the weight stream, in panel words: 2 KiB, about the
 // bytes that arrive from memory while one 8-row group computes on 2 KiB of a
@@ -213,7 +192,7 @@ constexpr int64_t kPrefetchWords = 512;
 // and without AVX, which GCC warns about.)
 template <typename V, bool kUpper>
 __attribute__((always_inline)) inline void widen(const uint32_t* p, V* out) {
-  typedef typename WordsOf<V>::type U;
+  typedef UintsOf<V> U;
   const U words = *reinterpret_cast<const typename Unaligned<U>::type*>(p);
   // Vector casts between vectors of one size reinterpret the bits.
   *out = kUpper ? (V)(words & (U{} + 0xffff0000u)) : (V)(words << 16);

@@ -18,19 +18,16 @@
 
 #include "atlas/cpu.h"
 #include "atlas/pool.h"
+#include "simd.h"
 
 namespace atlas {
 
 namespace {
 
-typedef float F4 __attribute__((vector_size(16)));
-typedef float F8 __attribute__((vector_size(32)));
-typedef float F16 __attribute__((vector_size(64)));
-
-template <typename V>
-struct Loose {  // an unaligned, aliasing V in memory
-  typedef V type __attribute__((aligned(4), may_alias));
-};
+typedef simd::Vec<4>::F F4;
+typedef simd::Vec<8>::F F8;
+typedef simd::Vec<16>::F F16;
+using simd::Unaligned;
 
 // How far ahead of the multiply-adds the weight stream is requested: 8 KiB,
 // into the L2 cache (prefetcht1), not L1. Why: with 8-12 rows a panel line
@@ -48,7 +45,7 @@ template <typename V, int R>
 __attribute__((always_inline)) inline void panel_rows(const float* __restrict x, int64_t ldx, int64_t k_len,
                                                       const float* __restrict panel, const float* bias,
                                                       float* __restrict y, int64_t ldy, int64_t cols) {
-  typedef typename Loose<V>::type VL;
+  typedef typename Unaligned<V>::type VL;
   constexpr int kLanes = static_cast<int>(sizeof(V) / sizeof(float));
   constexpr int kVecs = static_cast<int>(kLinearPanel) / kLanes;
   V acc[R][kVecs];

@@ -28,6 +28,7 @@
 
 #include "atlas/philox.h"
 #include "atlas/tree.h"
+#include "simd.h"
 
 namespace atlas {
 namespace {
@@ -86,33 +87,24 @@ PhiloxOut philox_two_words(uint64_t seed, uint64_t position, uint32_t stream, ui
 
 constexpr int kLanes = 16;
 
+// simd.h's vectors of W lanes, with D, doubles of F's lanes (all four of
+// them for W = 4, half of F's otherwise), and K, the 2W int16 lanes of
+// bfloat16 keys.
 template <int W>
 struct Simd;
 template <>
-struct Simd<4> {
-  typedef float F __attribute__((vector_size(16)));
-  typedef int32_t I __attribute__((vector_size(16)));
-  typedef uint32_t U __attribute__((vector_size(16)));
-  typedef uint16_t H __attribute__((vector_size(8)));
-  typedef double D __attribute__((vector_size(32)));  // all of F, widened
-  typedef int16_t K __attribute__((vector_size(16)));  // bfloat16 keys, 2W lanes
+struct Simd<4> : simd::Vec<4> {
+  typedef double D __attribute__((vector_size(32)));
+  typedef int16_t K __attribute__((vector_size(16)));
 };
 template <>
-struct Simd<8> {
-  typedef float F __attribute__((vector_size(32)));
-  typedef int32_t I __attribute__((vector_size(32)));
-  typedef uint32_t U __attribute__((vector_size(32)));
-  typedef uint16_t H __attribute__((vector_size(16)));
-  typedef double D __attribute__((vector_size(32)));  // half of F, widened
+struct Simd<8> : simd::Vec<8> {
+  typedef double D __attribute__((vector_size(32)));
   typedef int16_t K __attribute__((vector_size(32)));
 };
 template <>
-struct Simd<16> {
-  typedef float F __attribute__((vector_size(64)));
-  typedef int32_t I __attribute__((vector_size(64)));
-  typedef uint32_t U __attribute__((vector_size(64)));
-  typedef uint16_t H __attribute__((vector_size(32)));
-  typedef double D __attribute__((vector_size(64)));  // half of F, widened
+struct Simd<16> : simd::Vec<16> {
+  typedef double D __attribute__((vector_size(64)));
   typedef int16_t K __attribute__((vector_size(64)));
 };
 
