@@ -332,17 +332,26 @@ def test_batched_equals_alone(tiny):
 
 def test_packed_matrices_give_the_dense_result(tiny):
     """CPU float32 models carry panel copies of their matrices (and, with
-    oneDNN, packed ones) for small products; a prefill and a tree step give
-    the same logits with and without them, and moving the model keeps them
-    where they apply."""
+    oneDNN, packed ones) for small products, and then drop the dense layer
+    matrices, which unpacking restores exactly; a prefill and a tree step give
+    the same logits with and without the copies, and moving the model keeps
+    them where they apply."""
     _, model, _ = tiny
     target = atlas.load(model)
     m = target.model
     assert m.packed and all(set(L.packed) == {"qkv", "o", "gate_up", "down"} for L in m.layers)
+    onednn = torch.backends.mkldnn.is_available()
     for L in m.layers:
         for p in L.packed.values():
             assert p.panels is not None
-            assert (p.onednn is not None) == torch.backends.mkldnn.is_available()
+            assert (p.onednn is not None) == onednn
+    names = ("qkv", "o", "gate_up", "down")
+    assert all((getattr(L, n) is None) == onednn for L in m.layers for n in names)
+    state = {k: v.float() for k, v in model.state_dict().items()}
+    first = m.layers[0]
+    torch.testing.assert_close(first.matrix("o"), state["model.layers.0.self_attn.o_proj.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(first.matrix("down"), state["model.layers.0.mlp.down_proj.weight"], rtol=0, atol=0)
+    kept = [{n: L.matrix(n).clone() for n in names} for L in m.layers]
     assert not atlas.load(model, dtype=torch.bfloat16).model.packed
     rng = np.random.default_rng(3)
     V = target.vocab_size
@@ -361,11 +370,17 @@ def test_packed_matrices_give_the_dense_result(tiny):
     assert torch.get_num_threads() == threads     # the few-rows forward restored it
     m.unpack()
     assert not m.packed
+    for L, want in zip(m.layers, kept):
+        for n in names:
+            assert torch.equal(getattr(L, n), want[n])
     dense = run()
     for a, b in zip(packed, dense):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     m.to("cpu")
     assert m.packed
+    assert all((getattr(L, n) is None) == onednn for L in m.layers for n in names)
+    for a, b in zip(run(), dense):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_config_schemas_agree():

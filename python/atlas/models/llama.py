@@ -33,8 +33,14 @@ _INITIAL_ROPE_ROWS = 4096
 # packed layout (``torch.ops.mkldnn``), used for larger products from
 # ``_PACKED_MIN_ROWS`` rows. Otherwise one or two rows run as ``W @ x^T`` (MKL
 # streams the weight faster as the left operand), up to ``_SMALL_ROWS`` rows
-# (by torch threads) too, and larger products as ``F.linear``. The copies
-# triple the weights' memory (about 1.1 GB more for SmolLM2-135M).
+# (by torch threads) too, and larger products as ``F.linear``. Where a layer
+# matrix has both copies, every product reads one of them, so ``pack`` drops
+# its dense tensor (``unpack`` restores it from oneDNN's copy, exactly): the
+# layer matrices take twice their float32 bytes instead of three times. The LM
+# head keeps its dense tensor (the embedding, when tied; the draft heads read
+# it). SmolLM2-135M after ``atlas.load``: 1,806 MB resident with the dense
+# layer matrices kept, 1,401 without (measured after glibc's ``malloc_trim``,
+# which returns the loader's freed buffers; before it 2,095 and 1,831 MB).
 # Up to ``_PANEL_MAX_ROWS`` rows the forward also runs everything else on one
 # torch thread (see :meth:`LlamaModel.forward`). SmolLM2-135M forward at 250
 # tokens of context, 2 threads, median of 36 (panels) or 16, ms, measured with
@@ -123,7 +129,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     threads (default: torch's count) up to ``_PANEL_MAX_ROWS`` rows, oneDNN's
     matmul from ``_PACKED_MIN_ROWS`` rows. Otherwise ``W @ x^T`` for a few CPU
     float32 rows (see ``_SMALL_ROWS``; one row is padded to two: MKL's gemv is
-    as slow as ``x @ W^T``), else ``F.linear``."""
+    as slow as ``x @ W^T``), else ``F.linear``. ``weight`` may be None when
+    ``packed`` has both copies (see :meth:`LlamaModel.pack`)."""
     m = x.shape[0]
     if packed is not None:
         if packed.panels is not None and m <= _PANEL_MAX_ROWS and x.dim() == 2:
@@ -131,7 +138,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
             out = torch.empty((m, packed.panels.out_features), dtype=torch.float32)
             packed.panels.forward(x, out, bias, threads or torch.get_num_threads())
             return out
-        if packed.onednn is not None and m >= _PACKED_MIN_ROWS:
+        if packed.onednn is not None and (m >= _PACKED_MIN_ROWS or weight is None):
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed.onednn, bias, "none", [], "")
     if x.dim() != 2 or x.device.type != "cpu" or x.dtype != torch.float32 or \
             m > _SMALL_ROWS.get(torch.get_num_threads(), _SMALL_ROWS_DEFAULT):
@@ -168,6 +175,12 @@ class _Layer:
 
     def __init__(self):
         self.packed: dict = {}   # name -> packed copy (see pack_weight); empty when not packed
+
+    def matrix(self, name: str) -> torch.Tensor:
+        """The dense ``[out, in]`` matrix ``name`` (one of ``PACKED``), restored
+        from its oneDNN copy when :meth:`LlamaModel.pack` dropped it."""
+        w = getattr(self, name)
+        return w if w is not None else self.packed[name].onednn.to_dense()
 
 
 class LlamaModel:
@@ -269,17 +282,25 @@ class LlamaModel:
 
     def pack(self) -> "LlamaModel":
         """Makes the small-product copies of the layer matrices and the LM
-        head where the weights' device and dtype allow (else none). Returns
-        self."""
+        head where the weights' device and dtype allow (else none), and drops
+        the dense tensor of each layer matrix that gets both copies (its
+        ``_Layer`` attribute becomes None; :meth:`_Layer.matrix` restores it).
+        Returns self."""
         for L in self.layers:
-            L.packed = {name: p for name in _Layer.PACKED if (p := pack_weight(getattr(L, name))) is not None}
+            L.packed = {name: p for name in _Layer.PACKED if (p := pack_weight(L.matrix(name))) is not None}
+            for name, p in L.packed.items():
+                if p.panels is not None and p.onednn is not None:
+                    setattr(L, name, None)   # every product reads a copy (see _PANEL_MAX_ROWS)
         self.lm_head_packed = pack_weight(self.lm_head)
         return self
 
     def unpack(self) -> "LlamaModel":
-        """Drops the packed copies (the forward then uses the dense matrices
-        alone). Returns self."""
+        """Drops the packed copies, restoring the dense matrices that
+        :meth:`pack` dropped (the forward then uses the dense matrices alone).
+        Returns self."""
         for L in self.layers:
+            for name in L.packed:
+                setattr(L, name, L.matrix(name))
             L.packed = {}
         self.lm_head_packed = None
         return self
