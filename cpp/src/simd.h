@@ -19,27 +19,12 @@ namespace simd {
 // The vectors of W lanes: floats F, int32 I and uint32 U (the bit patterns of
 // F), and the W uint16 H of a row of bfloat16 values (widened to F by a shift).
 template <int W>
-struct Vec;
-template <>
-struct Vec<4> {
-  typedef float F __attribute__((vector_size(16)));
-  typedef int32_t I __attribute__((vector_size(16)));
-  typedef uint32_t U __attribute__((vector_size(16)));
-  typedef uint16_t H __attribute__((vector_size(8)));
-};
-template <>
-struct Vec<8> {
-  typedef float F __attribute__((vector_size(32)));
-  typedef int32_t I __attribute__((vector_size(32)));
-  typedef uint32_t U __attribute__((vector_size(32)));
-  typedef uint16_t H __attribute__((vector_size(16)));
-};
-template <>
-struct Vec<16> {
-  typedef float F __attribute__((vector_size(64)));
-  typedef int32_t I __attribute__((vector_size(64)));
-  typedef uint32_t U __attribute__((vector_size(64)));
-  typedef uint16_t H __attribute__((vector_size(32)));
+struct Vec {
+  static_assert(W == 4 || W == 8 || W == 16, "the kernels use vectors of 4, 8 or 16 lanes");
+  typedef float F __attribute__((vector_size(4 * W)));
+  typedef int32_t I __attribute__((vector_size(4 * W)));
+  typedef uint32_t U __attribute__((vector_size(4 * W)));
+  typedef uint16_t H __attribute__((vector_size(2 * W)));
 };
 
 // The uint32 vector with as many lanes as the float vector V.

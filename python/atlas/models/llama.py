@@ -289,7 +289,7 @@ class LlamaModel:
         for L in self.layers:
             L.packed = {name: p for name in _Layer.PACKED if (p := pack_weight(L.matrix(name))) is not None}
             for name, p in L.packed.items():
-                if p.panels is not None and p.onednn is not None:
+                if p.onednn is not None:   # (pack_weight always makes the panel copy)
                     setattr(L, name, None)   # every product reads a copy (see _PANEL_MAX_ROWS)
         self.lm_head_packed = pack_weight(self.lm_head)
         return self
