@@ -827,6 +827,44 @@ int64_t head_push(PyDraftHead& h, py::handle weights_obj, py::handle metric_obj)
   return version;
 }
 
+// A request-local version of snapshot s with some float tensors replaced
+// (atlas/head.h: DraftHead::derive).
+PyHeadSnapshot head_derive(const PyHeadSnapshot& s, py::handle weights_obj) {
+  if (!py::isinstance<py::dict>(weights_obj))
+    fail("weights must be a dict of name -> array, got " + std::string(py::str(py::type::of(weights_obj))));
+  py::dict d = py::reinterpret_borrow<py::dict>(weights_obj);
+  if (d.size() == 0) fail("weights must name at least one tensor to replace");
+  std::vector<View> views;  // keep every array alive while the GIL is released
+  atlas::HeadWeightsRef ref;
+  for (auto item : d) {
+    if (!py::isinstance<py::str>(item.first))
+      fail("weights keys must be strings (" + head_names_list() + ")");
+    const std::string key = item.first.cast<std::string>();
+    if (key == atlas::kHeadDraftIdsName)
+      fail(std::string("a derived version keeps its base's ") + atlas::kHeadDraftIdsName +
+           ": weights may hold float tensors only");
+    int32_t t = 0;
+    while (t < atlas::kNumHeadTensors && key != atlas::head_tensor_name(t)) ++t;
+    if (t == atlas::kNumHeadTensors)
+      fail("weights has an unknown tensor '" + key + "' (the float tensors are: " + head_names_list() + ")");
+    View v = view_of(item.second, "weights['" + key + "']");
+    v.dtype({Elem::kF32}).cpu().dense();
+    if (v.ndim() != 1 && v.ndim() != 2) fail(v.name + " must be 1-D or 2-D, got shape " + v.shape_str());
+    ref.tensors[t].data = v.ptr<const float>();
+    ref.tensors[t].ndim = static_cast<int32_t>(v.ndim());
+    for (int64_t i = 0; i < v.ndim(); ++i) ref.tensors[t].shape[i] = v.shape[i];
+    views.push_back(std::move(v));
+  }
+  std::shared_ptr<const atlas::HeadWeights> out;
+  atlas::Status st;
+  {
+    py::gil_scoped_release nogil;
+    st = s.owner->head.derive(s.weights.get(), ref, &out);
+  }
+  throw_if_error(st);
+  return PyHeadSnapshot{s.owner, std::move(out)};
+}
+
 // Runs the head with one pinned version; returns that version's number.
 int64_t head_forward(PyDraftHead& h, const std::shared_ptr<const atlas::HeadWeights>& w,
                      py::handle features_obj, py::handle tokens_obj, py::handle f_hat_obj,
@@ -1701,7 +1739,15 @@ PYBIND11_MODULE(_native, m) {
   // -- draft head (learned speculator)
   py::class_<PyHeadSnapshot>(
       m, "DraftHeadSnapshot", "One pinned weight version of a DraftHead: every forward through it uses it.")
-      .def_property_readonly("version", [](const PyHeadSnapshot& s) { return s.weights->version(); })
+      .def_property_readonly("version", [](const PyHeadSnapshot& s) { return s.weights->version(); },
+                             "The version's number (a derived one's: its base's).")
+      .def_property_readonly("derived", [](const PyHeadSnapshot& s) { return s.weights->derived(); },
+                             "True for a request-local version made by derive().")
+      .def("derive", &head_derive, py::arg("weights"),
+           "A request-local version: this one with the float tensors of `weights` (a dict, any non-empty "
+           "subset of w_in, b_in, norm1, w_gate, w_up, w_down, norm2, w_out; float32 arrays) replaced, each "
+           "validated as push validates it; draft_ids cannot change. Never live, not numbered, not in the "
+           "history (see atlas/head.h: DraftHead::derive). Raises ValueError on bad input.")
       .def_property_readonly("draft_ids", [](const PyHeadSnapshot& s) {
         const auto& ids = s.weights->draft_ids();
         py::array_t<int32_t> out(static_cast<py::ssize_t>(ids.size()));

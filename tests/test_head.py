@@ -337,6 +337,57 @@ def test_push_swaps_versions_atomically_and_records_history():
         nat.set_metric(3, 0.1)
 
 
+def test_derive_makes_a_request_local_version_beside_the_live_one():
+    a, b = random_head(seed=11), random_head(seed=12)
+    nat = native_of(a)
+    assert nat.push(a.export(), 0.5) == 1
+    base = nat.snapshot()
+    feats, toks = inputs(a, 9, seed=13)
+    live_before = run_native(nat, feats, toks)
+    # A's weights with b's MLP: the function of that mix, pushed whole to a
+    # fresh head, bit for bit.
+    mlp = {k: b.export()[k] for k in ("w_gate", "w_up", "w_down")}
+    local = base.derive(mlp)
+    assert local.derived and not base.derived and local.version == 1
+    np.testing.assert_array_equal(local.draft_ids, base.draft_ids)
+    mix = dict(a.export(), **mlp)
+    ref = native_of(a)
+    ref.push(mix)
+    f_hat, logits = np.empty_like(live_before[0]), np.empty_like(live_before[1])
+    assert local.forward(feats, toks, f_hat, logits) == 1
+    want = run_native(ref, feats, toks)
+    np.testing.assert_array_equal(f_hat, want[0])
+    np.testing.assert_array_equal(logits, want[1])
+    for name in ("w_in", "b_in", "norm1", "norm2", "w_out"):
+        np.testing.assert_array_equal(local.tensor(name), base.tensor(name))
+    # The live version, its number and the history are untouched.
+    assert nat.version == 1 and nat.history == [(1, 0.5)] and not nat.snapshot().derived
+    after = run_native(nat, feats, toks)
+    np.testing.assert_array_equal(after[1], live_before[1])
+    # A derived version outlives pushes, and derives again.
+    nat.push(b.export())
+    np.testing.assert_array_equal(local.forward(feats, toks, f_hat, logits), 1)
+    np.testing.assert_array_equal(logits, want[1])
+    again = local.derive({"b_in": np.zeros(a.hidden, np.float32)})
+    assert again.derived and np.all(again.tensor("b_in") == 0)
+    np.testing.assert_array_equal(again.tensor("w_gate"), local.tensor("w_gate"))
+    # Bad input: a clear error, nothing made.
+    H, I = a.hidden, a.intermediate
+    nan = mlp["w_up"].copy()
+    nan[1, 2] = np.nan
+    for weights, match in [
+            ({}, "at least one tensor"),
+            ({"draft_ids": base.draft_ids}, "keeps its base's draft_ids"),
+            ({"w_up": np.zeros((I, H + 1), np.float32)}, r"w_up must have shape \(I, H\)"),
+            ({"w_up": nan}, r"w_up holds a non-finite value .* at \[1, 2\]"),
+            ({"w_down": mlp["w_down"].astype(np.float64)}, "must have dtype float32"),
+            ({"bogus": mlp["w_up"]}, "unknown tensor 'bogus'"),
+            ({"w_gate": None}, "must be an array, got None"),
+            ([mlp], "weights must be a dict")]:
+        with pytest.raises(ValueError, match=match):
+            base.derive(weights)
+
+
 def test_forwards_racing_pushes_see_exactly_one_version():
     a, b = random_head(seed=10, hidden=64, intermediate=96), random_head(seed=11, hidden=64, intermediate=96)
     b.embed = a.embed

@@ -540,6 +540,37 @@ Status DraftHead::init(const HeadConfig& c, const float* embed) {
   return Status::Ok();
 }
 
+namespace {
+
+// Checks tensor t's shape against the configuration.
+Status check_tensor_shape(const HeadConfig& c, int32_t t, const HeadTensorRef& r) {
+  const Shape s = expected_shape(c, t);
+  const bool ok = r.ndim == s.ndim && r.shape[0] == s.d0 && (s.ndim == 1 || r.shape[1] == s.d1);
+  if (!ok)
+    return Status::Invalid(std::string(kNames[t]) + " must have shape " + s.text + " = " +
+                           shape_text(s.ndim, s.d0, s.d1) + ", got " + shape_text(r));
+  return Status::Ok();
+}
+
+// Validates tensor t's values and stores them in w (a matrix packed as
+// bfloat16 panels, a vector copied).
+Status load_tensor(const HeadConfig& c, int32_t t, const float* data, HeadWeights::Tensors* w) {
+  const int64_t H = c.hidden, I = c.intermediate, V = c.draft_vocab;
+  switch (t) {
+    case kHeadWIn: return pack_panels(kNames[t], data, H, 2 * H, &w->w_in);
+    case kHeadWGate: return pack_panels(kNames[t], data, I, H, &w->w_gate);
+    case kHeadWUp: return pack_panels(kNames[t], data, I, H, &w->w_up);
+    case kHeadWDown: return pack_panels(kNames[t], data, H, I, &w->w_down);
+    case kHeadWOut: return pack_panels(kNames[t], data, V, H, &w->w_out);
+    case kHeadBIn: return copy_vector(kNames[t], data, H, &w->b_in);
+    case kHeadNorm1: return copy_vector(kNames[t], data, H, &w->norm1);
+    case kHeadNorm2: return copy_vector(kNames[t], data, H, &w->norm2);
+    default: return Status::Invalid("unknown head tensor " + std::to_string(t));
+  }
+}
+
+}  // namespace
+
 Status DraftHead::push(const HeadWeightsRef& in, double metric, int64_t* version) {
   if (!ready_) return Status::Invalid("the draft head is not initialised");
   if (version == nullptr) return Status::Invalid("version is null");
@@ -547,12 +578,8 @@ Status DraftHead::push(const HeadWeightsRef& in, double metric, int64_t* version
   // Shapes first: nothing is read before every size is known to be right.
   for (int32_t t = 0; t < kNumHeadTensors; ++t) {
     const HeadTensorRef& r = in.tensors[t];
-    const Shape s = expected_shape(c, t);
     if (r.data == nullptr) return Status::Invalid(std::string("missing tensor '") + kNames[t] + "'");
-    const bool ok = r.ndim == s.ndim && r.shape[0] == s.d0 && (s.ndim == 1 || r.shape[1] == s.d1);
-    if (!ok)
-      return Status::Invalid(std::string(kNames[t]) + " must have shape " + s.text + " = " +
-                             shape_text(s.ndim, s.d0, s.d1) + ", got " + shape_text(r));
+    ATLAS_RETURN_IF_ERROR(check_tensor_shape(c, t, r));
   }
   if (in.draft_ids == nullptr)
     return Status::Invalid(std::string("missing tensor '") + kHeadDraftIdsName + "'");
@@ -562,16 +589,9 @@ Status DraftHead::push(const HeadWeightsRef& in, double metric, int64_t* version
                            ",)");
 
   auto w = std::make_shared<HeadWeights>();
-  const int64_t H = c.hidden, I = c.intermediate, V = c.draft_vocab;
-  const HeadTensorRef* t = in.tensors;
-  ATLAS_RETURN_IF_ERROR(pack_panels(kNames[kHeadWIn], t[kHeadWIn].data, H, 2 * H, &w->w_in_));
-  ATLAS_RETURN_IF_ERROR(pack_panels(kNames[kHeadWGate], t[kHeadWGate].data, I, H, &w->w_gate_));
-  ATLAS_RETURN_IF_ERROR(pack_panels(kNames[kHeadWUp], t[kHeadWUp].data, I, H, &w->w_up_));
-  ATLAS_RETURN_IF_ERROR(pack_panels(kNames[kHeadWDown], t[kHeadWDown].data, H, I, &w->w_down_));
-  ATLAS_RETURN_IF_ERROR(pack_panels(kNames[kHeadWOut], t[kHeadWOut].data, V, H, &w->w_out_));
-  ATLAS_RETURN_IF_ERROR(copy_vector(kNames[kHeadBIn], t[kHeadBIn].data, H, &w->b_in_));
-  ATLAS_RETURN_IF_ERROR(copy_vector(kNames[kHeadNorm1], t[kHeadNorm1].data, H, &w->norm1_));
-  ATLAS_RETURN_IF_ERROR(copy_vector(kNames[kHeadNorm2], t[kHeadNorm2].data, H, &w->norm2_));
+  const int64_t V = c.draft_vocab;
+  for (int32_t t = 0; t < kNumHeadTensors; ++t)
+    ATLAS_RETURN_IF_ERROR(load_tensor(c, t, in.tensors[t].data, &w->t_));
 
   w->draft_ids_.assign(in.draft_ids, in.draft_ids + V);
   for (int64_t j = 0; j < V; ++j) {
@@ -594,6 +614,30 @@ Status DraftHead::push(const HeadWeightsRef& in, double metric, int64_t* version
   live_ = std::move(w);
   history_.push_back({*version, metric});
   if (history_.size() > static_cast<size_t>(kMaxHeadHistory)) history_.erase(history_.begin());
+  return Status::Ok();
+}
+
+Status DraftHead::derive(const HeadWeights* base, const HeadWeightsRef& in,
+                         std::shared_ptr<const HeadWeights>* out) const {
+  if (!ready_) return Status::Invalid("the draft head is not initialised");
+  if (base == nullptr) return Status::Invalid("base is null");
+  if (out == nullptr) return Status::Invalid("out is null");
+  if (in.draft_ids != nullptr || in.num_draft_ids != 0)
+    return Status::Invalid(std::string("a derived version keeps its base's ") + kHeadDraftIdsName +
+                           ": give float tensors only");
+  const HeadConfig& c = config_;
+  bool any = false;
+  for (int32_t t = 0; t < kNumHeadTensors; ++t) {
+    if (in.tensors[t].data == nullptr) continue;
+    ATLAS_RETURN_IF_ERROR(check_tensor_shape(c, t, in.tensors[t]));
+    any = true;
+  }
+  if (!any) return Status::Invalid("derive needs at least one tensor to replace");
+  auto w = std::make_shared<HeadWeights>(*base);
+  for (int32_t t = 0; t < kNumHeadTensors; ++t)
+    if (in.tensors[t].data != nullptr) ATLAS_RETURN_IF_ERROR(load_tensor(c, t, in.tensors[t].data, &w->t_));
+  w->derived_ = true;
+  *out = std::move(w);
   return Status::Ok();
 }
 
@@ -662,9 +706,9 @@ void DraftHead::prefetch_loop(std::shared_ptr<Prefetcher> s) {
         (void)b[hi - 1];
       }
     };
-    for (const auto* m : {&w->w_in_, &w->w_gate_, &w->w_up_, &w->w_down_, &w->w_out_})
+    for (const auto* m : {&w->t_.w_in, &w->t_.w_gate, &w->t_.w_up, &w->t_.w_down, &w->t_.w_out})
       read(m->data(), m->size() * sizeof(uint32_t));
-    for (const auto* v : {&w->b_in_, &w->norm1_, &w->norm2_}) read(v->data(), v->size() * sizeof(float));
+    for (const auto* v : {&w->t_.b_in, &w->t_.norm1, &w->t_.norm2}) read(v->data(), v->size() * sizeof(float));
     read(w->draft_ids_.data(), w->draft_ids_.size() * sizeof(int32_t));
     w.reset();  // (a version swapped out meanwhile is freed here, off the serving thread)
     (given_up ? s->abandoned : s->done).fetch_add(1, std::memory_order_release);
@@ -734,9 +778,9 @@ std::vector<HeadVersionRecord> DraftHead::history() const {
 
 int64_t HeadWeights::bytes() const {
   int64_t b = 0;
-  for (const auto* m : {&w_in_, &w_gate_, &w_up_, &w_down_, &w_out_})
+  for (const auto* m : {&t_.w_in, &t_.w_gate, &t_.w_up, &t_.w_down, &t_.w_out})
     b += static_cast<int64_t>(m->size() * sizeof(uint32_t));
-  for (const auto* v : {&b_in_, &norm1_, &norm2_}) b += static_cast<int64_t>(v->size() * sizeof(float));
+  for (const auto* v : {&t_.b_in, &t_.norm1, &t_.norm2}) b += static_cast<int64_t>(v->size() * sizeof(float));
   return b + static_cast<int64_t>(draft_ids_.size() * sizeof(int32_t));
 }
 
@@ -751,14 +795,14 @@ Status DraftHead::read_tensor(const HeadWeights* w, int32_t t, float* out, int64
     return Status::Invalid(std::string(kNames[t]) + " has " + std::to_string(numel) + " values, got room for " +
                            std::to_string(out == nullptr ? 0 : out_floats));
   switch (t) {
-    case kHeadWIn: unpack_panels(w->w_in_, s.d0, s.d1, out); break;
-    case kHeadWGate: unpack_panels(w->w_gate_, s.d0, s.d1, out); break;
-    case kHeadWUp: unpack_panels(w->w_up_, s.d0, s.d1, out); break;
-    case kHeadWDown: unpack_panels(w->w_down_, s.d0, s.d1, out); break;
-    case kHeadWOut: unpack_panels(w->w_out_, s.d0, s.d1, out); break;
-    case kHeadBIn: std::copy(w->b_in_.begin(), w->b_in_.end(), out); break;
-    case kHeadNorm1: std::copy(w->norm1_.begin(), w->norm1_.end(), out); break;
-    default: std::copy(w->norm2_.begin(), w->norm2_.end(), out); break;
+    case kHeadWIn: unpack_panels(w->t_.w_in, s.d0, s.d1, out); break;
+    case kHeadWGate: unpack_panels(w->t_.w_gate, s.d0, s.d1, out); break;
+    case kHeadWUp: unpack_panels(w->t_.w_up, s.d0, s.d1, out); break;
+    case kHeadWDown: unpack_panels(w->t_.w_down, s.d0, s.d1, out); break;
+    case kHeadWOut: unpack_panels(w->t_.w_out, s.d0, s.d1, out); break;
+    case kHeadBIn: std::copy(w->t_.b_in.begin(), w->t_.b_in.end(), out); break;
+    case kHeadNorm1: std::copy(w->t_.norm1.begin(), w->t_.norm1.end(), out); break;
+    default: std::copy(w->t_.norm2.begin(), w->t_.norm2.end(), out); break;
   }
   return Status::Ok();
 }
@@ -812,24 +856,24 @@ Status DraftHead::forward(const HeadWeights* w, const float* features, int64_t f
     }
     // Every product's input rounded to bfloat16 first (see the top of this file).
     round_to_bf16(xcat, rows * 2 * H, xcat);
-    gemm_panels(xcat, 2 * H, rows, 2 * H, w->w_in_.data(), H, w->b_in_.data(), z, H);
-    ATLAS_RETURN_IF_ERROR(rms_norm(z, rows, H, H, w->norm1_.data(), eps, nrm, H));
+    gemm_panels(xcat, 2 * H, rows, 2 * H, w->t_.w_in.data(), H, w->t_.b_in.data(), z, H);
+    ATLAS_RETURN_IF_ERROR(rms_norm(z, rows, H, H, w->t_.norm1.data(), eps, nrm, H));
     round_to_bf16(nrm, rows * H, nrm);
-    gemm_panels(nrm, H, rows, H, w->w_gate_.data(), I, nullptr, gate, I);
-    gemm_panels(nrm, H, rows, H, w->w_up_.data(), I, nullptr, up, I);
+    gemm_panels(nrm, H, rows, H, w->t_.w_gate.data(), I, nullptr, gate, I);
+    gemm_panels(nrm, H, rows, H, w->t_.w_up.data(), I, nullptr, up, I);
     for (int64_t i = 0; i < rows * I; ++i) {
       const float g = gate[i];
       gate[i] = g / (1.0f + std::exp(-g)) * up[i];
     }
     round_to_bf16(gate, rows * I, gate);
     float* h = nrm;
-    gemm_panels(gate, I, rows, I, w->w_down_.data(), H, nullptr, h, H);
+    gemm_panels(gate, I, rows, I, w->t_.w_down.data(), H, nullptr, h, H);
     float* f_hat = f_hat_out + r0 * H;
     for (int64_t i = 0; i < rows * H; ++i) h[i] += z[i];
-    ATLAS_RETURN_IF_ERROR(rms_norm(h, rows, H, H, w->norm2_.data(), eps, f_hat, H));
+    ATLAS_RETURN_IF_ERROR(rms_norm(h, rows, H, H, w->t_.norm2.data(), eps, f_hat, H));
     float* f_in = h;  // h is spent: the rounded copy of f_hat that W_out reads
     round_to_bf16(f_hat, rows * H, f_in);
-    gemm_panels(f_in, H, rows, H, w->w_out_.data(), V, nullptr, logits_out + r0 * V, V);
+    gemm_panels(f_in, H, rows, H, w->t_.w_out.data(), V, nullptr, logits_out + r0 * V, V);
   }
   return Status::Ok();
 }

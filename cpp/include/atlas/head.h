@@ -151,16 +151,25 @@ struct HeadWeightsRef {
 // packed in panels of kHeadPanel output columns, as bfloat16 (see head.cpp).
 class HeadWeights {
  public:
+  // The version's number; a derived version (DraftHead::derive) has its
+  // base's.
   int64_t version() const { return version_; }
+  // True for a version made by DraftHead::derive (never live).
+  bool derived() const { return derived_; }
   const std::vector<int32_t>& draft_ids() const { return draft_ids_; }
   // Bytes of tensor data this version holds (panels, vectors and draft ids).
   int64_t bytes() const;
 
+  struct Tensors {
+    std::vector<uint32_t> w_in, w_gate, w_up, w_down, w_out;  // packed panels, two bfloat16 per word
+    std::vector<float> b_in, norm1, norm2;
+  };
+
  private:
   friend class DraftHead;
   int64_t version_ = 0;
-  std::vector<uint32_t> w_in_, w_gate_, w_up_, w_down_, w_out_;  // packed panels, two bfloat16 per word
-  std::vector<float> b_in_, norm1_, norm2_;
+  bool derived_ = false;
+  Tensors t_;
   std::vector<int32_t> draft_ids_;
 };
 
@@ -217,6 +226,18 @@ class DraftHead {
   // Copies, validates and swaps in a new version; *version is its number.
   // On error the live version is unchanged. metric may be NaN (none yet).
   Status push(const HeadWeightsRef& weights, double metric, int64_t* version);
+
+  // A request-local version: a copy of `base` with the float tensors that
+  // `in` gives replaced (any non-empty subset; a null data pointer keeps the
+  // base's), each validated as push() validates it; draft_ids cannot change
+  // (in.draft_ids must be null). It is never live and takes no number or
+  // history entry: version() is the base's and derived() is true. What it is
+  // for: the learning loop fits the head to each request's prompt
+  // (atlas/learning/trainer.py: adapt_to_prompt) and drafts that request with
+  // the result, while every other request drafts with the live version. Costs
+  // a copy of the base's tensors (6 MB for SmolLM2's head with 2,048 draft
+  // tokens) and the packing of the replaced ones. On error *out is unchanged.
+  Status derive(const HeadWeights* base, const HeadWeightsRef& in, std::shared_ptr<const HeadWeights>* out) const;
 
   // Records a metric for a version still in the history (e.g. the acceptance
   // it reached while serving).
