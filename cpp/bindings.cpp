@@ -1771,6 +1771,11 @@ PYBIND11_MODULE(_native, m) {
            "The pushed tensor `name` (w_in, b_in, ...) as this version's forward uses it: a float32 copy in "
            "torch layout [out, in]; a matrix's values are the pushed ones rounded to bfloat16 (how the native "
            "head stores them), widened back to float32.")
+      .def("prefetch", [](const PyHeadSnapshot& s) {
+        bool queued = false;
+        throw_if_error(s.owner->head.prefetch(s.weights, &queued));
+        return queued;
+      }, "Like DraftHead.prefetch, for this version (e.g. a derived one) instead of the live one.")
       .def_property_readonly("nbytes", [](const PyHeadSnapshot& s) { return s.weights->bytes(); },
                              "Bytes of weights this version holds (matrices in bfloat16, padded to whole "
                              "panels; vectors in float32; draft ids).");

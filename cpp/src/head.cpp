@@ -725,11 +725,12 @@ DraftHead::~DraftHead() {
   prefetcher_->cv.notify_all();
 }
 
-Status DraftHead::prefetch(bool* queued) const {
+Status DraftHead::prefetch(bool* queued) const { return prefetch(snapshot(), queued); }
+
+Status DraftHead::prefetch(std::shared_ptr<const HeadWeights> w, bool* queued) const {
   if (!ready_) return Status::Invalid("the draft head is not initialised");
   if (queued == nullptr) return Status::Invalid("queued is null");
   *queued = false;
-  std::shared_ptr<const HeadWeights> w = snapshot();
   if (!w) return Status::Ok();
   Prefetcher& s = *prefetcher_;
   // try_lock: the thread holds the mutex only while it takes or hands back a

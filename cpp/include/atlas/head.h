@@ -260,6 +260,9 @@ class DraftHead {
   // slow down. One still under way when a draft() begins goes on: it reads
   // ahead of the draft, which finds the lines it needs sooner.
   Status prefetch(bool* queued) const;
+  // The same for version w (one of this head's, e.g. a derived one); a null
+  // w queues nothing.
+  Status prefetch(std::shared_ptr<const HeadWeights> w, bool* queued) const;
   // Warm-ups completed, and abandoned, so far: in the end every queued one
   // is one or the other.
   int64_t prefetches_done() const;
