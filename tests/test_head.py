@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -370,6 +371,14 @@ def test_derive_makes_a_request_local_version_beside_the_live_one():
     np.testing.assert_array_equal(logits, want[1])
     again = local.derive({"b_in": np.zeros(a.hidden, np.float32)})
     assert again.derived and np.all(again.tensor("b_in") == 0)
+    # The cache warm-up reads a derived version as it reads the live one.
+    seen = nat.prefetches_done + nat.prefetches_abandoned
+    assert local.prefetch() is True
+    for _ in range(1000):
+        if nat.prefetches_done + nat.prefetches_abandoned > seen:
+            break
+        time.sleep(0.005)
+    assert nat.prefetches_done + nat.prefetches_abandoned == seen + 1
     np.testing.assert_array_equal(again.tensor("w_gate"), local.tensor("w_gate"))
     # Bad input: a clear error, nothing made.
     H, I = a.hidden, a.intermediate
@@ -905,6 +914,54 @@ def test_observe_reads_the_feature_of_the_roots_parent():
     t7 = DraftTree(3, 4, 41)
     spec.propose([7], [[3]], [t7], 0)
     assert len(t7) == 1
+
+
+def test_an_adapted_request_drafts_with_its_own_version():
+    """adapt() gives one request the live version with some tensors replaced:
+    it drafts what a head pushed with those weights drafts, the other request
+    what the live version drafts; a fit from a version no longer live nor
+    recent, or for a request not being served, is not taken; finish() drops
+    it; bad weights raise and change nothing."""
+    head = random_head(vocab=41, hidden=16, draft_vocab=12, intermediate=19, seed=23)
+    other = random_head(vocab=41, hidden=16, draft_vocab=12, intermediate=19, seed=24)
+    mlp = {k: other.export()[k] for k in ("w_gate", "w_up", "w_down")}
+    mixed = head.twin()
+    mixed.load_export(dict(head.export(), **mlp))
+
+    def drafted(spec, rids):
+        trees = [DraftTree(3, 9, 41) for _ in rids]
+        spec.propose(rids, [[1, 2, 3] for _ in rids], trees, 0)
+        return [token_paths(t) for t in trees]
+
+    def started(h):
+        spec = LearnedSpeculator(h, max_depth=3, topk=2, width=2)
+        for rid in (5, 6):
+            spec.start(rid, [1, 2, 3])
+        spec.observe(_record(True, [5, 6], [0, 2, 4], torch.linspace(-1, 1, 4 * 16).reshape(4, 16),
+                             [np.zeros(0, np.int32)] * 2))
+        return spec
+
+    spec, want_live, want_mixed = started(head), started(head), started(mixed)
+    assert spec.adapt(7, mlp, 1) is False          # not being served
+    assert spec.adapt(5, mlp, 2) is False          # no such version
+    with pytest.raises(ValueError, match="w_up must have shape"):
+        spec.adapt(5, dict(mlp, w_up=mlp["w_up"][:3]), 1)
+    with pytest.raises(TypeError, match="base_version"):
+        spec.adapt(5, mlp, "1")
+    assert spec.adapted_requests == 0
+    assert spec.adapt(5, mlp, 1) is True and spec.adapted_requests == 1
+    got = drafted(spec, [5, 6])
+    assert got[0] == drafted(want_mixed, [5])[0] and got[1] == drafted(want_live, [6])[0]
+    assert got[0] != got[1]
+    # A push: the adapted request keeps its version; a fit from version 1
+    # that arrives now is still taken (version 1 was drafted with lately).
+    spec.push(other.export())
+    assert spec.adapt(6, mlp, 1) is True
+    assert drafted(spec, [5])[0] == drafted(want_mixed, [5])[0]
+    spec.finish(5)
+    assert spec.adapted_requests == 1 and spec.adapt(5, mlp, 2) is False
+    spec.finish(6)
+    assert spec.adapted_requests == 0
 
 
 # ---- through the engine: losslessness and learning ---------------------------------------------

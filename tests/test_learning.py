@@ -223,6 +223,35 @@ def test_tap_prompt_examples_cover_every_prompt_token_and_leave_their_targets_to
         Tap(V, k, prompt_examples=1)
 
 
+def test_tap_hands_each_prompt_to_the_prompt_sink():
+    """With a prompt sink, a prefill's examples go there, one call per request
+    with its own prompt's rows (what examples_of gives for them), after what
+    waited went to the sink; decode steps still go to the sink."""
+    rng = np.random.default_rng(6)
+    H, V, k = 6, 23, 4
+    hidden = torch.from_numpy(rng.standard_normal((7, H)).astype(np.float32))
+    logits = torch.from_numpy(rng.standard_normal((3, V)).astype(np.float32))
+    # rid 3: a 4-token prompt; rid 4: a 1-token prompt (no example); rid 5: 2 tokens
+    pre = record(True, [3, 4, 5], [4, 1, 2], [5, 6, 7, 8, 9, 10, 11], [-1, 0, 1, 2, -1, -1, 0], hidden, logits,
+                 [[], [], []], [[12], [13], [14]])
+    want = Tap(V, k, prompt_examples=True).examples_of(pre)
+    sunk, prompts = [], []
+    tap = Tap(V, k, sink=sunk.append, prompt_examples=True, flush_rows=100,
+              prompt_sink=lambda rid, ex: prompts.append((rid, ex)))
+    dec = record(False, [9], [2], [11, 13], [-1, 0], torch.zeros(2, H), torch.zeros(2, V), [[]], [[13]])
+    tap.observe(dec)          # waits (flush_rows)
+    assert tap.waiting == 1 and not sunk
+    tap.observe(pre)
+    assert len(sunk) == 1 and len(sunk[0]) == 1   # the waiting step first
+    assert [rid for rid, _ in prompts] == [3, 5]
+    got = Examples.concat([ex for _, ex in prompts])
+    for f in Examples.__dataclass_fields__:
+        np.testing.assert_array_equal(getattr(got, f), getattr(want, f))
+    assert len(prompts[0][1]) == 3 and prompts[0][1].parent_back[0] == 0 and prompts[1][1].parent_back[0] == 0
+    with pytest.raises(ValueError, match="prompt_sink needs prompt_examples"):
+        Tap(V, k, prompt_sink=lambda rid, ex: None)
+
+
 def test_fill_targets_computes_the_draft_vocabulary_top_k_of_rows_without_targets(tiny):
     from atlas.learning.trainer import fill_targets
     _, target, _, _ = tiny
@@ -575,6 +604,93 @@ def test_trainer_precision(tiny):
     assert tr.evaluate()[0] >= start + 0.2 and all(p.dtype == torch.float32 for p in tr.head.parameters())
 
 
+def _prompt_of(tiny, i):
+    """The tap's examples of fixture prompt i and its continuation's first
+    tokens (targets left to fill), and the records of the whole request."""
+    model, _, prompts, conts = tiny
+    recs = greedy_records(model, prompts[i], conts[i], i, depth=3)
+    got = []
+    tap = Tap(model.config.vocab_size, 16, prompt_examples=True, prompt_sink=lambda rid, ex: got.append(ex))
+    tap.observe(recs[0])
+    return got[0], recs
+
+
+def test_adapt_to_prompt_fits_the_mlp_from_the_given_weights(tiny):
+    from atlas.learning.adapt import ADAPT_TENSORS, adapt_to_prompt
+    from atlas.learning.head import distillation_loss
+    from atlas.learning.trainer import fill_targets
+    _, target, _, _ = tiny
+    head = fresh_head(target, seed=4)
+    before = {k: v.copy() for k, v in head.export().items()}
+    ex, _ = _prompt_of(tiny, 0)
+    with pytest.raises(ValueError, match="filled first"):
+        adapt_to_prompt(head, ex)
+    ex = fill_targets(ex, head)
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        adapt_to_prompt(head, ex, steps=0)
+    with pytest.raises(ValueError, match="no examples"):
+        adapt_to_prompt(head, ex.rows(0, 0))
+    w = adapt_to_prompt(head, ex, steps=8, lr=3e-3)
+    assert sorted(w) == sorted(ADAPT_TENSORS)
+    for name, arr in head.export().items():   # the head itself is as it was
+        np.testing.assert_array_equal(arr, before[name])
+
+    def loss(weights):
+        t = {k: torch.from_numpy(v) for k, v in weights.items()}
+        with torch.no_grad():
+            f_hat, logits = head.forward_with(torch.from_numpy(ex.parent_feature), torch.from_numpy(ex.token), t)
+            return float(distillation_loss(logits, f_hat, torch.from_numpy(ex.feature),
+                                           torch.from_numpy(ex.topk_logits), torch.from_numpy(ex.topk_ids),
+                                           head.full_to_draft)[0])
+
+    assert loss(w) < loss({k: before[k] for k in ADAPT_TENSORS}) - 0.05
+    for name in ADAPT_TENSORS:
+        assert w[name].dtype == np.float32 and w[name].shape == before[name].shape
+        assert not np.array_equal(w[name], before[name])
+    # Only the last max_rows rows count.
+    np.testing.assert_array_equal(adapt_to_prompt(head, ex, max_rows=2)["w_up"],
+                                  adapt_to_prompt(head, ex.rows(len(ex) - 2, len(ex)))["w_up"])
+    with pytest.raises(ValueError, match="replaced names unknown tensors"):
+        head.forward_with(torch.from_numpy(ex.parent_feature), torch.from_numpy(ex.token), {"embed": head.embed})
+
+
+def test_the_trainer_fits_queued_prompts_for_their_requests(tiny):
+    """add_prompt queues a prompt; before its next step the trainer fits the
+    live version to it and the speculator drafts that request with the
+    result; the prompt's examples reach the buffer either way. A backlog
+    beyond MAX_PROMPTS_WAITING goes to the buffer unfitted. train=False runs
+    no rounds but still fits. Bad settings are clear errors."""
+    from atlas.learning.trainer import MAX_PROMPTS_WAITING
+    _, target, _, _ = tiny
+    head = fresh_head(target, seed=2)
+    spec = LearnedSpeculator(head, max_depth=3)
+    buf = ReplayBuffer(target.config.hidden_size, 16, capacity=5000, max_bytes=None, held_out=0)
+    trainer = Trainer(head.twin(), buf, spec, batch_size=16, steps_per_round=2, train=False)
+    ex, recs = _prompt_of(tiny, 1)
+    spec.start(1, [])
+    spec.observe(recs[0])
+    trainer.add_prompt(1, ex)
+    trainer.add_prompt(99, ex)     # a request that is not being served
+    trainer.adapt_pending()
+    st = trainer.stats()
+    assert st["adaptations"] == 1 and st["adapt_stale"] == 1 and st["errors"] == 0
+    assert spec.adapted_requests == 1 and buf.size == 2 * len(ex) and spec.version == 1
+    for i in range(MAX_PROMPTS_WAITING + 3):
+        trainer.add_prompt(100 + i, ex)
+    assert trainer.stats()["adapt_dropped"] == 3 and buf.size == 5 * len(ex)
+    trainer.start()
+    try:
+        assert _wait(lambda: trainer._prompts.empty() and buf.size == (5 + MAX_PROMPTS_WAITING) * len(ex))
+    finally:
+        trainer.stop()
+    st = trainer.stats()
+    assert st["rounds"] == 0 and st["train_steps"] == 0 and spec.version == 1 and st["errors"] == 0
+    for bad, match in ((dict(adapt_steps=-1), "adapt_steps"), (dict(adapt_lr=0.0), "adapt_lr"),
+                       (dict(train="no"), "train must be a bool")):
+        with pytest.raises(ValueError, match=match):
+            Trainer(head.twin(), buf, spec, **bad)
+
+
 def test_trainer_does_not_push_a_worse_candidate(tiny):
     _, target, _, _ = tiny
     buf, _ = tapped_buffer(tiny)
@@ -903,6 +1019,7 @@ def test_the_loop_learns_while_serving_and_stays_lossless(tiny, process):
     print("accepted draft tokens per target forward, round by round:", rates, st)
     assert st["errors"] == 0 and st["state"] == "stopped", st
     assert st["pushes"] >= 1 and st["live_version"] == 1 + st["pushes"]
+    assert st["adaptations"] >= 1, st   # prompts fitted for their requests (atlas.learning.adapt)
     assert st["examples_seen"] == loop.buffer.total > 0 and st["train_steps"] > 0 and st["dropped"] == 0
     if process:
         assert not loop.trainer.running and loop.trainer.exitcode == 0

@@ -201,6 +201,22 @@ class DraftHead(nn.Module):
                        else getattr(self, name).detach().to("cpu", torch.float32) for name in _FLOATS}
             return self._forward(features.cpu(), tokens.cpu(), weights, True)
 
+    def forward_with(self, features: torch.Tensor, tokens: torch.Tensor,
+                     replaced: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The forward with some float tensors (names of ``PUSHED``) replaced
+        by the given ones, which autograd flows into; this head's own are
+        read, not changed. What request-local adaptation trains
+        (:func:`atlas.learning.adapt.adapt_to_prompt`)."""
+        unknown = sorted(set(replaced) - set(_FLOATS[1:]))
+        if unknown:
+            raise ValueError(f"replaced names unknown tensors {unknown}; the float tensors are {list(_FLOATS[1:])}")
+        w = {name: getattr(self, name) for name in _FLOATS}
+        for name, t in replaced.items():
+            if tuple(t.shape) != tuple(w[name].shape):
+                raise ValueError(f"{name} must have shape {tuple(w[name].shape)}, got {tuple(t.shape)}")
+        w.update(replaced)
+        return self._forward(features, tokens, w, False)
+
     def _forward(self, features, tokens, w, bf16_inputs):
         if bf16_inputs:
             def linear(a, m, b=None):

@@ -126,7 +126,10 @@ class LearningLoop:
     the trainer process, once it has started up, while each target forward runs (see
     :meth:`forward_begins`), so that it trains in the gaps between forwards
     instead of slowing them. ``prompt_examples`` (default ``LOOP_PROMPT_EXAMPLES``):
-    the tap also learns from every prompt token (see :mod:`atlas.learning.tap`).
+    the tap also learns from every prompt token (see :mod:`atlas.learning.tap`),
+    and the trainer fits the head to each prompt for its own request
+    (request-local adaptation, :mod:`atlas.learning.adapt`; the ``Trainer``
+    settings ``adapt_steps``, 0 for none, and ``adapt_lr``).
     The tap hands its examples over once ``LOOP_TAP_FLUSH_ROWS`` wait (a few
     decode steps); :meth:`flush` and :meth:`stop` hand over the rest.
     Every other keyword goes to the :class:`Trainer` (``lr``,
@@ -223,14 +226,17 @@ class LearningLoop:
                                           **trainer_kwargs)
             self.buffer = self.trainer.buffer
             self.tap = Tap(nat.vocab, topk, sink=self.trainer.send, prompt_examples=prompt_examples,
-                           flush_rows=LOOP_TAP_FLUSH_ROWS)
+                           flush_rows=LOOP_TAP_FLUSH_ROWS,
+                           prompt_sink=self.trainer.send_prompt if prompt_examples else None)
         else:
             self.buffer = ReplayBuffer(nat.hidden, topk, **buffer)
             self.trainer = Trainer(cand, self.buffer, speculator, counts=lambda: self.tap.counts,
                                    on_push=self._on_push, **trainer_kwargs)
-            # (prompt rows' targets are then computed on the serving thread)
+            # (prompts go to the training thread, which computes their rows'
+            # targets and fits the head to them, see atlas.learning.adapt)
             self.tap = Tap(nat.vocab, topk, sink=self.trainer.add_examples, prompt_examples=prompt_examples,
-                           flush_rows=LOOP_TAP_FLUSH_ROWS)
+                           flush_rows=LOOP_TAP_FLUSH_ROWS,
+                           prompt_sink=self.trainer.add_prompt if prompt_examples else None)
 
     # ---- the engine's observer ----------------------------------------------------------
 
@@ -306,10 +312,12 @@ class LearningLoop:
 
     def stats(self) -> dict:
         """Examples seen, buffer fill, trainer counters, pushes, refusals, the
-        last metrics, errors, and examples dropped on the way to a trainer
-        process (``dropped`` batches, ``dropped_examples``; always 0 for a
-        thread). In process mode the trainer's counters and the buffer are as
-        of the child's latest report (at most a second old while it runs)."""
+        last metrics, errors, examples dropped on the way to a trainer process
+        (``dropped`` batches, ``dropped_examples``; always 0 for a thread),
+        and request-local fits (``adaptations`` taken by the speculator,
+        ``adapt_stale`` not taken, ``adapt_seconds`` spent). In process mode
+        the trainer's counters and the buffer are as of the child's latest
+        report (at most a second old while it runs)."""
         t = self.trainer.stats()
         b = self.buffer.stats()
         return dict(
@@ -321,5 +329,6 @@ class LearningLoop:
             live_version=self.speculator.version, restored=self.restored,
             errors=t["errors"] + self.errors, last_error=self.last_error or t["last_error"],
             dropped=t.get("dropped", 0), dropped_examples=t.get("dropped_examples", 0),
+            adaptations=t["adaptations"], adapt_stale=t["adapt_stale"], adapt_seconds=t["adapt_seconds"],
         )
 

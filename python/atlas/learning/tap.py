@@ -98,6 +98,11 @@ class Examples:
         row of ``Tap(prompt_examples=True)``: ``topk_ids`` all -1)."""
         return (self.topk_ids < 0).all(axis=1) if self.topk_ids.size else np.zeros(len(self), bool)
 
+    def rows(self, lo: int, hi: int) -> "Examples":
+        """Examples lo to hi - 1 (views; parent links that point before lo
+        are for the caller to mind)."""
+        return Examples(*(getattr(self, f)[lo:hi] for f in Examples.__dataclass_fields__))
+
     @staticmethod
     def concat(batches: List["Examples"]) -> "Examples":
         """One batch of the given batches' examples, in order (their parent
@@ -154,10 +159,15 @@ class Tap:
     ``flush_rows``: hand the sink the examples of several records at once,
     as soon as at least this many wait (0: each record's at once);
     :meth:`flush` hands over what waits.
+    ``prompt_sink(rid, examples)``: with ``prompt_examples``, a prefill's
+    examples go there instead, one call per request with its prompt's
+    examples (for request-local adaptation, :mod:`atlas.learning.adapt`),
+    after what waited was handed to ``sink``.
     """
 
     def __init__(self, vocab: int, topk: int = 16, sink: Optional[Callable[[Examples], None]] = None,
-                 prompt_examples: bool = False, flush_rows: int = 0):
+                 prompt_examples: bool = False, flush_rows: int = 0,
+                 prompt_sink: Optional[Callable[[int, Examples], None]] = None):
         if not isinstance(vocab, (int, np.integer)) or isinstance(vocab, bool) or vocab < 1:
             raise ValueError(f"vocab must be a positive int, got {vocab!r}")
         if not isinstance(topk, int) or isinstance(topk, bool) or not 1 <= topk <= vocab:
@@ -171,6 +181,10 @@ class Tap:
         self._waiting_rows = 0
         self.vocab, self.topk, self.sink = int(vocab), topk, sink
         self.prompt_examples = prompt_examples
+        if prompt_sink is not None and not prompt_examples:
+            raise ValueError("prompt_sink needs prompt_examples=True (a prefill gives one example per request "
+                             "without them)")
+        self.prompt_sink = prompt_sink
         self.counts = np.zeros(vocab, np.int64)   # [vocab] tokens of committed traffic
         self.examples = 0                         # examples emitted so far (the next example's id)
         self.records = 0                          # records observed
@@ -180,7 +194,16 @@ class Tap:
     def observe(self, record) -> None:
         t0 = time.perf_counter()
         ex = self.examples_of(record)
-        if self.sink is not None and len(ex):
+        if self.prompt_sink is not None and record.prefill:
+            self.flush()
+            q = np.asarray(record.q_offsets, np.int64)
+            at = 0
+            for b, rid in enumerate(record.rids):
+                n = max(int(q[b + 1] - q[b]) - 1, 0)   # every prompt token but the first (examples_of)
+                if n:
+                    self.prompt_sink(rid, ex.rows(at, at + n))
+                at += n
+        elif self.sink is not None and len(ex):
             self._waiting.append(ex)
             self._waiting_rows += len(ex)
             if self._waiting_rows >= self.flush_rows:

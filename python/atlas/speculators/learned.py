@@ -30,6 +30,15 @@ verifier's one-hot rule.
 Every ``propose`` takes one snapshot of the native weights: pushes during a
 step take effect at the next one.
 
+Request-local versions (:meth:`LearnedSpeculator.adapt`): the learning loop
+fits the head to each request's prompt (:mod:`atlas.learning.adapt`) and
+hands the result here; from the next step on, that request drafts with the
+live version's weights so changed (``DraftHeadSnapshot.derive``), alone in
+its own native call, while the others draft together with the live version.
+It keeps that version until it ends, pushes notwithstanding. When the last
+proposal drafted for one request alone, with its own version, the cache
+warm-up below reads that version instead of the live one.
+
 Cache warm-up: on the CPU the target's forward evicts the head's weights
 from the caches, so a step's first depth waits on memory. While the head
 has drafted in at least ``PREFETCH_MIN_DRAFTS`` of the last
@@ -44,6 +53,7 @@ that the warm-up thread is woken before the trainer competes with it.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Dict, Optional
 
 import numpy as np
@@ -62,6 +72,9 @@ log = logging.getLogger("atlas.speculators")
 # proposal warmed that one four times in ten steps, for nothing.)
 PREFETCH_RECENT = 4
 PREFETCH_MIN_DRAFTS = 2
+# Versions kept for request-local fits that arrive after a push (adapt()):
+# the learning loop pushes every few requests, a fit comes within a second.
+RECENT_VERSIONS = 2
 
 
 class LearnedSpeculator(Speculator):
@@ -96,6 +109,10 @@ class LearnedSpeculator(Speculator):
         self.native = _native.DraftHead(embed, head.hidden, head.intermediate, head.draft_vocab, head.eps)
         self.native.push(head.export())
         self._feature: Dict[int, Optional[np.ndarray]] = {}  # rid -> [H] float32, None until observed
+        self._local: Dict[int, object] = {}   # rid -> its request-local DraftHeadSnapshot
+        self._local_lock = threading.Lock()   # adapt() runs on the learning loop's thread
+        self._last_local = None   # the request-local version the last proposal used alone, if one
+        self._recent: Dict[int, object] = {}  # version -> snapshot, the last RECENT_VERSIONS drafted with
 
     # ---- weights ----------------------------------------------------------------
 
@@ -112,20 +129,55 @@ class LearnedSpeculator(Speculator):
     def history(self) -> list:
         return self.native.history
 
+    def adapt(self, rid, weights: Dict[str, np.ndarray], base_version: int) -> bool:
+        """Drafts request ``rid``, from its next step on, with version
+        ``base_version`` with the tensors that ``weights`` names replaced
+        (float32 arrays by name, e.g.
+        :func:`atlas.learning.adapt.adapt_to_prompt`'s), when ``rid`` is
+        being served and that version (the one the weights were fitted from)
+        is the live one or one of the ``RECENT_VERSIONS`` it drafted with
+        last; returns whether it did. Any thread. Bad weights raise
+        ValueError and change nothing."""
+        if not isinstance(base_version, (int, np.integer)) or isinstance(base_version, bool):
+            raise TypeError(f"base_version must be an int, got {base_version!r}")
+        snap = self.native.snapshot()
+        if snap is None:
+            return False
+        if snap.version != base_version:
+            snap = self._recent.get(int(base_version))
+            if snap is None:
+                return False
+        local = snap.derive(weights)
+        with self._local_lock:
+            if rid not in self._feature:
+                return False
+            self._local[rid] = local
+        return True
+
+    @property
+    def adapted_requests(self) -> int:
+        """Requests being served with a request-local version."""
+        return len(self._local)
+
     # ---- request lifecycle -----------------------------------------------------------
 
     def start(self, rid, prompt):
         self._feature[rid] = None
 
     def finish(self, rid):
-        self._feature.pop(rid, None)
+        with self._local_lock:
+            self._feature.pop(rid, None)
+            self._local.pop(rid, None)
 
     def after_forward(self) -> None:
         self._drafted = ((self._drafted << 1) | self._drafting) & ((1 << PREFETCH_RECENT) - 1)
         self._drafting = False
         if self.prefetch and bin(self._drafted).count("1") >= PREFETCH_MIN_DRAFTS:
             try:
-                self.native.prefetch()
+                # The version the last proposal drafted with alone when it
+                # was a request's own, else the live one.
+                warm = self._last_local
+                warm.prefetch() if warm is not None else self.native.prefetch()
             except RuntimeError as e:   # no thread to be had: drafting goes on, from memory
                 log.warning("cache warm-up of the draft head turned off: %s", e)
                 self.prefetch = False
@@ -153,6 +205,12 @@ class LearnedSpeculator(Speculator):
         snap = self.native.snapshot()
         if snap is None:
             return
+        if snap.version not in self._recent:   # (a fit from it may still arrive after a push)
+            recent = dict(self._recent)
+            recent[snap.version] = snap
+            while len(recent) > RECENT_VERSIONS:
+                del recent[min(recent)]
+            self._recent = recent   # replaced whole: adapt() reads it from another thread
         jobs, budgets = [], []
         for b, rid in enumerate(rids):
             budget = trees[b].max_nodes - len(trees[b])
@@ -164,7 +222,19 @@ class LearnedSpeculator(Speculator):
             return
         self._drafting = True
         # The native loop (atlas/head.h: HeadDraftJob): one head forward per
-        # depth for every request, best-first on path probability.
+        # depth for every request, best-first on path probability; a request
+        # with a version of its own (adapt) drafts in a call of its own.
+        local = dict(self._local) if self._local else {}   # adapt() may add one meanwhile
+        shared = [i for i, b in enumerate(jobs) if rids[b] not in local]
+        self._last_local = local[rids[jobs[0]]] if not shared and len(jobs) == 1 else None
+        if shared:
+            self._draft(snap, [jobs[i] for i in shared], [budgets[i] for i in shared], rids, contexts, trees,
+                        proposer)
+        for i, b in enumerate(jobs):
+            if rids[b] in local:
+                self._draft(local[rids[b]], [b], [budgets[i]], rids, contexts, trees, proposer)
+
+    def _draft(self, snap, jobs, budgets, rids, contexts, trees, proposer):
         feats = np.stack([self._feature[rids[b]] for b in jobs]).astype(np.float32, copy=False)
         toks = np.array([int(contexts[b][-1]) for b in jobs], np.int32)
         budgets = np.array(budgets, np.int32)
