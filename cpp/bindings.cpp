@@ -776,6 +776,18 @@ std::string head_names_list() {
   return s + ", " + atlas::kHeadDraftIdsName;
 }
 
+// weights[name] as a float32 CPU array of 1 or 2 dimensions, described in
+// *ref (its shape checks are the head's); the view keeps it alive.
+View head_tensor_view(py::handle obj, const std::string& name, atlas::HeadTensorRef* ref) {
+  View v = view_of(obj, "weights['" + name + "']");
+  v.dtype({Elem::kF32}).cpu().dense();
+  if (v.ndim() != 1 && v.ndim() != 2) fail(v.name + " must be 1-D or 2-D, got shape " + v.shape_str());
+  ref->data = v.ptr<const float>();
+  ref->ndim = static_cast<int32_t>(v.ndim());
+  for (int64_t i = 0; i < v.ndim(); ++i) ref->shape[i] = v.shape[i];
+  return v;
+}
+
 int64_t head_push(PyDraftHead& h, py::handle weights_obj, py::handle metric_obj) {
   if (!py::isinstance<py::dict>(weights_obj))
     fail("weights must be a dict of name -> array, got " + std::string(py::str(py::type::of(weights_obj))));
@@ -802,13 +814,7 @@ int64_t head_push(PyDraftHead& h, py::handle weights_obj, py::handle metric_obj)
     const std::string name = atlas::head_tensor_name(t);
     if (!d.contains(name))
       fail("weights is missing tensor '" + name + "' (expected exactly: " + head_names_list() + ")");
-    View v = view_of(d[name.c_str()], "weights['" + name + "']");
-    v.dtype({Elem::kF32}).cpu().dense();
-    if (v.ndim() != 1 && v.ndim() != 2) fail(v.name + " must be 1-D or 2-D, got shape " + v.shape_str());
-    ref.tensors[t].data = v.ptr<const float>();
-    ref.tensors[t].ndim = static_cast<int32_t>(v.ndim());
-    for (int64_t i = 0; i < v.ndim(); ++i) ref.tensors[t].shape[i] = v.shape[i];
-    views.push_back(std::move(v));
+    views.push_back(head_tensor_view(d[name.c_str()], name, &ref.tensors[t]));
   }
   const std::string ids_name = atlas::kHeadDraftIdsName;
   if (!d.contains(ids_name))
@@ -847,13 +853,7 @@ PyHeadSnapshot head_derive(const PyHeadSnapshot& s, py::handle weights_obj) {
     while (t < atlas::kNumHeadTensors && key != atlas::head_tensor_name(t)) ++t;
     if (t == atlas::kNumHeadTensors)
       fail("weights has an unknown tensor '" + key + "' (the float tensors are: " + head_names_list() + ")");
-    View v = view_of(item.second, "weights['" + key + "']");
-    v.dtype({Elem::kF32}).cpu().dense();
-    if (v.ndim() != 1 && v.ndim() != 2) fail(v.name + " must be 1-D or 2-D, got shape " + v.shape_str());
-    ref.tensors[t].data = v.ptr<const float>();
-    ref.tensors[t].ndim = static_cast<int32_t>(v.ndim());
-    for (int64_t i = 0; i < v.ndim(); ++i) ref.tensors[t].shape[i] = v.shape[i];
-    views.push_back(std::move(v));
+    views.push_back(head_tensor_view(item.second, key, &ref.tensors[t]));
   }
   std::shared_ptr<const atlas::HeadWeights> out;
   atlas::Status st;

@@ -654,41 +654,49 @@ def test_adapt_to_prompt_fits_the_mlp_from_the_given_weights(tiny):
         head.forward_with(torch.from_numpy(ex.parent_feature), torch.from_numpy(ex.token), {"embed": head.embed})
 
 
-def test_the_trainer_fits_queued_prompts_for_their_requests(tiny):
-    """add_prompt queues a prompt; before its next step the trainer fits the
-    live version to it and the speculator drafts that request with the
-    result; the prompt's examples reach the buffer either way. A backlog
-    beyond MAX_PROMPTS_WAITING goes to the buffer unfitted. train=False runs
-    no rounds but still fits. Bad settings are clear errors."""
-    from atlas.learning.trainer import MAX_PROMPTS_WAITING
-    _, target, _, _ = tiny
+def test_the_loop_fits_each_prompt_for_its_own_request(tiny):
+    """Right after a prefill the loop fits the live head to the prompt and
+    the speculator drafts that request with the result, while the live
+    version stays; the prompt's examples, their targets filled, still reach
+    the trainer's sink. A loop never started fits too. adapt_steps=0: no
+    fits. A fit that fails is counted, and serving goes on."""
+    model, target, prompts, conts = tiny
     head = fresh_head(target, seed=2)
     spec = LearnedSpeculator(head, max_depth=3)
-    buf = ReplayBuffer(target.config.hidden_size, 16, capacity=5000, max_bytes=None, held_out=0)
-    trainer = Trainer(head.twin(), buf, spec, batch_size=16, steps_per_round=2, train=False)
-    ex, recs = _prompt_of(tiny, 1)
-    spec.start(1, [])
-    spec.observe(recs[0])
-    trainer.add_prompt(1, ex)
-    trainer.add_prompt(99, ex)     # a request that is not being served
-    trainer.adapt_pending()
-    st = trainer.stats()
-    assert st["adaptations"] == 1 and st["adapt_stale"] == 1 and st["errors"] == 0
-    assert spec.adapted_requests == 1 and buf.size == 2 * len(ex) and spec.version == 1
-    for i in range(MAX_PROMPTS_WAITING + 3):
-        trainer.add_prompt(100 + i, ex)
-    assert trainer.stats()["adapt_dropped"] == 3 and buf.size == 5 * len(ex)
-    trainer.start()
-    try:
-        assert _wait(lambda: trainer._prompts.empty() and buf.size == (5 + MAX_PROMPTS_WAITING) * len(ex))
-    finally:
-        trainer.stop()
-    st = trainer.stats()
-    assert st["rounds"] == 0 and st["train_steps"] == 0 and spec.version == 1 and st["errors"] == 0
-    for bad, match in ((dict(adapt_steps=-1), "adapt_steps"), (dict(adapt_lr=0.0), "adapt_lr"),
-                       (dict(train="no"), "train must be a bool")):
+    loop = LearningLoop(target, spec, head=head, checkpoint=False, process=False)
+    sunk = []
+    loop._sink = sunk.append
+    recs = greedy_records(model, prompts[1], conts[1], 1, depth=3)
+    spec.start(1, prompts[1])
+    for r in recs[:2]:
+        spec.observe(r)
+        loop.observe(r)
+    st = loop.stats()
+    assert st["adaptations"] == 1 and st["adapt_seconds"] > 0 and st["errors"] == 0, st
+    assert spec.adapted_requests == 1 and spec.version == 1
+    assert len(sunk) == 1 and len(sunk[0]) == len(prompts[1]) - 1 and not sunk[0].missing_targets().any()
+    # The request drafts with its own version: not what the live one drafts.
+    local = spec._local[1]
+    assert local.derived and local.version == 1
+    assert not np.array_equal(local.tensor("w_up"), spec.native.snapshot().tensor("w_up"))
+    # Off, and bad settings.
+    off = LearningLoop(target, LearnedSpeculator(head, max_depth=3), head=head, checkpoint=False, process=False,
+                       adapt_steps=0)
+    off.observe(recs[0])
+    assert off.stats()["adaptations"] == 0
+    for bad, match in ((dict(adapt_steps=-1), "adapt_steps"), (dict(adapt_lr=0.0), "adapt_lr")):
         with pytest.raises(ValueError, match=match):
-            Trainer(head.twin(), buf, spec, **bad)
+            LearningLoop(target, spec, head=head, checkpoint=False, process=False, **bad)
+    # A failing fit: reported, the examples still go on, nothing raised.
+    spec.start(2, prompts[2])
+    def refuse(*args):
+        raise RuntimeError("refused for the test")
+
+    spec.adapt = refuse
+    loop.observe(greedy_records(model, prompts[2], conts[2], 2, depth=3)[0])
+    st = loop.stats()
+    assert st["adaptations"] == 1 and st["errors"] == 1 and "request-local fit failed" in st["last_error"]
+    assert len(sunk) == 2
 
 
 def test_trainer_does_not_push_a_worse_candidate(tiny):

@@ -2,9 +2,10 @@
 
 When a request arrives, the target's prefill computes its feature at every
 prompt position, so the prompt is a small training set of the very text the
-head is about to draft for: its identifiers, its style, its task. The
-learning loop's trainer takes a few full-batch Adam steps on those examples,
-starting from the live version's weights and changing only the MLP
+head is about to draft for: its identifiers, its style, its task. Right
+after the prefill, the learning loop (:class:`atlas.learning.LearningLoop`,
+on the serving thread) takes a few Adam steps on those examples, starting
+from the live version's weights and changing only the MLP
 (``ADAPT_TENSORS``), and hands the result to the speculator, which drafts
 that request alone with it (:meth:`atlas.speculators.LearnedSpeculator.adapt`,
 a request-local version: ``DraftHeadSnapshot.derive``) while every other
@@ -45,15 +46,20 @@ with no learning across requests: 0.437 with 4 steps of 64 rows at 1e-3,
 larger learning rate undo the gain (20 steps of 64 at 3e-3: 0.417): a few
 small steps from the live weights, not a fit to the prompt.
 
-Cost, and why the default is small: a step over a 230-token prompt's every
-row took 27 ms of one core (bfloat16 products, AVX-512 BF16), about 0.12 ms
-a row. The trainer process fits in the gaps between target forwards (it is
-paused while they run), about a fifth of the wall time on two cores, so a
-fit of 100 ms came back when most of its request had been served. Two
-steps of 64 rows cost about 16 ms and keep four fifths of the gain. (Letting
-the process run beside the forwards until its fit came back got the fits in
-time but cost full atlas about a tenth of its speed: on two cores a second
-busy process stalls the forward's threads at every barrier.)
+Cost, and why the default is small and on the serving thread: a step over a
+230-token prompt's every row took 27 ms of one core (bfloat16 products,
+AVX-512 BF16), about 0.12 ms a row. At the default a fit takes about 28 ms
+of one core, plus 6-8 ms for the prompt rows' targets
+(:func:`~atlas.learning.trainer.fill_targets`) and 2.4 ms for the derived
+version; in full atlas on two cores, between forwards that have just swept
+the caches, 52 ms a request (bench_atlas.py's stream of 164 requests: about
+3% of serving time). Two ways of keeping the fit off the serving thread were
+measured in that stream and dropped: fits in the trainer process, which is
+paused while target forwards run, came back late (106 of 160 after their
+request had ended) and left the trainer 240 steps against about 590 (full
+atlas 2.00x plain decoding in the last quarter, behind the suffix speculator
+alone); letting that process run beside the forwards until its fit came back
+got the fits in time but stalled the forwards' threads (1.75x).
 """
 from __future__ import annotations
 

@@ -38,12 +38,13 @@ from typing import Optional
 
 import numpy as np
 
+from .adapt import ADAPT_LR, ADAPT_STEPS, adapt_to_prompt
 from .checkpoint import ADAPTIVE, STATIC, Checkpoint, head_config, load_checkpoint, model_dir, save_checkpoint
-from .head import DraftHead
+from .head import PUSHED, DraftHead
 from .process import MAX_PENDING_BYTES, TrainerProcess
 from .replay import ReplayBuffer
 from .tap import Tap
-from .trainer import Trainer, check_head_fits
+from .trainer import Trainer, check_head_fits, fill_targets, resolve_precision
 
 log = logging.getLogger("atlas.learning")
 
@@ -126,10 +127,13 @@ class LearningLoop:
     the trainer process, once it has started up, while each target forward runs (see
     :meth:`forward_begins`), so that it trains in the gaps between forwards
     instead of slowing them. ``prompt_examples`` (default ``LOOP_PROMPT_EXAMPLES``):
-    the tap also learns from every prompt token (see :mod:`atlas.learning.tap`),
-    and the trainer fits the head to each prompt for its own request
-    (request-local adaptation, :mod:`atlas.learning.adapt`; the ``Trainer``
-    settings ``adapt_steps``, 0 for none, and ``adapt_lr``).
+    the tap also learns from every prompt token (see :mod:`atlas.learning.tap`).
+    ``adapt_steps`` (default ``ADAPT_STEPS``; 0: off) and ``adapt_lr``:
+    request-local adaptation (:mod:`atlas.learning.adapt`): right after each
+    prefill, on the serving thread, the loop fits the live head to the
+    request's prompt and the speculator drafts that request with the result
+    (it needs ``prompt_examples``, and no trainer: a loop that was never
+    started fits prompts too, a frozen head that adapts to each request).
     The tap hands its examples over once ``LOOP_TAP_FLUSH_ROWS`` wait (a few
     decode steps); :meth:`flush` and :meth:`stop` hand over the rest.
     Every other keyword goes to the :class:`Trainer` (``lr``,
@@ -151,8 +155,20 @@ class LearningLoop:
                  capacity: Optional[int] = None, held_out: int = 512, held_out_fraction: float = 0.25,
                  half_life: Optional[float] = None, process: Optional[bool] = None,
                  max_pending_bytes: int = MAX_PENDING_BYTES, pause_during_forward: Optional[bool] = None,
-                 prompt_examples: bool = LOOP_PROMPT_EXAMPLES, **trainer_kwargs):
+                 prompt_examples: bool = LOOP_PROMPT_EXAMPLES, adapt_steps: int = ADAPT_STEPS,
+                 adapt_lr: float = ADAPT_LR, **trainer_kwargs):
         self.target, self.speculator = target, speculator
+        if not isinstance(adapt_steps, int) or isinstance(adapt_steps, bool) or adapt_steps < 0:
+            raise ValueError(f"adapt_steps must be an int >= 0 (0: no request-local adaptation), got {adapt_steps!r}")
+        if not isinstance(adapt_lr, (int, float)) or isinstance(adapt_lr, bool) or not float(adapt_lr) > 0:
+            raise ValueError(f"adapt_lr must be > 0, got {adapt_lr!r}")
+        self.adapt_steps, self.adapt_lr = adapt_steps, float(adapt_lr)
+        self._twin: Optional[DraftHead] = None   # the live version's weights, for the fits
+        self._twin_version = 0
+        self._twin_rows: dict = {}                 # fill_targets' cache
+        self._rng = np.random.default_rng(0)
+        self.adaptations = 0                       # requests fitted
+        self.adapt_seconds = 0.0                   # serving-thread time in the fits
         nat = speculator.native
         if nat.hidden != target.config.hidden_size or nat.vocab != target.config.vocab_size:
             raise ValueError(f"the speculator's head (hidden {nat.hidden}, vocab {nat.vocab}) does not fit "
@@ -202,6 +218,8 @@ class LearningLoop:
         trainer_kwargs.setdefault("lr", LOOP_LR)
         trainer_kwargs.setdefault("steps_per_round", LOOP_STEPS_PER_ROUND)
         self.process = os.name == "posix" if process is None else bool(process)
+        # The fits' arithmetic, as the trainer's (Trainer.check_settings checks the setting).
+        self._bfloat16 = resolve_precision(trainer_kwargs.get("precision", "auto")) == "bfloat16"
         # On the CPU the forward's threads use every core: a trainer that runs
         # beside them stalls the forward at each of its barriers (measured:
         # forward 30 -> 37 ms with the trainer at nice 5 or 10), while between
@@ -225,18 +243,19 @@ class LearningLoop:
                                           on_push=self._on_push, max_pending_bytes=max_pending_bytes,
                                           **trainer_kwargs)
             self.buffer = self.trainer.buffer
+            self._sink = self.trainer.send
             self.tap = Tap(nat.vocab, topk, sink=self.trainer.send, prompt_examples=prompt_examples,
                            flush_rows=LOOP_TAP_FLUSH_ROWS,
-                           prompt_sink=self.trainer.send_prompt if prompt_examples else None)
+                           prompt_sink=self._prompt if prompt_examples and adapt_steps else None)
         else:
             self.buffer = ReplayBuffer(nat.hidden, topk, **buffer)
             self.trainer = Trainer(cand, self.buffer, speculator, counts=lambda: self.tap.counts,
                                    on_push=self._on_push, **trainer_kwargs)
-            # (prompts go to the training thread, which computes their rows'
-            # targets and fits the head to them, see atlas.learning.adapt)
+            # (prompt rows' targets are then computed on the serving thread)
+            self._sink = self.trainer.add_examples
             self.tap = Tap(nat.vocab, topk, sink=self.trainer.add_examples, prompt_examples=prompt_examples,
                            flush_rows=LOOP_TAP_FLUSH_ROWS,
-                           prompt_sink=self.trainer.add_prompt if prompt_examples else None)
+                           prompt_sink=self._prompt if prompt_examples and adapt_steps else None)
 
     # ---- the engine's observer ----------------------------------------------------------
 
@@ -247,6 +266,39 @@ class LearningLoop:
             self.tap.observe(record)
         except Exception as e:  # noqa: BLE001
             self._error(f"tap failed: {type(e).__name__}: {e}")
+
+    def _prompt(self, rid, ex) -> None:
+        """The tap's prompt sink: fits the live head to a request's prompt
+        for that request (see the class docstring), then hands the
+        examples, their targets filled, to the trainer. A fit that fails is
+        logged and counted, never raised into the serving step."""
+        try:
+            t0 = time.perf_counter()
+            twin, version = self._live_twin()
+            ex = fill_targets(ex, twin, self._twin_rows)
+            weights = adapt_to_prompt(twin, ex, steps=self.adapt_steps, lr=self.adapt_lr, rng=self._rng,
+                                      bfloat16=self._bfloat16)
+            if self.speculator.adapt(rid, weights, version):
+                self.adaptations += 1
+            self.adapt_seconds += time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001
+            self._error(f"request-local fit failed: {type(e).__name__}: {e}")
+        self._sink(ex)
+
+    def _live_twin(self):
+        """A DraftHead holding the speculator's live version (as the native
+        head stores it), rebuilt when the version changes; and its number."""
+        snap = self.speculator.native.snapshot()
+        if self._twin is None or self._twin_version != snap.version:
+            weights = {name: snap.tensor(name) for name in PUSHED if name != "draft_ids"}
+            weights["draft_ids"] = snap.draft_ids
+            if self._twin is None:
+                nat = self.speculator.native
+                self._twin = DraftHead.from_target(self.target, snap.draft_ids, intermediate=nat.intermediate,
+                                                   eps=float(nat.eps))
+            self._twin.load_export(weights)
+            self._twin_version = snap.version
+        return self._twin, self._twin_version
 
     def forward_begins(self) -> None:
         """The engine calls this before each target forward: with
@@ -314,8 +366,8 @@ class LearningLoop:
         """Examples seen, buffer fill, trainer counters, pushes, refusals, the
         last metrics, errors, examples dropped on the way to a trainer process
         (``dropped`` batches, ``dropped_examples``; always 0 for a thread),
-        and request-local fits (``adaptations`` taken by the speculator,
-        ``adapt_stale`` not taken, ``adapt_seconds`` spent). In process mode
+        and request-local fits (``adaptations``: requests fitted;
+        ``adapt_seconds``: the serving thread's time in them). In process mode
         the trainer's counters and the buffer are as of the child's latest
         report (at most a second old while it runs)."""
         t = self.trainer.stats()
@@ -329,6 +381,6 @@ class LearningLoop:
             live_version=self.speculator.version, restored=self.restored,
             errors=t["errors"] + self.errors, last_error=self.last_error or t["last_error"],
             dropped=t.get("dropped", 0), dropped_examples=t.get("dropped_examples", 0),
-            adaptations=t["adaptations"], adapt_stale=t["adapt_stale"], adapt_seconds=t["adapt_seconds"],
+            adaptations=self.adaptations, adapt_seconds=self.adapt_seconds,
         )
 

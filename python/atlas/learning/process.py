@@ -24,15 +24,14 @@ Vocabulary:
   **dropped** and counted, so serving never waits.
 
 Channels, three pipes: *control* (parent to child: the start-up data, push
-verdicts, measurements of the live native head, stop and held-out requests),
-*examples* (parent to child: tapped batches, each request's prompt examples,
-and token-count snapshots, each a length and a pickle; a pipe of
-``EXAMPLES_PIPE_BYTES`` where Linux allows it, its parent end non-blocking)
-and *results* (child to parent: counters, push and measurement requests,
-held-out batches, request-local fits (see :mod:`atlas.learning.adapt`),
+verdicts, measurements of the live native head, stop and held-out
+requests), *examples* (parent to child: tapped batches and token-count
+snapshots, each a length and a pickle; a pipe of ``EXAMPLES_PIPE_BYTES``
+where Linux allows it, its parent end non-blocking) and *results* (child to
+parent: counters, push and measurement requests, held-out batches,
 failures). Each pipe has one writer end, in one process, so a process that
-dies closes its ends and the other side reads end-of-file instead of waiting
-forever.
+dies closes its ends and the other side reads end-of-file instead of
+waiting forever.
 
 Parent threads: the serving thread writes each batch into the examples pipe
 itself (``send``: a non-blocking write) while the pipe has room and no
@@ -323,11 +322,8 @@ class TrainerProcess:
         self.dropped_examples = 0
         self.sent = 0                         # example batches queued for a child
         self.restarts = 0                     # children started after the first
-        self.adapted = 0                      # request-local fits the speculator took
-        self.adapt_stale = 0                  # fits it did not take (request over, or a newer version live)
-        self.adapt_errors = 0                 # fits it refused (bad weights)
         self._done = dict(train_steps=0, skipped_steps=0, rounds=0, refused=0, revocabs=0, train_seconds=0.0,
-                          adapt_seconds=0.0, errors=0)   # counters of children that ended
+                          errors=0)           # counters of children that ended
         self._last: dict = {}                 # the latest report of any child
 
     # ---- the serving side ---------------------------------------------------------------
@@ -348,17 +344,6 @@ class TrainerProcess:
                 ch.last_counts = now
                 c = np.array(self.counts(), np.int64)
                 self._deliver(ch, ("counts", c), 0)  # cumulative: a dropped snapshot loses nothing
-
-    def send_prompt(self, rid: int, ex: Examples) -> None:
-        """Hands a request's prompt examples to the child, for request-local
-        adaptation and for its buffer (see :meth:`Trainer.add_prompt`);
-        dropped (counted) as :meth:`send` drops a batch. Never waits."""
-        ch = self._child
-        n = len(ex)
-        if ch is None or ch.broken or ch.closing or not self._deliver(ch, ("prompt", rid, ex), n):
-            self._drop(n)
-            return
-        self.sent += 1
 
     def _drop(self, examples: int) -> None:
         with self._lock:
@@ -463,8 +448,7 @@ class TrainerProcess:
             live = self._live_weights
             same = live is not None and all(np.array_equal(live[k], weights[k]) for k in live)
             init = dict(config=self.config, weights=weights, live_weights=None if same else live,
-                        live_is_start=same, live_version=self.speculator.version, buffer=self.buffer_settings,
-                        settings=self.settings,
+                        live_is_start=same, buffer=self.buffer_settings, settings=self.settings,
                         tied=self._tied, revocab=self._revocab, shape=tuple(self._embed.shape),
                         own_lm_head=self._lm_head is not None)
             tables = [self._embed] + ([self._lm_head] if self._lm_head is not None else [])
@@ -579,8 +563,6 @@ class TrainerProcess:
             self._report(ch, msg[1])
         elif kind == "push":
             self._push(ch, *msg[1:])
-        elif kind == "adapted":
-            self._adapted(*msg[1:])
         elif kind == "measure":
             _, seq, feats, toks, top1 = msg
             ch.ctrl.send(("measured", seq, native_metric_arrays(self.speculator.native, feats, toks, top1)))
@@ -631,20 +613,6 @@ class TrainerProcess:
                 self.on_push(version, weights, metric)
             except Exception as e:  # noqa: BLE001 - the push stands; the callback's failure is reported
                 self._error(f"on_push failed after version {version}: {type(e).__name__}: {e}")
-
-    def _adapted(self, rid: int, version: int, weights: dict) -> None:
-        try:
-            taken = self.speculator.adapt(rid, weights, version)
-        except (ValueError, TypeError, RuntimeError) as e:
-            with self._lock:
-                self.adapt_errors += 1
-            self._error(f"request-local weights refused: {e}")
-            return
-        with self._lock:
-            if taken:
-                self.adapted += 1
-            else:
-                self.adapt_stale += 1
 
     def _report(self, ch: _Child, stats: dict) -> None:
         with self._lock:
@@ -770,10 +738,7 @@ class TrainerProcess:
         """The :class:`Trainer`'s counters, summed over every child this
         object started (as of each child's latest report), plus ``dropped``
         and ``dropped_examples`` (not delivered), ``sent`` (batches queued),
-        ``buffer`` (the child's buffer), ``restarts`` and ``pid``;
-        ``adaptations`` / ``adapt_stale`` / ``adapt_errors``: request-local
-        fits the speculator took / did not take (their request had ended,
-        or a newer version was live) / refused."""
+        ``buffer`` (the child's buffer), ``restarts`` and ``pid``."""
         with self._lock:
             ch = self._child
             cur = ch.stats if ch is not None else {}
@@ -785,9 +750,7 @@ class TrainerProcess:
                         errors=self.errors + summed["errors"], last_error=self.last_error,
                         last_loss=last.get("last_loss", float("nan")),
                         candidate_metric=last.get("candidate_metric"), live_metric=last.get("live_metric"),
-                        train_seconds=summed["train_seconds"], adaptations=self.adapted,
-                        adapt_stale=self.adapt_stale, adapt_errors=self.adapt_errors,
-                        adapt_seconds=summed["adapt_seconds"], dropped=self.dropped,
+                        train_seconds=summed["train_seconds"], dropped=self.dropped,
                         dropped_examples=self.dropped_examples, sent=self.sent,
                         buffer=dict(last.get("buffer") or {}), restarts=self.restarts,
                         pid=ch.proc.pid if ch is not None else None)
@@ -804,7 +767,6 @@ class _ChildTrainer(Trainer):
                  revocab: bool, **kwargs):
         super().__init__(head, buffer, None, counts=link.latest_counts if revocab else None, **kwargs)
         self.link, self.live_head = link, live_head
-        self.live_version = 0   # the number of the version live_head holds (0: unknown)
         # Batches with rows still to fill, from the inbox thread. The main
         # thread fills them (torch work), between steps: a daemon thread that
         # is inside torch when the child exits aborts it.
@@ -817,9 +779,6 @@ class _ChildTrainer(Trainer):
             self._unfilled.put(ex)
         else:
             self.buffer.add(ex)
-
-    def add_unfitted(self, ex) -> None:
-        self.receive(ex)   # the inbox thread's: torch work waits for the main thread
 
     def ingest(self) -> None:
         while True:
@@ -852,17 +811,7 @@ class _ChildTrainer(Trainer):
         if self.live_head is None:
             self.live_head = self.head.twin()
         self.live_head.load_export(weights)
-        self.live_version = version
         return version
-
-    def live_twin(self) -> Optional[tuple]:
-        if self.live_head is None or self.live_version <= 0:
-            return None
-        return self.live_version, self.live_head
-
-    def deliver_adapted(self, rid: int, version: int, weights: dict) -> bool:
-        self.link.send(("adapted", rid, version, weights))   # the parent counts what the speculator takes
-        return True
 
     def round(self, throttle: bool = False) -> dict:
         out = super().round(throttle)
@@ -962,9 +911,6 @@ class _Link:
                             self.trainer.receive(msg[1])
                         except ValueError as e:
                             self.refused(e)
-                    elif msg[0] == "prompt":
-                        self.received += 1
-                        self.trainer.add_prompt(msg[1], msg[2])
                     elif msg[0] == "counts":
                         self.counts = msg[1]
                 now = time.monotonic()
@@ -1013,8 +959,6 @@ def child_main(argv) -> int:
         link.vocab = cfg["vocab"]
         link.buffer = ReplayBuffer(cfg["hidden"], **init["buffer"])
         trainer = link.trainer = _ChildTrainer(link, head, link.buffer, live, init["revocab"], **s)
-        if live is not None:
-            trainer.live_version = int(init["live_version"])
         trainer.state = "running"
         threading.Thread(target=link.inbox, name="atlas-trainer-inbox", daemon=True).start()
         trainer.run_rounds()

@@ -163,7 +163,6 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import queue
 import sys
 import threading
 import time
@@ -172,8 +171,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .adapt import ADAPT_LR, ADAPT_STEPS, adapt_to_prompt
-from .head import PUSHED, DraftHead, choose_draft_vocab
+from .head import DraftHead, choose_draft_vocab
 from .replay import Batch, ReplayBuffer
 from .tap import Examples
 
@@ -188,8 +186,6 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 EVAL_CHUNK = 4
 # Seconds between checks for enough data or a stop request while idle.
 POLL_SECONDS = 0.05
-# Prompts waiting for request-local adaptation, at most (Trainer.add_prompt).
-MAX_PROMPTS_WAITING = 16
 
 
 def head_metric(head: DraftHead, batch: Batch) -> float:
@@ -318,8 +314,7 @@ def check_head_fits(head: DraftHead, speculator) -> None:
 
 
 def _check_settings(*, lr, batch_size, steps_per_round, min_held_out, threads, max_share, self_feed=1.0,
-                    train_output=True, ema=0.0, precision="auto", adapt_steps=0, adapt_lr=1e-3, train=True,
-                    **_) -> None:
+                    train_output=True, ema=0.0, precision="auto", **_) -> None:
     for name, v in (("batch_size", batch_size), ("steps_per_round", steps_per_round),
                     ("min_held_out", min_held_out)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -338,12 +333,6 @@ def _check_settings(*, lr, batch_size, steps_per_round, min_held_out, threads, m
         raise ValueError(f"ema must be a decay in [0, 1) (0: no average), got {ema!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if not isinstance(adapt_steps, int) or isinstance(adapt_steps, bool) or adapt_steps < 0:
-        raise ValueError(f"adapt_steps must be an int >= 0 (0: no request-local adaptation), got {adapt_steps!r}")
-    if not isinstance(adapt_lr, (int, float)) or isinstance(adapt_lr, bool) or not float(adapt_lr) > 0:
-        raise ValueError(f"adapt_lr must be > 0, got {adapt_lr!r}")
-    if not isinstance(train, (bool, np.bool_)):
-        raise ValueError(f"train must be a bool, got {train!r}")
 
 
 class Trainer:
@@ -359,20 +348,12 @@ class Trainer:
     head keeps; kept tokens keep their trained rows). ``on_push(version,
     weights, metric)`` is called after each push (the learning loop writes
     its checkpoint there).
-
-    Request-local adaptation (:mod:`atlas.learning.adapt`): prompts handed to
-    :meth:`add_prompt` are fitted, before the next training step, with
-    ``adapt_steps`` Adam steps at ``adapt_lr`` from the live version's
-    weights, and the result goes to the speculator for that request alone
-    (``adapt_steps=0``: not fitted, only added to the buffer).
-    ``train=False`` runs no rounds: the live version stays as it is while
-    prompts are still fitted (a frozen head with request-local adaptation).
     """
 
     # The keyword settings (everything but the objects the trainer is wired to).
     SETTINGS = ("lr", "batch_size", "steps_per_round", "feature_weight", "self_feed", "train_output", "ema",
                 "precision", "min_gain", "min_train", "min_held_out", "threads", "nice", "max_share",
-                "revocab_min_change", "adapt_steps", "adapt_lr", "train", "seed")
+                "revocab_min_change", "seed")
 
     @classmethod
     def check_settings(cls, **settings) -> dict:
@@ -394,7 +375,6 @@ class Trainer:
                  ema: float = 0.98, precision: str = "auto", min_gain: float = 0.0,
                  min_train: Optional[int] = None, min_held_out: int = 32, threads: int = 1, nice: int = 10,
                  max_share: float = 0.25, revocab_min_change: float = 0.02,
-                 adapt_steps: int = ADAPT_STEPS, adapt_lr: float = ADAPT_LR, train: bool = True,
                  on_push: Optional[Callable[[int, dict, float], None]] = None, seed: int = 0):
         if head.hidden != buffer.hidden:
             raise ValueError(f"head hidden size {head.hidden} != buffer hidden size {buffer.hidden}")
@@ -402,8 +382,7 @@ class Trainer:
             check_head_fits(head, speculator)
         _check_settings(lr=lr, batch_size=batch_size, steps_per_round=steps_per_round,
                         min_held_out=min_held_out, threads=threads, max_share=max_share, self_feed=self_feed,
-                        train_output=train_output, ema=ema, precision=precision, adapt_steps=adapt_steps,
-                        adapt_lr=adapt_lr, train=train)
+                        train_output=train_output, ema=ema, precision=precision)
         self.head, self.buffer, self.speculator = head, buffer, speculator
         self.counts = counts
         self.lr, self.batch_size, self.steps_per_round = float(lr), batch_size, steps_per_round
@@ -412,8 +391,6 @@ class Trainer:
         self.min_held_out = min_held_out
         self.threads, self.nice, self.max_share = threads, int(nice), float(max_share)
         self.revocab_min_change = float(revocab_min_change)
-        self.adapt_steps, self.adapt_lr = int(adapt_steps), float(adapt_lr)
-        self.train = bool(train)
         self.on_push = on_push
         self.rng = np.random.default_rng(seed)
         self.ema, self.precision = float(ema), resolve_precision(precision)
@@ -440,16 +417,6 @@ class Trainer:
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
         self._target_rows: dict = {}   # fill_targets' cache of LM head rows
-        # Request-local adaptation: prompts waiting, (request id, Examples),
-        # put by any thread, fitted by the training thread; the live
-        # version's twin (version, DraftHead) and its fill_targets cache.
-        self._prompts: "queue.Queue" = queue.Queue()
-        self._live_twin: Optional[tuple] = None
-        self._live_rows: dict = {}
-        self.adaptations = 0          # prompts fitted and handed to the speculator
-        self.adapt_stale = 0          # fits the speculator did not take (request over, or a newer version)
-        self.adapt_seconds = 0.0      # wall time inside those fits
-        self.adapt_dropped = 0        # prompts dropped unfitted (MAX_PROMPTS_WAITING)
 
     # ---- training --------------------------------------------------------------------
 
@@ -475,91 +442,6 @@ class Trainer:
             loss = loss + loss2
         return loss, info
 
-    # ---- request-local adaptation ---------------------------------------------------------
-
-    def add_prompt(self, rid: int, ex: Examples) -> None:
-        """Queues a request's prompt examples (targets filled or not) for
-        adaptation and for the buffer; any thread. The training thread takes
-        them before its next step. At most ``MAX_PROMPTS_WAITING`` wait (a
-        trainer not started yet, or one that fell behind): the oldest then
-        goes to the buffer unfitted (:meth:`add_unfitted`), counted in
-        ``adapt_dropped``."""
-        while self._prompts.qsize() >= MAX_PROMPTS_WAITING:
-            try:
-                _, old = self._prompts.get_nowait()
-            except queue.Empty:
-                break
-            self.adapt_dropped += 1
-            self.add_unfitted(old)
-        self._prompts.put((rid, ex))
-
-    def add_unfitted(self, ex: Examples) -> None:
-        """Where a prompt that will not be fitted goes: the buffer, as
-        :meth:`add_examples` (on the calling thread)."""
-        self.add_examples(ex)
-
-    def adapt_pending(self) -> None:
-        """Fits the queued prompts (see the class docstring) and adds their
-        examples to the buffer; called by the training thread between steps.
-        Of a backlog of more than two, only the newest is fitted: the others'
-        requests have likely ended, and a fit after its request is wasted."""
-        jobs = []
-        while True:
-            try:
-                jobs.append(self._prompts.get_nowait())
-            except queue.Empty:
-                break
-        for i, (rid, ex) in enumerate(jobs):
-            try:
-                self._adapt_one(rid, ex, fit=i == len(jobs) - 1 or len(jobs) <= 2)
-            except ValueError as e:   # examples the buffer refuses, a fit that diverged: reported, skipped
-                self._record_error(f"prompt of request {rid}: {e}")
-
-    def _adapt_one(self, rid: int, ex: Examples, fit: bool) -> None:
-        live = self.live_twin() if fit and self.adapt_steps > 0 and len(ex) else None
-        if live is None:
-            self.add_examples(ex)
-            return
-        version, twin = live
-        filled = fill_targets(ex, twin, self._live_rows)
-        try:
-            t0 = time.perf_counter()
-            weights = adapt_to_prompt(twin, filled, steps=self.adapt_steps, lr=self.adapt_lr,
-                                      feature_weight=self.feature_weight, bfloat16=self.precision == "bfloat16",
-                                      rng=self.rng)
-            self.adapt_seconds += time.perf_counter() - t0
-        finally:
-            if np.array_equal(twin.draft_ids.numpy(), self.head.draft_ids.numpy()):
-                self.buffer.add(filled)
-            else:   # the candidate's vocabulary was re-chosen since the live version
-                self.add_examples(ex)
-        if self.deliver_adapted(rid, version, weights):
-            self.adaptations += 1
-        else:
-            self.adapt_stale += 1
-
-    def live_twin(self) -> Optional[tuple]:
-        """(version, a DraftHead holding the live version's weights as the
-        native head stores them), or None before the first push; rebuilt
-        when the live version changes."""
-        if self.speculator is None:
-            return None
-        snap = self.speculator.native.snapshot()
-        if snap is None:
-            return None
-        if self._live_twin is None or self._live_twin[0] != snap.version:
-            weights = {name: snap.tensor(name) for name in PUSHED if name != "draft_ids"}
-            weights["draft_ids"] = snap.draft_ids
-            twin = self.head.twin()
-            twin.load_export(weights)
-            self._live_twin = (snap.version, twin)
-        return self._live_twin
-
-    def deliver_adapted(self, rid: int, version: int, weights: dict) -> bool:
-        """Hands a request's adapted tensors to the speculator; True when it
-        took them."""
-        return bool(self.speculator.adapt(rid, weights, version))
-
     def train_steps(self, n: int, throttle: bool = False) -> int:
         """Up to n Adam steps on buffer samples (fewer if stopped or the buffer
         has no training data); returns how many ran. ``throttle`` applies the
@@ -568,7 +450,6 @@ class Trainer:
         for _ in range(n):
             if throttle and self._stop.is_set():
                 break
-            self.adapt_pending()
             self.ingest()
             batch = self.buffer.sample(self.batch_size, self.rng)
             if batch is None:
@@ -762,9 +643,8 @@ class Trainer:
         """Rounds (throttled) until stopped, waiting while the buffer has too
         little data; what the worker runs, in a thread or in a process."""
         while not self._stop.is_set():
-            self.adapt_pending()
             self.ingest()
-            if not self.train or not self.ready():
+            if not self.ready():
                 self._stop.wait(POLL_SECONDS)
                 continue
             self.round(throttle=True)
@@ -798,8 +678,6 @@ class Trainer:
         return dict(state=self.state, train_steps=self.steps_done, skipped_steps=self.skipped_steps,
                     rounds=self.rounds, pushes=self.pushes, refused=self.refused,
                     push_errors=self.push_errors,
-                    revocabs=self.revocabs, adaptations=self.adaptations, adapt_stale=self.adapt_stale,
-                    adapt_seconds=self.adapt_seconds, adapt_dropped=self.adapt_dropped,
-                    errors=self.errors, last_error=self.last_error,
+                    revocabs=self.revocabs, errors=self.errors, last_error=self.last_error,
                     last_loss=self.last_loss, candidate_metric=self.candidate_metric,
                     live_metric=self.live_metric, train_seconds=self.seconds, precision=self.precision)
