@@ -16,16 +16,20 @@ It also measures what learning bought, on requests the learner had not seen:
 the adaptive head's weights live when the first three quarters of the stream
 had been served are frozen, and
 
-* that frozen head alone and the static head alone (learning off) serve each
-  request of the last quarter, each in a new engine of its own made at the
-  freeze (so their controllers start alike): their draft tokens accepted per
-  step (tau - 1) and tokens per second;
-* after the stream both heads are scored teacher-forced on the last quarter's
-  requests (prompt and greedy output through the target): the share of
-  output positions where the head's greedy draft equals the target's next
-  token (depth-1 acceptance), and the mean number of tokens of the head's
-  greedy chain (each depth reading the head's own predicted feature, up to
-  8) that the target accepts from each position.
+* the static head alone (learning off), that frozen head alone, and that
+  frozen head fitted to each request's prompt as the learning loop fits it
+  (request-local adaptation, atlas.learning.adapt: learning on, with a loop
+  that trains nothing else, so the head stays frozen across requests) serve
+  each request of the last quarter, each in a new engine of its own made at
+  the freeze (so their controllers start alike): their draft tokens accepted
+  per step (tau - 1) and tokens per second;
+* after the stream the three are scored teacher-forced on the last quarter's
+  requests (prompt and greedy output through the target; the fitted one
+  fitted to each prompt first): the share of output positions where the
+  head's greedy draft equals the target's next token (depth-1 acceptance),
+  and the mean number of tokens of the head's greedy chain (each depth
+  reading the head's own predicted feature, up to 8) that the target
+  accepts from each position.
 
     python bench/bench_atlas.py [--prompts 164] [--new-tokens 128] [--out bench_atlas.png]
 
@@ -51,9 +55,13 @@ import numpy as np
 
 import atlas
 from atlas.demo import humaneval_prompts, plot_learning_curve, serve, totals
+from atlas.learning.adapt import adapt_to_prompt
 from atlas.learning.checkpoint import STATIC, model_dir
 from atlas.learning.distill import static_head, teacher_forced
 from atlas.learning.head import PUSHED
+from atlas.learning.loop import LearningLoop
+from atlas.learning.tap import Examples
+from atlas.learning.trainer import fill_targets, resolve_precision
 from atlas.speculators import LearnedSpeculator, SuffixSpeculator
 
 
@@ -91,20 +99,37 @@ def fresh_cache_with(target, head_path):
 CHAIN_DEPTH = 8
 
 
-def head_acceptance(target, snapshot, sequences):
+def prompt_examples(toks, hidden, n_prompt):
+    """The tap's examples of a prompt (every prompt token but the first, each
+    reading its predecessor's feature), targets left to fill_targets."""
+    t = np.arange(1, n_prompt)
+    feats = hidden.float().numpy()
+    n, k = len(t), 16
+    return Examples(np.ascontiguousarray(feats[t - 1]), toks[t].astype(np.int32), np.full((n, k), -1, np.int32),
+                    np.full((n, k), -np.inf, np.float32), np.ascontiguousarray(feats[t]), np.zeros(n, np.int64))
+
+
+def head_acceptance(target, snapshot, sequences, twin=None):
     """Teacher-forced acceptance of a native head version over (prompt ids,
     output ids) pairs, from every output position: (depth-1 greedy acceptance:
     the share of positions where the head's argmax is the target's next token;
     greedy chain length: the mean number of consecutive tokens of the head's
-    argmax chain, up to CHAIN_DEPTH, that equal the target's greedy output)."""
+    argmax chain, up to CHAIN_DEPTH, that equal the target's greedy output).
+    ``twin``: a DraftHead holding the snapshot's weights; then each request is
+    scored with the snapshot fitted to its prompt first, as the learning
+    loop's request-local adaptation fits it (atlas.learning.adapt)."""
     hits = total = 0
     chain = 0.0
     cache = target.new_cache(-(-max(len(p) + len(o) for p, o in sequences) // 16) + 1, block_size=16, max_seqs=1)
     ids = snapshot.draft_ids.astype(np.int64)
+    base = snapshot
     for prompt, out in sequences:
         toks = np.asarray(prompt + out, np.int64)
         L = len(toks)
         logits, hidden = teacher_forced(target, cache, toks)
+        if twin is not None:
+            ex = fill_targets(prompt_examples(toks, hidden, len(prompt)), twin)
+            snapshot = base.derive(adapt_to_prompt(twin, ex, bfloat16=resolve_precision("auto") == "bfloat16"))
         # Drafting token t + 1 (an output token) reads the feature at t - 1 and token t.
         first = len(prompt) - 1
         feats = np.ascontiguousarray(hidden[first - 1:L - 2].float().numpy())
@@ -228,10 +253,19 @@ def main():
                     frozen["adaptive"] = snap = adaptive.snapshot()
                     frozen["version"] = snap.version
                     # Learning off and on, each head alone in an engine of its
-                    # own, both new and warmed up alike here, so that their
-                    # controllers start from the same state.
-                    for name, h in (("off", head), ("on", frozen_copy(head, snap))):
-                        heads_alone[name] = atlas.Engine(target, speculators=[LearnedSpeculator(h)], max_batch=1)
+                    # own, all new and warmed up alike here, so that their
+                    # controllers start from the same state: the static head;
+                    # the frozen adaptive head; the frozen adaptive head with
+                    # request-local adaptation (a learning loop that is never
+                    # started: it fits each prompt and trains nothing).
+                    for name, h in (("off", head), ("on, no request-local fits", frozen_copy(head, snap)),
+                                    ("on", frozen_copy(head, snap))):
+                        spec = LearnedSpeculator(h)
+                        observers = []
+                        if name == "on":
+                            observers = [LearningLoop(target, spec, head=h, checkpoint=False)]
+                        heads_alone[name] = atlas.Engine(target, speculators=[spec], max_batch=1,
+                                                         observers=observers)
                         heads_alone[name].generate(["def warm_up():\n"], max_new_tokens=8)
                         learn_side[name] = []
                 if s.index not in ends:
@@ -247,6 +281,7 @@ def main():
                 if pausable:
                     trainer.resume()
         served = run(engine, prompts, args.new_tokens, "atlas", keep)
+        fit_stats = heads_alone["on"].observers[0].stats()
         summary = engine.controller.summary()
         loop = engine.observers[0]
         learn = loop.stats()
@@ -255,6 +290,8 @@ def main():
     unseen = [(target.tokenizer.encode(p), out) for p, out in zip(prompts[-q:], outputs[-q:])]
     static_acc, static_chain = head_acceptance(target, LearnedSpeculator(head).native.snapshot(), unseen)
     adaptive_acc, adaptive_chain = head_acceptance(target, frozen["adaptive"], unseen)
+    fitted_acc, fitted_chain = head_acceptance(target, frozen["adaptive"], unseen,
+                                               twin=frozen_copy(head, frozen["adaptive"]))
 
     base_first, base_last = rows["plain"][0][0], rows["plain"][1][0]
     print("\n| decoder | first quarter tokens/s | tau | vs plain | last quarter tokens/s | tau | vs plain |")
@@ -262,17 +299,23 @@ def main():
     for name, ((f_tps, f_tau), (l_tps, l_tau)) in rows.items():
         print(f"| {name} | {f_tps:.1f} | {f_tau:.2f} | {f_tps / base_first:.2f}x | {l_tps:.1f} | {l_tau:.2f} | "
               f"{l_tps / base_last:.2f}x |")
-    (s_tps, s_tau), (a_tps, a_tau) = totals(learn_side["off"]), totals(learn_side["on"])
+    (s_tps, s_tau), (a_tps, a_tau), (f_tps, f_tau) = (totals(learn_side[k]) for k in
+                                                      ("off", "on, no request-local fits", "on"))
     print(f"\nlearning on vs off, on the last {q} requests (unseen by the adaptive head frozen after "
-          f"{len(prompts) - q}, version {frozen['version']})")
-    print("| | static head (learning off) | adaptive head (learning on) | ratio |\n|---|---|---|---|")
-    for label, st, ad in (
-            ("serving alone: draft tokens accepted per step (tau - 1)", s_tau - 1, a_tau - 1),
-            ("serving alone: tokens/s", s_tps, a_tps),
-            ("teacher-forced: depth-1 greedy acceptance", static_acc, adaptive_acc),
+          f"{len(prompts) - q}, version {frozen['version']}); learning on: the frozen head fitted to each "
+          f"request's prompt (request-local adaptation), and beside it the frozen head alone")
+    print("| | static head (learning off) | adaptive head, frozen | ratio | adaptive head, frozen, fitted to "
+          "each prompt (learning on) | ratio |\n|---|---|---|---|---|---|")
+    for label, st, ad, fi in (
+            ("serving alone: draft tokens accepted per step (tau - 1)", s_tau - 1, a_tau - 1, f_tau - 1),
+            ("serving alone: tokens/s", s_tps, a_tps, f_tps),
+            ("teacher-forced: depth-1 greedy acceptance", static_acc, adaptive_acc, fitted_acc),
             (f"teacher-forced: greedy chain tokens accepted (depth <= {CHAIN_DEPTH})", static_chain,
-             adaptive_chain)):
-        print(f"| {label} | {st:.3f} | {ad:.3f} | {ad / max(st, 1e-9):.2f}x |")
+             adaptive_chain, fitted_chain)):
+        print(f"| {label} | {st:.3f} | {ad:.3f} | {ad / max(st, 1e-9):.2f}x | {fi:.3f} | {fi / max(st, 1e-9):.2f}x |")
+    print(f"request-local fits while serving alone: {fit_stats['adaptations']} requests, "
+          f"{1e3 * fit_stats['adapt_seconds'] / max(fit_stats['adaptations'], 1):.1f} ms each; "
+          f"errors {fit_stats['errors']}")
     print(f"\ncontroller: {summary}\nlearning: {learn}")
     plot_learning_curve(served, (base_first + base_last) / 2, args.out,
                         f"atlas on SmolLM2-135M, {len(prompts)} HumanEval requests, learning on")
