@@ -58,7 +58,6 @@ from atlas.demo import humaneval_prompts, plot_learning_curve, serve, totals
 from atlas.learning.adapt import adapt_to_prompt
 from atlas.learning.checkpoint import STATIC, model_dir
 from atlas.learning.distill import static_head, teacher_forced
-from atlas.learning.head import PUSHED
 from atlas.learning.loop import LearningLoop
 from atlas.learning.tap import Examples
 from atlas.learning.trainer import fill_targets, resolve_precision
@@ -166,10 +165,8 @@ def head_acceptance(target, snapshot, sequences, twin=None):
 def frozen_copy(head, snapshot):
     """A DraftHead (sharing ``head``'s frozen tables) holding the weights a
     native snapshot serves."""
-    weights = {name: snapshot.tensor(name) for name in PUSHED if name != "draft_ids"}
-    weights["draft_ids"] = snapshot.draft_ids
     copy = head.twin()
-    copy.load_export(weights)
+    copy.load_snapshot(snapshot)
     return copy
 
 

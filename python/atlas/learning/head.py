@@ -240,6 +240,14 @@ class DraftHead(nn.Module):
         out["draft_ids"] = self.draft_ids.cpu().numpy().astype(np.int32)
         return out
 
+    def load_snapshot(self, snapshot) -> None:
+        """Loads the weights a native ``DraftHeadSnapshot`` serves (its
+        matrices as the native head stores them, rounded to bfloat16), as
+        :meth:`load_export` loads."""
+        weights = {name: snapshot.tensor(name) for name in PUSHED if name != "draft_ids"}
+        weights["draft_ids"] = snapshot.draft_ids
+        self.load_export(weights)
+
     def load_export(self, weights: Dict[str, np.ndarray]) -> None:
         """Loads what :meth:`export` wrote (same hidden, intermediate and draft
         vocabulary size; the draft vocabulary itself may differ)."""

@@ -40,7 +40,7 @@ import numpy as np
 
 from .adapt import ADAPT_LR, ADAPT_STEPS, adapt_to_prompt
 from .checkpoint import ADAPTIVE, STATIC, Checkpoint, head_config, load_checkpoint, model_dir, save_checkpoint
-from .head import PUSHED, DraftHead
+from .head import DraftHead
 from .process import MAX_PENDING_BYTES, TrainerProcess
 from .replay import ReplayBuffer
 from .tap import Tap
@@ -290,13 +290,11 @@ class LearningLoop:
         head stores it), rebuilt when the version changes; and its number."""
         snap = self.speculator.native.snapshot()
         if self._twin is None or self._twin_version != snap.version:
-            weights = {name: snap.tensor(name) for name in PUSHED if name != "draft_ids"}
-            weights["draft_ids"] = snap.draft_ids
             if self._twin is None:
                 nat = self.speculator.native
                 self._twin = DraftHead.from_target(self.target, snap.draft_ids, intermediate=nat.intermediate,
                                                    eps=float(nat.eps))
-            self._twin.load_export(weights)
+            self._twin.load_snapshot(snap)
             self._twin_version = snap.version
         return self._twin, self._twin_version
 
