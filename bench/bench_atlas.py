@@ -60,7 +60,7 @@ from atlas.learning.checkpoint import STATIC, model_dir
 from atlas.learning.distill import static_head, teacher_forced
 from atlas.learning.loop import LearningLoop
 from atlas.learning.tap import Examples
-from atlas.learning.trainer import fill_targets, resolve_precision
+from atlas.learning.trainer import resolve_precision
 from atlas.speculators import LearnedSpeculator, SuffixSpeculator
 
 
@@ -100,7 +100,7 @@ CHAIN_DEPTH = 8
 
 def prompt_examples(toks, hidden, n_prompt):
     """The tap's examples of a prompt (every prompt token but the first, each
-    reading its predecessor's feature), targets left to fill_targets."""
+    reading its predecessor's feature), targets left to adapt_to_prompt."""
     t = np.arange(1, n_prompt)
     feats = hidden.float().numpy()
     n, k = len(t), 16
@@ -121,14 +121,15 @@ def head_acceptance(target, snapshot, sequences, twin=None):
     chain = 0.0
     cache = target.new_cache(-(-max(len(p) + len(o) for p, o in sequences) // 16) + 1, block_size=16, max_seqs=1)
     ids = snapshot.draft_ids.astype(np.int64)
-    base = snapshot
+    base, rows = snapshot, {}
     for prompt, out in sequences:
         toks = np.asarray(prompt + out, np.int64)
         L = len(toks)
         logits, hidden = teacher_forced(target, cache, toks)
         if twin is not None:
-            ex = fill_targets(prompt_examples(toks, hidden, len(prompt)), twin)
-            snapshot = base.derive(adapt_to_prompt(twin, ex, bfloat16=resolve_precision("auto") == "bfloat16"))
+            ex = prompt_examples(toks, hidden, len(prompt))
+            snapshot = base.derive(adapt_to_prompt(twin, ex, bfloat16=resolve_precision("auto") == "bfloat16",
+                                                   cache=rows))
         # Drafting token t + 1 (an output token) reads the feature at t - 1 and token t.
         first = len(prompt) - 1
         feats = np.ascontiguousarray(hidden[first - 1:L - 2].float().numpy())

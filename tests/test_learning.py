@@ -622,10 +622,16 @@ def test_adapt_to_prompt_fits_the_mlp_from_the_given_weights(tiny):
     _, target, _, _ = tiny
     head = fresh_head(target, seed=4)
     before = {k: v.copy() for k, v in head.export().items()}
-    ex, _ = _prompt_of(tiny, 0)
-    with pytest.raises(ValueError, match="filled first"):
-        adapt_to_prompt(head, ex)
-    ex = fill_targets(ex, head)
+    raw, _ = _prompt_of(tiny, 0)
+    ex = fill_targets(raw, head)
+    # Targets missing: the fit computes those of the rows it samples, the
+    # same as filled beforehand; the examples stay as they were.
+    cache, unfilled = {}, raw.missing_targets()
+    assert unfilled.sum() == len(raw) - 1   # (the last row's targets come from the prefill's logits)
+    np.testing.assert_array_equal(adapt_to_prompt(head, raw, batch=3, cache=cache)["w_gate"],
+                                  adapt_to_prompt(head, ex, batch=3)["w_gate"])
+    np.testing.assert_array_equal(raw.missing_targets(), unfilled)
+    assert "rows" in cache
     with pytest.raises(ValueError, match="steps must be a positive int"):
         adapt_to_prompt(head, ex, steps=0)
     with pytest.raises(ValueError, match="no examples"):
@@ -657,9 +663,9 @@ def test_adapt_to_prompt_fits_the_mlp_from_the_given_weights(tiny):
 def test_the_loop_fits_each_prompt_for_its_own_request(tiny):
     """Right after a prefill the loop fits the live head to the prompt and
     the speculator drafts that request with the result, while the live
-    version stays; the prompt's examples, their targets filled, still reach
-    the trainer's sink. A loop never started fits too. adapt_steps=0: no
-    fits. A fit that fails is counted, and serving goes on."""
+    version stays; the prompt's examples still reach the trainer's sink.
+    A loop never started fits too. adapt_steps=0: no fits. A fit that fails
+    is counted, and serving goes on."""
     model, target, prompts, conts = tiny
     head = fresh_head(target, seed=2)
     spec = LearnedSpeculator(head, max_depth=3)
@@ -674,7 +680,9 @@ def test_the_loop_fits_each_prompt_for_its_own_request(tiny):
     st = loop.stats()
     assert st["adaptations"] == 1 and st["adapt_seconds"] > 0 and st["errors"] == 0, st
     assert spec.adapted_requests == 1 and spec.version == 1
-    assert len(sunk) == 1 and len(sunk[0]) == len(prompts[1]) - 1 and not sunk[0].missing_targets().any()
+    # (their targets are the trainer's to compute: Trainer.add_examples)
+    assert len(sunk) == 1 and len(sunk[0]) == len(prompts[1]) - 1
+    assert sunk[0].missing_targets().sum() == len(sunk[0]) - 1
     # The request drafts with its own version: not what the live one drafts.
     local = spec._local[1]
     assert local.derived and local.version == 1

@@ -48,13 +48,19 @@ small steps from the live weights, not a fit to the prompt.
 
 Cost, and why the default is small and on the serving thread: a step over a
 230-token prompt's every row took 27 ms of one core (bfloat16 products,
-AVX-512 BF16), about 0.12 ms a row. At the default a fit takes about 28 ms
-of one core, plus 6-8 ms for the prompt rows' targets
-(:func:`~atlas.learning.trainer.fill_targets`) and 2.4 ms for the derived
-version; in full atlas on two cores, between forwards that have just swept
-the caches, 52 ms a request (bench_atlas.py's stream of 164 requests: about
-3% of serving time). Two ways of keeping the fit off the serving thread were
-measured in that stream and dropped: fits in the trainer process, which is
+AVX-512 BF16), about 0.12 ms a row. At the default a fit takes about 21 ms
+of one core (20 HumanEval prompts of 145 rows on average), the targets of
+the rows it draws included (at most ``steps * batch`` of them, not every
+row: :func:`~atlas.learning.trainer.fill_targets`), plus 2.4 ms for the
+derived version. It computes gradients for ``ADAPT_TENSORS`` alone (the
+frozen tensors' would be a third more products) and steps a fused Adam;
+before those three changes it took 33 ms. In full atlas on two cores,
+between forwards that have just swept the caches, a fit costs 39 ms a
+request (bench_atlas.py's stream of 164 requests: 6.4 s, about 2% of
+serving time; 52 ms before).
+
+Two ways of keeping the fit off the serving thread were measured in that
+stream and dropped: fits in the trainer process, which is
 paused while target forwards run, came back late (106 of 160 after their
 request had ended) and left the trainer 240 steps against about 590 (full
 atlas 2.00x plain decoding in the last quarter, behind the suffix speculator
@@ -83,19 +89,23 @@ ADAPT_MAX_ROWS = 512
 
 def adapt_to_prompt(head: DraftHead, ex, *, steps: int = ADAPT_STEPS, lr: float = ADAPT_LR,
                     batch: int = ADAPT_BATCH, feature_weight: float = 1.0, bfloat16: bool = False,
-                    max_rows: int = ADAPT_MAX_ROWS, rng: Optional[np.random.Generator] = None
-                    ) -> Dict[str, np.ndarray]:
+                    max_rows: int = ADAPT_MAX_ROWS, rng: Optional[np.random.Generator] = None,
+                    cache: Optional[dict] = None) -> Dict[str, np.ndarray]:
     """``ADAPT_TENSORS`` of ``head`` after ``steps`` Adam steps (learning
     rate ``lr``) of :func:`~atlas.learning.head.distillation_loss` on
-    ``ex``, the :class:`~atlas.learning.tap.Examples` of one prompt with
-    their targets filled (:func:`atlas.learning.trainer.fill_targets`): each
+    ``ex``, the :class:`~atlas.learning.tap.Examples` of one prompt: each
     step on ``batch`` rows drawn without replacement by ``rng`` (every row,
-    in order, when there are no more) from the last ``max_rows``. ``head``
-    holds the weights to start from (the live version's) and is not changed.
-    ``bfloat16``: the products under ``torch.autocast`` in bfloat16, as the
-    trainer's ``precision``. Returns float32 arrays by name, what
-    ``DraftHeadSnapshot.derive`` takes. Raises ValueError for examples
-    without targets, and when a step's loss is not finite."""
+    in order, when there are no more) from the last ``max_rows``. Rows
+    without targets (a prompt's, from the tap) get them first, only the rows
+    the steps draw (:func:`~atlas.learning.trainer.fill_targets` with
+    ``head``'s draft vocabulary and ``cache``, its dict of LM head rows);
+    ``ex`` is not changed. ``head`` holds the weights to start from (the
+    live version's) and is not changed. ``bfloat16``: the products under
+    ``torch.autocast`` in bfloat16, as the trainer's ``precision``. Returns
+    float32 arrays by name, what ``DraftHeadSnapshot.derive`` takes. Raises
+    ValueError for no examples, and when a step's loss is not finite."""
+    from .trainer import adam, fill_targets
+
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if not float(lr) > 0:
@@ -105,17 +115,22 @@ def adapt_to_prompt(head: DraftHead, ex, *, steps: int = ADAPT_STEPS, lr: float 
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     if len(ex) == 0:
         raise ValueError("no examples to adapt to")
-    if ex.missing_targets().any():
-        raise ValueError("the examples' targets must be filled first (atlas.learning.trainer.fill_targets)")
     first = max(0, len(ex) - max_rows)
+    n = len(ex) - first
     rng = np.random.default_rng(0) if rng is None else rng
+    # Every step's rows first, then one gather (and one fill) of those alone.
+    picks = [np.sort(rng.choice(n, batch, replace=False)) if n > batch else np.arange(n) for _ in range(steps)]
+    used, where = np.unique(np.concatenate(picks), return_inverse=True)
+    sub = fill_targets(ex.take(first + used), head, cache)
+    data = [torch.from_numpy(a) for a in
+            (sub.parent_feature, sub.token, sub.feature, sub.topk_logits, sub.topk_ids)]
     params = {name: getattr(head, name).detach().clone().requires_grad_(True) for name in ADAPT_TENSORS}
-    opt = torch.optim.Adam(list(params.values()), lr=float(lr))
-    for _ in range(steps):
-        n = len(ex) - first
-        rows = first + (np.sort(rng.choice(n, batch, replace=False)) if n > batch else np.arange(n))
-        x = [torch.from_numpy(np.ascontiguousarray(a[rows])) for a in
-             (ex.parent_feature, ex.token, ex.feature, ex.topk_logits, ex.topk_ids)]
+    opt = adam(params.values(), float(lr))
+    at = 0
+    for rows in picks:
+        idx = torch.from_numpy(where[at:at + len(rows)])
+        at += len(rows)
+        x = [a[idx] for a in data]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
             f_hat, logits = head.forward_with(x[0], x[1], params)
             loss, _ = distillation_loss(logits, f_hat, x[2], x[3], x[4], head.full_to_draft, feature_weight)

@@ -204,13 +204,14 @@ class DraftHead(nn.Module):
     def forward_with(self, features: torch.Tensor, tokens: torch.Tensor,
                      replaced: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """The forward with some float tensors (names of ``PUSHED``) replaced
-        by the given ones, which autograd flows into; this head's own are
-        read, not changed. What request-local adaptation trains
+        by the given ones, which autograd flows into, and into nothing else:
+        this head's own are read, detached, not changed (no gradient of
+        theirs is computed). What request-local adaptation trains
         (:func:`atlas.learning.adapt.adapt_to_prompt`)."""
         unknown = sorted(set(replaced) - set(_FLOATS[1:]))
         if unknown:
             raise ValueError(f"replaced names unknown tensors {unknown}; the float tensors are {list(_FLOATS[1:])}")
-        w = {name: getattr(self, name) for name in _FLOATS}
+        w = {name: getattr(self, name).detach() for name in _FLOATS}
         for name, t in replaced.items():
             if tuple(t.shape) != tuple(w[name].shape):
                 raise ValueError(f"{name} must have shape {tuple(w[name].shape)}, got {tuple(t.shape)}")

@@ -44,7 +44,7 @@ from .head import DraftHead
 from .process import MAX_PENDING_BYTES, TrainerProcess
 from .replay import ReplayBuffer
 from .tap import Tap
-from .trainer import Trainer, check_head_fits, fill_targets, resolve_precision
+from .trainer import Trainer, check_head_fits, resolve_precision
 
 log = logging.getLogger("atlas.learning")
 
@@ -165,7 +165,7 @@ class LearningLoop:
         self.adapt_steps, self.adapt_lr = adapt_steps, float(adapt_lr)
         self._twin: Optional[DraftHead] = None   # the live version's weights, for the fits
         self._twin_version = 0
-        self._twin_rows: dict = {}                 # fill_targets' cache
+        self._twin_rows: dict = {}                 # the fits' LM head rows (fill_targets' cache)
         self._rng = np.random.default_rng(0)
         self.adaptations = 0                       # requests fitted
         self.adapt_seconds = 0.0                   # serving-thread time in the fits
@@ -270,14 +270,14 @@ class LearningLoop:
     def _prompt(self, rid, ex) -> None:
         """The tap's prompt sink: fits the live head to a request's prompt
         for that request (see the class docstring), then hands the
-        examples, their targets filled, to the trainer. A fit that fails is
+        examples to the trainer, which computes their targets (the fit
+        computes those of the rows it samples only). A fit that fails is
         logged and counted, never raised into the serving step."""
         try:
             t0 = time.perf_counter()
             twin, version = self._live_twin()
-            ex = fill_targets(ex, twin, self._twin_rows)
             weights = adapt_to_prompt(twin, ex, steps=self.adapt_steps, lr=self.adapt_lr, rng=self._rng,
-                                      bfloat16=self._bfloat16)
+                                      bfloat16=self._bfloat16, cache=self._twin_rows)
             if self.speculator.adapt(rid, weights, version):
                 self.adaptations += 1
             self.adapt_seconds += time.perf_counter() - t0

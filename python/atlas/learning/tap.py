@@ -103,6 +103,11 @@ class Examples:
         are for the caller to mind)."""
         return Examples(*(getattr(self, f)[lo:hi] for f in Examples.__dataclass_fields__))
 
+    def take(self, idx: np.ndarray) -> "Examples":
+        """The examples at the given indices (copies; parent links are for the
+        caller to mind)."""
+        return Examples(*(getattr(self, f)[idx] for f in Examples.__dataclass_fields__))
+
     @staticmethod
     def concat(batches: List["Examples"]) -> "Examples":
         """One batch of the given batches' examples, in order (their parent
