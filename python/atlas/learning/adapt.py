@@ -75,6 +75,7 @@ import numpy as np
 import torch
 
 from .head import DraftHead, distillation_loss
+from .trainer import adam, fill_targets
 
 # The tensors request-local adaptation changes (see the table above).
 ADAPT_TENSORS = ("w_gate", "w_up", "w_down")
@@ -104,8 +105,6 @@ def adapt_to_prompt(head: DraftHead, ex, *, steps: int = ADAPT_STEPS, lr: float 
     ``torch.autocast`` in bfloat16, as the trainer's ``precision``. Returns
     float32 arrays by name, what ``DraftHeadSnapshot.derive`` takes. Raises
     ValueError for no examples, and when a step's loss is not finite."""
-    from .trainer import adam, fill_targets
-
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if not float(lr) > 0:
