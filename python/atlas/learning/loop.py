@@ -244,18 +244,15 @@ class LearningLoop:
                                           **trainer_kwargs)
             self.buffer = self.trainer.buffer
             self._sink = self.trainer.send
-            self.tap = Tap(nat.vocab, topk, sink=self.trainer.send, prompt_examples=prompt_examples,
-                           flush_rows=LOOP_TAP_FLUSH_ROWS,
-                           prompt_sink=self._prompt if prompt_examples and adapt_steps else None)
         else:
             self.buffer = ReplayBuffer(nat.hidden, topk, **buffer)
             self.trainer = Trainer(cand, self.buffer, speculator, counts=lambda: self.tap.counts,
                                    on_push=self._on_push, **trainer_kwargs)
             # (prompt rows' targets are then computed on the serving thread)
             self._sink = self.trainer.add_examples
-            self.tap = Tap(nat.vocab, topk, sink=self.trainer.add_examples, prompt_examples=prompt_examples,
-                           flush_rows=LOOP_TAP_FLUSH_ROWS,
-                           prompt_sink=self._prompt if prompt_examples and adapt_steps else None)
+        self.tap = Tap(nat.vocab, topk, sink=self._sink, prompt_examples=prompt_examples,
+                       flush_rows=LOOP_TAP_FLUSH_ROWS,
+                       prompt_sink=self._prompt if prompt_examples and adapt_steps else None)
 
     # ---- the engine's observer ----------------------------------------------------------
 
