@@ -90,6 +90,41 @@ def step(ctl, first, second_tokens, accepted_first, accepted_second, draft_secon
     return ran[1]
 
 
+def test_selection_keeps_the_prefix_of_best_rate_however_the_costs_grow():
+    """One speculator, one request: the selected tree is the prefix of the
+    nodes in decreasing path probability whose expected tokens per second
+    (cost model plus drafting time) is best, the first among equals, with
+    forward costs flat, linear, steep and stepped. (The selection stops
+    popping nodes once the rest could not lift the rate; this checks that it
+    never stops early.)"""
+    rng = np.random.default_rng(3)
+    curves = [lambda n: 0.03, lambda n: 0.03 + 0.001 * n, lambda n: 0.01 * n,
+              lambda n: 0.03 if n <= 8 else 0.045]
+    for trial in range(200):
+        ctl = Controller(1, max_nodes=48)
+        curve = curves[trial % len(curves)]
+        for n in (1, 2, 4, 8, 12, 16, 32):
+            ctl.record_forward(n, curve(n))
+        size = int(rng.integers(2, 40))
+        parents = [-1] + [int(rng.integers(0, i)) for i in range(1, size)]
+        conf = [1.0] + rng.random(size - 1).tolist()
+        tree = DraftTree.from_arrays(list(range(size)), parents, confidences=conf, max_nodes=size,
+                                     vocab_size=VOCAB)
+        draft = float(rng.choice([0.0, 0.002]))
+        prob = [1.0] + [ctl.calib[0].prob(int(d), float(c)) for d, c in zip(tree.depths[1:], tree.confidences[1:])]
+        path = [1.0] * size
+        for i in range(1, size):
+            path[i] = path[parents[i]] * prob[i]
+        ranked = sorted(path[1:], reverse=True)
+        best, best_rate = 0, 1.0 / (ctl.cost(1) + draft)
+        for k in range(1, size):
+            rate = (1.0 + sum(ranked[:k])) / (ctl.cost(1 + k) + draft)
+            if rate > best_rate:
+                best, best_rate = k, rate
+        trees, _ = ctl.select([0], [[tree]], VOCAB, [size], draft)
+        assert len(trees[0]) == 1 + best
+
+
 def test_a_costly_speculator_is_skipped_where_it_adds_nothing():
     """Speculator 1 (10 ms a step) adds tokens only when speculator 0 has no
     confident candidate; the controller stops asking it when 0 is confident,
@@ -318,6 +353,23 @@ def test_calibration_estimates_are_remembered_only_until_the_next_record():
     for _ in range(20):
         cal.record(1, 0.95, False)
     assert cal.counted(1, 0.95) < before and cal.counted(1, 0.95) == fresh(1, 0.95)
+
+
+def test_a_trees_acceptances_are_looked_up_as_prob_reads_them_node_by_node():
+    """probs_of (one table lookup per tree, what select() and
+    expected_tokens() read) equals prob() node by node, bin edges, deep nodes
+    and a drift correction included."""
+    from atlas.controller import CONF_BINS, _Calibration
+    rng = np.random.default_rng(2)
+    cal = _Calibration()
+    for _ in range(400):   # enough nodes for the drift check to apply
+        cal.record(int(rng.integers(1, 12)), float(rng.random()), bool(rng.random() < 0.3))
+    assert cal.drift != 1.0
+    edges = np.arange(CONF_BINS + 1, dtype=np.float32) / CONF_BINS   # 0.3 as float32 is below 0.3
+    conf = np.concatenate([edges, rng.random(200).astype(np.float32), np.nextafter(edges, 2, dtype=np.float32)])
+    conf = np.minimum(conf, 1.0).astype(np.float32)
+    depth = rng.integers(1, 14, conf.size).astype(np.int32)
+    assert cal.probs_of(depth, conf) == [cal.prob(int(d), float(c)) for d, c in zip(depth, conf)]
 
 
 def test_agreed_and_contested_nodes_get_calibrations_of_their_own():

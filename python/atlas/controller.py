@@ -139,6 +139,8 @@ AGREED, CONTESTED = 0, 1
 STALE_RECORDS = 400
 # The drafting hint (see Controller.path_hint): the CUTOFF_QUANTILE percentile
 # of a speculator's last CUTOFF_STEPS cutoffs, measured on exploration steps.
+# Forwards between two computations of candidate_budget's size hint.
+BUDGET_REFRESH = 16
 CUTOFF_STEPS = 64
 CUTOFF_QUANTILE = 10
 MIN_CUTOFFS = 8
@@ -163,6 +165,7 @@ class _Calibration:
     # they were a few numpy sums each: about 0.3 ms a step in full atlas).
     _counted: Optional[List[List[float]]] = None
     _probs: Optional[List[List[float]]] = None
+    _probs_array: Optional[np.ndarray] = None
 
     @staticmethod
     def cell(depth: int, conf: float) -> Tuple[int, int]:
@@ -177,8 +180,19 @@ class _Calibration:
             pooled = (self.accepted.sum(axis=0) + PRIOR_WEIGHT * prior) / (self.tried.sum(axis=0) + PRIOR_WEIGHT)
             table = (self.accepted + PRIOR_WEIGHT * pooled) / (self.tried + PRIOR_WEIGHT)
             self._counted = table.tolist()
-            self._probs = self._counted if self.drift == 1.0 else np.minimum(table * self.drift, 1.0).tolist()
+            probs = table if self.drift == 1.0 else np.minimum(table * self.drift, 1.0)
+            self._probs, self._probs_array = probs.tolist(), probs
         return self._counted, self._probs
+
+    def probs_of(self, depths: np.ndarray, confidences: np.ndarray) -> List[float]:
+        """:meth:`prob` of every node of a candidate tree but its root
+        (``depths`` >= 1), as one list: a table lookup for the whole tree
+        (per node, a step's merging read the table a few thousand times)."""
+        self._tables()
+        rows = np.minimum(depths, MAX_DEPTH_BUCKET) - 1
+        # float64, as cell() computes the bin from the Python float
+        bins = np.minimum((confidences.astype(np.float64) * CONF_BINS).astype(np.int64), CONF_BINS - 1)
+        return self._probs_array[rows, bins].tolist()
 
     def counted(self, depth: int, conf: float) -> float:
         """The estimate from the decayed counts alone. Two-level: the
@@ -224,7 +238,7 @@ class _Calibration:
         self.tried *= DECAY ** k
         np.add.at(self.accepted, (rows, bins), weight * oks)
         np.add.at(self.tried, (rows, bins), weight)
-        self._counted = self._probs = None
+        self._counted = self._probs = self._probs_array = None
 
 
 class CostModel:
@@ -264,6 +278,11 @@ class CostModel:
         self._last[int(nodes)] = self._clock
         self._memo.clear()
         self._fit = None
+
+    @property
+    def records(self) -> int:
+        """Forwards recorded so far."""
+        return self._clock
 
     @property
     def known_sizes(self) -> List[int]:
@@ -406,7 +425,10 @@ class Controller:
         self._firsts: Optional[List[Tuple[Optional[int], Optional[int]]]] = None
         # expected_tokens() of this step's candidate trees, by (speculator, id):
         # worth_running asks again for each later speculator.
-        self._expected: Dict[Tuple[int, int], Tuple[DraftTree, float]] = {}
+        # and the calibrated acceptances of their nodes (root first): select()
+        # merges the same trees.
+        self._expected: Dict[Tuple[int, int], Tuple[DraftTree, float, List[float]]] = {}
+        self._budget_hint: Optional[Tuple[int, int, int]] = None   # (batch, cost records then, hint)
 
     # ---- which speculators run this step -------------------------------------------
 
@@ -434,18 +456,23 @@ class Controller:
         nodes: the tokens it would add if all were verified."""
         if tree is None or len(tree) <= 1:
             return 0.0
+        return self._scored(speculator, tree)[0]
+
+    def _scored(self, speculator: int, tree: DraftTree) -> Tuple[float, List[float]]:
+        """(expected tokens, calibrated acceptance per node, root 1.0) of a
+        candidate tree of at least two nodes, computed once per step."""
         key = (speculator, id(tree))
         known = self._expected.get(key)   # (the tree is kept with it: its id is not reused meanwhile)
         if known is not None:
-            return known[1]
-        prob = self.calib[speculator].prob
-        par, dep, conf = tree.parents.tolist(), tree.depths.tolist(), tree.confidences.tolist()
+            return known[1], known[2]
+        probs = [1.0] + self.calib[speculator].probs_of(tree.depths[1:], tree.confidences[1:])
+        par = tree.parents.tolist()
         pp = [1.0] * len(par)
         for i in range(1, len(par)):
-            pp[i] = pp[par[i]] * prob(dep[i], conf[i])
+            pp[i] = pp[par[i]] * probs[i]
         e = sum(pp) - 1.0
-        self._expected[key] = (tree, e)
-        return e
+        self._expected[key] = (tree, e, probs)
+        return e, probs
 
     def worth_running(self, speculator: int, earlier: Sequence[Sequence[Optional[DraftTree]]],
                       batch: int) -> bool:
@@ -504,7 +531,15 @@ class Controller:
         what the cost model would ever select."""
         if self.select_mode == "all":
             return self.max_nodes
-        best = self._best_size_hint(batch)
+        # The hint moves only as the cost model's medians do: recomputed every
+        # BUDGET_REFRESH forwards (a scan of up to max_nodes sizes, which took
+        # 0.23 ms a step when done every step), and after every forward while
+        # the model has fewer records than that (its start-up measurements).
+        now = self.cost.records
+        hint = self._budget_hint
+        if hint is None or hint[0] != batch or now - hint[1] >= BUDGET_REFRESH or now < BUDGET_REFRESH:
+            hint = self._budget_hint = (batch, now, self._best_size_hint(batch))
+        best = hint[2]
         return int(min(self.max_nodes, max(4, 2 * best + 2)))
 
     def _best_size_hint(self, batch: int) -> int:
@@ -544,13 +579,13 @@ class Controller:
                     continue
                 t_tok, t_par = tree.tokens.tolist(), tree.parents.tolist()
                 t_dep, t_conf = tree.depths.tolist(), tree.confidences.tolist()
-                prob_of = self.calib[s].prob
+                t_prob = self._scored(s, tree)[1]
                 local = [0] * len(t_tok)
                 for i in range(1, len(t_tok)):
                     parent = local[t_par[i]]
                     key = (parent, t_tok[i])
                     conf = t_conf[i]
-                    p = prob_of(t_dep[i], conf)
+                    p = t_prob[i]
                     j = index.get(key)
                     if j is None:
                         j = len(toks)
@@ -571,12 +606,14 @@ class Controller:
         heap = []
         path = []
         children = []
+        unseen = 0.0   # path probability of the nodes not popped yet
         for b, (toks, pars, depth, prob, _, _) in enumerate(merged):
             pp = [1.0] * len(toks)
             ch = [[] for _ in toks]
             for i in range(1, len(toks)):
                 pp[i] = pp[pars[i]] * prob[i]
                 ch[pars[i]].append(i)
+            unseen += sum(pp) - 1.0
             path.append(pp)
             children.append(ch)
             for c in ch[0]:
@@ -587,16 +624,23 @@ class Controller:
         best_rate = expected / (self.cost(batch) + draft_seconds)
         order = []
         total = batch
+        cost = self.cost
+        every = self.select_mode == "all"
         while heap:
             negp, b, i = heapq.heappop(heap)
+            unseen += negp
             if taken[b] >= budgets[b]:
                 continue
+            # The cost model never falls with more nodes: once every node left
+            # could not lift the rate above the best, no longer prefix wins.
+            if not every and (expected - negp + max(unseen, 0.0)) / (cost(total + 1) + draft_seconds) <= best_rate:
+                break
             taken[b] += 1
             order.append((b, i))
             expected += -negp
             total += 1
-            rate = expected / (self.cost(total) + draft_seconds)
-            if rate > best_rate or self.select_mode == "all":
+            rate = expected / (cost(total) + draft_seconds)
+            if rate > best_rate or every:
                 best_rate = rate
                 for bb, ii in order:
                     chosen[bb].append(ii)
