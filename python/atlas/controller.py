@@ -236,8 +236,10 @@ class _Calibration:
         weight = DECAY ** np.arange(k - 1, -1, -1, dtype=np.float64)
         self.accepted *= DECAY ** k
         self.tried *= DECAY ** k
-        np.add.at(self.accepted, (rows, bins), weight * oks)
-        np.add.at(self.tried, (rows, bins), weight)
+        cells = rows * CONF_BINS + bins
+        size = MAX_DEPTH_BUCKET * CONF_BINS
+        self.accepted += np.bincount(cells, weight * oks, size).reshape(self.accepted.shape)
+        self.tried += np.bincount(cells, weight, size).reshape(self.tried.shape)
         self._counted = self._probs = self._probs_array = None
 
 

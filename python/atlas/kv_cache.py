@@ -67,7 +67,7 @@ class KVCache(_native.PagedKVCache):
             # Checked before the cast: astype would wrap an out-of-range index silently.
             if k.size and k.dtype.kind not in "iu":
                 raise ValueError(f"keep must hold integer indices, got dtype {k.dtype}")
-            if k.size and (k.min() < 0 or k.max() > np.iinfo(np.int32).max):
+            if k.size and (k.min() < 0 or (k.dtype != np.int32 and k.max() > np.iinfo(np.int32).max)):
                 raise ValueError("keep must hold indices into the reservation, in [0, reserved)")
             k = np.ascontiguousarray(k, dtype=np.int32)
         super().commit(seq, k)

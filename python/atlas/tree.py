@@ -30,9 +30,12 @@ def _ids(x, name: str) -> np.ndarray:
         return np.zeros(arr.shape, np.int32)
     if arr.dtype.kind not in "iu":
         raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
-    if arr.size and (arr.max() > np.iinfo(np.int32).max or arr.min() < np.iinfo(np.int32).min):
+    if arr.dtype != np.int32 and (arr.max() > _INT32.max or arr.min() < _INT32.min):
         raise ValueError(f"{name} holds values outside int32")
     return np.ascontiguousarray(arr, dtype=np.int32)
+
+
+_INT32 = np.iinfo(np.int32)
 
 
 class DraftTree(_native.DraftTree):

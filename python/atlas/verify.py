@@ -46,8 +46,7 @@ def _ids(x, name: str, dtype=np.int32) -> np.ndarray:
         return np.zeros(arr.shape, np.int32)
     if arr.dtype.kind not in "iu":
         raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
-    info = np.iinfo(dtype)
-    if arr.size and (int(arr.min()) < info.min or int(arr.max()) > info.max):
+    if arr.dtype != dtype and (int(arr.min()) < np.iinfo(dtype).min or int(arr.max()) > np.iinfo(dtype).max):
         raise ValueError(f"{name} holds values outside the range of {np.dtype(dtype).name}")
     return np.ascontiguousarray(arr, dtype=dtype)
 
