@@ -635,7 +635,9 @@ class Controller:
                 continue
             # The cost model never falls with more nodes: once every node left
             # could not lift the rate above the best, no longer prefix wins.
-            if not every and (expected - negp + max(unseen, 0.0)) / (cost(total + 1) + draft_seconds) <= best_rate:
+            # (The margin covers the rounding of ``unseen``, a running sum.)
+            if not every and (expected - negp + unseen) / (cost(total + 1) + draft_seconds) \
+                    < best_rate * (1.0 - 1e-9):
                 break
             taken[b] += 1
             order.append((b, i))
