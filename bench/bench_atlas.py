@@ -47,6 +47,7 @@ and the first and last quarters of the prose.
 from __future__ import annotations
 
 import argparse
+import atexit
 import shutil
 import tempfile
 from pathlib import Path
@@ -87,8 +88,10 @@ def run(engine, prompts, new_tokens, label, after=None):
 
 
 def fresh_cache_with(target, head_path):
-    """A fresh checkpoint folder (no adaptive head yet) holding the static head."""
+    """A fresh checkpoint folder (no adaptive head yet) holding the static
+    head, removed when the process exits."""
     cache = tempfile.mkdtemp(prefix="atlas-bench-")
+    atexit.register(shutil.rmtree, cache, True)
     dest = model_dir(target, cache)
     dest.mkdir(parents=True)
     shutil.copy(head_path, dest / STATIC)
