@@ -137,10 +137,10 @@ EXPLORE_BONUS = 0.05
 AGREED, CONTESTED = 0, 1
 # Forwards after which a tree size's measured cost is forgotten (see CostModel).
 STALE_RECORDS = 400
-# The drafting hint (see Controller.path_hint): the CUTOFF_QUANTILE percentile
-# of a speculator's last CUTOFF_STEPS cutoffs, measured on exploration steps.
 # Forwards between two computations of candidate_budget's size hint.
 BUDGET_REFRESH = 16
+# The drafting hint (see Controller.path_hint): the CUTOFF_QUANTILE percentile
+# of a speculator's last CUTOFF_STEPS cutoffs, measured on exploration steps.
 CUTOFF_STEPS = 64
 CUTOFF_QUANTILE = 10
 MIN_CUTOFFS = 8
@@ -425,9 +425,9 @@ class Controller:
         self.pair_hits = np.zeros(2)
         self.pair_n = 0.0
         self._firsts: Optional[List[Tuple[Optional[int], Optional[int]]]] = None
-        # expected_tokens() of this step's candidate trees, by (speculator, id):
-        # worth_running asks again for each later speculator.
-        # and the calibrated acceptances of their nodes (root first): select()
+        # expected_tokens() of this step's candidate trees and the calibrated
+        # acceptances of their nodes (root first), by (speculator, id):
+        # worth_running asks again for each later speculator, and select()
         # merges the same trees.
         self._expected: Dict[Tuple[int, int], Tuple[DraftTree, float, List[float]]] = {}
         self._budget_hint: Optional[Tuple[int, int, int]] = None   # (batch, cost records then, hint)

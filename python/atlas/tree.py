@@ -24,6 +24,9 @@ class FlatTree:
     ancestor_mask: np.ndarray  # [n, n] bool, [i, j] = j is i or an ancestor of i
 
 
+_INT32 = np.iinfo(np.int32)
+
+
 def _ids(x, name: str) -> np.ndarray:
     arr = np.asarray(x)
     if arr.size == 0:
@@ -33,9 +36,6 @@ def _ids(x, name: str) -> np.ndarray:
     if arr.dtype != np.int32 and (arr.max() > _INT32.max or arr.min() < _INT32.min):
         raise ValueError(f"{name} holds values outside int32")
     return np.ascontiguousarray(arr, dtype=np.int32)
-
-
-_INT32 = np.iinfo(np.int32)
 
 
 class DraftTree(_native.DraftTree):
