@@ -105,7 +105,7 @@ LOOP_STEPS_PER_ROUND = 40
 # forwards, whose weights have just swept the caches: 0.21 ms for 25 KB,
 # 0.25 ms for 48 KB, measured in full atlas on HumanEval; the tap's time per
 # record over bench_atlas.py's stream went from 0.64 to 0.45-0.49 ms with 32
-# rows; 32 -> 128 took the hand-overs from 0.15 to 0.08 ms a decode step,
+# rows; 32 -> 128 took the hand-overs from 0.14 to 0.08 ms a decode step,
 # HumanEval requests 60-79 of full atlas under cProfile).
 LOOP_TAP_FLUSH_ROWS = 128
 # Whether the tap also turns every prompt token into an example (see
