@@ -314,9 +314,10 @@ def main():
             (f"teacher-forced: greedy chain tokens accepted (depth <= {CHAIN_DEPTH})", static_chain,
              adaptive_chain, fitted_chain)):
         print(f"| {label} | {st:.3f} | {ad:.3f} | {ad / max(st, 1e-9):.2f}x | {fi:.3f} | {fi / max(st, 1e-9):.2f}x |")
-    print(f"request-local fits while serving alone: {fit_stats['adaptations']} requests, "
-          f"{1e3 * fit_stats['adapt_seconds'] / max(fit_stats['adaptations'], 1):.1f} ms each; "
-          f"errors {fit_stats['errors']}")
+    for where, st in (("while serving alone", fit_stats), ("in full atlas", learn)):
+        print(f"request-local fits {where}: {st['adaptations']} requests, "
+              f"{1e3 * st['adapt_seconds'] / max(st['adaptations'], 1):.1f} ms each; skipped (not paying) "
+              f"{st['adapt_skipped']}; errors {st['errors']}")
     print(f"\ncontroller: {summary}\nlearning: {learn}")
     plot_learning_curve(served, (base_first + base_last) / 2, args.out,
                         f"atlas on SmolLM2-135M, {len(prompts)} HumanEval requests, learning on")

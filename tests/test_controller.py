@@ -423,3 +423,20 @@ def test_a_single_speculator_is_calibrated_by_its_own_counts_alone():
         j = list(fan.tokens).index(tree.tokens[i])
         assert tree.confidences[i] == pytest.approx(ctl.calib[0].prob(int(fan.depths[j]), float(fan.confidences[j])))
     assert all(c.tried.sum() == 0 for c in ctl.agreement)
+
+
+def test_share_only_is_the_share_of_emitted_tokens_no_earlier_speculator_drafted():
+    """Accepted tokens are credited to the first speculator that drafted
+    them; steps where a speculator did not run count as none of its own."""
+    ctl = Controller(2, max_nodes=16)
+    assert ctl.share_only(0) is None and ctl.summary()["share_only"] == [None, None]
+    tree = chain([5, 6, 7], 0.9)
+    # Node 1 drafted by both, nodes 2 and 3 by speculator 1 alone.
+    origins = [[[], [(0, 0.9), (1, 0.8)], [(1, 0.8)], [(1, 0.8)]]]
+    for _ in range(20):   # nodes 1-2 accepted: 3 tokens emitted, 1 only 0's, 1 only 1's
+        ctl.observe([tree], origins, [np.array([1, 2], np.int32)], [True, True])
+    assert ctl.share_only(0) == pytest.approx(1 / 3) and ctl.share_only(1) == pytest.approx(1 / 3)
+    for _ in range(20):   # speculator 1 did not run: only the first node, speculator 0's
+        ctl.observe([chain([5], 0.9)], [[[], [(0, 0.9)]]], [np.array([1], np.int32)], [True, False])
+    # Running means over the 40 steps: 2.5 tokens emitted a step, 1 of them 0's alone, 0.5 1's alone.
+    assert ctl.share_only(0) == pytest.approx(1.0 / 2.5) and ctl.share_only(1) == pytest.approx(0.5 / 2.5)

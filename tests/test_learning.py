@@ -27,7 +27,7 @@ from atlas.learning.checkpoint import (ADAPTIVE, STATIC, Checkpoint, atomic_writ
 from atlas.learning.distill import function_prompts, stdlib_sources
 from atlas.learning.tap import Examples
 from atlas.learning.trainer import head_metric, native_metric
-from atlas.speculators import LearnedSpeculator
+from atlas.speculators import LearnedSpeculator, SuffixSpeculator
 from atlas.tree import DraftTree
 from oracle import assert_same_greedy, hf_greedy, tiny_llama
 
@@ -705,6 +705,88 @@ def test_the_loop_fits_each_prompt_for_its_own_request(tiny):
     st = loop.stats()
     assert st["adaptations"] == 1 and st["errors"] == 1 and "request-local fit failed" in st["last_error"]
     assert len(sunk) == 2
+
+
+def test_the_loop_fits_a_prompt_only_where_the_fit_pays(tiny):
+    """With an engine attached, the loop fits a request when ADAPT_GAIN of
+    what the speculator's drafts save it (the engine's measure) is at least
+    the median time of its latest fits (not its first, which starts up);
+    while either is unknown it fits. A prompt not fitted still reaches the
+    trainer's sink."""
+    from atlas.learning.adapt import ADAPT_GAIN
+    model, target, prompts, conts = tiny
+    head = fresh_head(target, seed=2)
+    spec = LearnedSpeculator(head, max_depth=3)
+    loop = LearningLoop(target, spec, head=head, checkpoint=False, process=False)
+    sunk, asked = [], []
+    loop._sink = sunk.append
+
+    class Measure:   # what the loop reads of its engine
+        value = None
+
+        def speculation_value(self, speculator, rid):
+            assert speculator is spec
+            asked.append(rid)
+            return self.value
+
+    measure = Measure()
+    loop.attach(measure)
+
+    def prefill(rid):
+        spec.start(rid, prompts[rid])
+        rec = greedy_records(model, prompts[rid], conts[rid], rid, depth=3)[0]
+        spec.observe(rec)
+        loop.observe(rec)
+
+    prefill(1)                                   # nothing measured: it fits
+    measure.value = 0.0
+    prefill(2)                                   # its first fit's time does not count (start-up): fits again
+    assert loop.adaptations == 2 and loop.adapt_skipped == 0 and len(loop._fit_seconds) == 1
+    cost = loop._fit_seconds[0]
+    assert 0 < cost < loop.adapt_seconds
+    measure.value = 0.5 * cost / ADAPT_GAIN      # a fit would save half what it costs
+    prefill(3)
+    st = loop.stats()
+    assert st["adaptations"] == 2 and st["adapt_skipped"] == 1 and 3 not in spec._local
+    assert len(sunk) == 3 and len(sunk[2]) == len(prompts[3]) - 1
+    measure.value = 2 * cost / ADAPT_GAIN        # twice
+    prefill(4)
+    assert loop.adaptations == 3 and loop.adapt_skipped == 1 and 4 in spec._local
+    assert asked == [1, 2, 3, 4]
+
+
+def test_the_engine_measures_what_a_speculators_drafts_save_a_request(tiny):
+    """Engine.speculation_value: the tokens a request may still emit, times
+    the share of emitted tokens only that speculator drafted, times what a
+    token costs now; None before any step, for another engine's speculator
+    and for a request not being served. Observers with attach() get the
+    engine."""
+    _, target, prompts, _ = tiny
+    spec = SuffixSpeculator(vocab_size=target.config.vocab_size)   # the peaked target's text repeats
+    seen = []
+
+    class Probe:
+        def attach(self, engine):
+            self.engine = engine
+
+        def observe(self, record):
+            if record.prefill:
+                rid = record.rids[0]
+                e, ctl = self.engine, self.engine.controller
+                want = None if ctl.share_only(0) is None else \
+                    (40 - 1) * ctl.share_only(0) * ctl.seconds_per_token()   # one token emitted by the prefill
+                seen.append((e.speculation_value(spec, rid), want, e.speculation_value(object(), rid),
+                             e.speculation_value(spec, rid + 100)))
+
+    probe = Probe()
+    engine = atlas.Engine(target, speculators=[spec], observers=[probe], max_batch=1, max_tree_nodes=6)
+    assert probe.engine is engine
+    engine.generate(prompts[:2], max_new_tokens=40)
+    (first, want0, *_), (second, want, other, unknown) = seen
+    assert first is None and want0 is None
+    assert second == pytest.approx(want) and second > 0
+    assert other is None and unknown is None
+    assert engine.speculation_value(spec, 1) is None   # served and gone
 
 
 def test_trainer_does_not_push_a_worse_candidate(tiny):

@@ -139,6 +139,9 @@ AGREED, CONTESTED = 0, 1
 STALE_RECORDS = 400
 # Forwards between two computations of candidate_budget's size hint.
 BUDGET_REFRESH = 16
+# Request-steps over which share_only() averages (about ten 128-token
+# requests at three tokens a step).
+SHARE_MEMORY = 400
 # The drafting hint (see Controller.path_hint): the CUTOFF_QUANTILE percentile
 # of a speculator's last CUTOFF_STEPS cutoffs, measured on exploration steps.
 CUTOFF_STEPS = 64
@@ -415,6 +418,12 @@ class Controller:
         self.marginal_n = np.zeros((num_speculators, len(CONTEXT_EDGES) + 1))
         self._context: List[Optional[int]] = [None] * num_speculators
         self.skipped = np.zeros(num_speculators, np.int64)   # steps skipped by the context rule
+        # EWMAs per request-step, over every step (0 where a speculator did not
+        # run): tokens accepted that no earlier speculator proposed, and tokens
+        # emitted (see share_only).
+        self.only = np.zeros(num_speculators)
+        self.emitted_per_request = 0.0
+        self._share_n = 0
         # Per speculator: its cutoffs on recent exploration steps (see path_hint).
         self._cutoffs: List[List[float]] = [[] for _ in range(num_speculators)]
         self._hints = [0.0] * num_speculators   # their percentile, updated as they are recorded
@@ -765,6 +774,11 @@ class Controller:
                 self.marginal[s, b] += (added[s] / max(len(trees), 1) - self.marginal[s, b]) / \
                     min(self.marginal_n[s, b], 50)
         self._context = [None] * self.num_speculators
+        if trees:
+            self._share_n = min(self._share_n + 1, SHARE_MEMORY)
+            w = 1.0 / self._share_n
+            self.only += (added / len(trees) - self.only) * w
+            self.emitted_per_request += (step_emitted / len(trees) - self.emitted_per_request) * w
         for s in range(self.num_speculators):
             if ran is None or ran[s]:
                 self.gain_n[s] = min(self.gain_n[s] + 1, 1 / (1 - DECAY))
@@ -796,6 +810,14 @@ class Controller:
         for cal, t in zip(self.agreement, agreement_trials):
             cal.record_many(t)
 
+    def share_only(self, speculator: int) -> Optional[float]:
+        """The share of emitted tokens, over about the last ``SHARE_MEMORY``
+        request-steps, that ``speculator`` drafted and no speculator before
+        it did (steps it did not run count as none); None before any step."""
+        if self._share_n == 0 or self.emitted_per_request <= 0:
+            return None
+        return float(self.only[speculator] / self.emitted_per_request)
+
     def record_forward(self, nodes: int, seconds: float) -> None:
         self.cost.record(nodes, seconds)
         self._this_step += seconds
@@ -823,4 +845,6 @@ class Controller:
             "draft_seconds": [round(float(t), 6) for t in self.draft_time],
             "seconds_per_token": round(self.seconds_per_token(), 5),
             "skipped_in_context": self.skipped.tolist(),
+            "share_only": [None if self._share_n == 0 else round(self.share_only(s), 4)
+                           for s in range(self.num_speculators)],
         }

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -191,7 +191,9 @@ class Engine:
     it the :class:`~atlas.controller.Controller` picks each step's trees from
     the speculators' candidates (``fallback`` = (adaptive, static) speculator
     indices makes it fall back to the static one when the adaptive one drifts);
-    ``observers`` see every forward's :class:`StepRecord` (the learning tap);
+    ``observers`` see every forward's :class:`StepRecord` (the learning tap),
+    and one with an ``attach(engine)`` method is handed the engine as it is
+    made (the learning loop reads :meth:`speculation_value` through it);
     ``max_batch`` caps how many requests share a step; ``kv_cache_tokens`` sizes
     the paged KV cache (tokens of all requests together). Requests that do not
     fit wait for earlier ones to finish; one that cannot fit even alone raises
@@ -274,6 +276,11 @@ class Engine:
         self.threads = threads
         self._next_seed = 0
         self._next_rid = 0
+        self._live: Dict[int, _Request] = {}   # requests being served, by rid
+        for o in self.observers:   # observers that weigh their work against what speculation saves
+            attach = getattr(o, "attach", None)
+            if attach is not None:
+                attach(self)
 
     # ---- public API ---------------------------------------------------------------
 
@@ -442,6 +449,7 @@ class Engine:
                     r.rid = self._next_rid
                     self._next_rid += 1
                     r.seq = self.cache.create()
+                    self._live[r.rid] = r
                     blocks_in_use += r.blocks_needed
                     admitted.append(r)
                 if admitted:
@@ -462,11 +470,30 @@ class Engine:
                     self._finish(r)
 
     def _finish(self, r: _Request) -> None:
+        self._live.pop(r.rid, None)
         if r.seq >= 0:
             self.cache.release(r.seq)
             r.seq = -1
             for s in self.speculators:
                 s.finish(r.rid)
+
+    def speculation_value(self, speculator, rid: int) -> Optional[float]:
+        """Seconds that ``speculator``'s drafts are expected to save over the
+        rest of request ``rid``, as measured so far: the tokens it may still
+        emit, times the share of emitted tokens that only it drafted
+        (:meth:`Controller.share_only`: none of the speculators before it did),
+        each worth what a token costs now. None when that is not measured yet,
+        or ``speculator`` is not one of this engine's, or ``rid`` is not being
+        served. (The learning loop weighs a request-local fit against it.)"""
+        r = self._live.get(rid)
+        index = next((i for i, s in enumerate(self.speculators) if s is speculator), None)
+        if r is None or index is None or self.controller is None:
+            return None
+        share = self.controller.share_only(index)
+        if share is None:
+            return None
+        left = max(r.max_new_tokens - len(r.generated), 0)
+        return left * share * self.controller.seconds_per_token()
 
     def _params(self, reqs: List[_Request]) -> dict:
         """The verifier's sampling parameters. ``offset`` is the position of the

@@ -33,12 +33,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
+from collections import deque
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from .adapt import ADAPT_LR, ADAPT_STEPS, adapt_to_prompt
+from .adapt import ADAPT_GAIN, ADAPT_LR, ADAPT_STEPS, adapt_to_prompt
 from .checkpoint import ADAPTIVE, STATIC, Checkpoint, head_config, load_checkpoint, model_dir, save_checkpoint
 from .head import DraftHead
 from .process import MAX_PENDING_BYTES, TrainerProcess
@@ -111,6 +113,8 @@ LOOP_TAP_FLUSH_ROWS = 128
 # Whether the tap also turns every prompt token into an example (see
 # atlas.learning.tap; 0.482 -> 0.502 in the simulation above).
 LOOP_PROMPT_EXAMPLES = True
+# The fits whose median time fit_pays weighs against what a fit saves.
+FIT_MEMORY = 8
 
 
 class LearningLoop:
@@ -135,7 +139,10 @@ class LearningLoop:
     prefill, on the serving thread, the loop fits the live head to the
     request's prompt and the speculator drafts that request with the result
     (it needs ``prompt_examples``, and no trainer: a loop that was never
-    started fits prompts too, a frozen head that adapts to each request).
+    started fits prompts too, a frozen head that adapts to each request),
+    unless the engine it observes measures that the fit would cost more
+    than it saves (:meth:`fit_pays`; the suffix speculator drafting most of
+    the accepted tokens, as in full atlas on HumanEval).
     The tap hands its examples over once ``LOOP_TAP_FLUSH_ROWS`` wait (a few
     decode steps); :meth:`flush` and :meth:`stop` hand over the rest.
     Every other keyword goes to the :class:`Trainer` (``lr``,
@@ -171,6 +178,13 @@ class LearningLoop:
         self._rng = np.random.default_rng(0)
         self.adaptations = 0                       # requests fitted
         self.adapt_seconds = 0.0                   # serving-thread time in the fits
+        self.adapt_skipped = 0                     # requests not fitted: a fit would not have paid
+        # The latest fits' times, for fit_pays; not the loop's first, which
+        # also builds the twin from the target and runs torch's first
+        # backward (measured in full atlas: 995 ms, against 30-40 after).
+        self._fit_seconds: deque = deque(maxlen=FIT_MEMORY)
+        self._fitted_once = False
+        self._engine = None                        # weakref to the engine serving (attach)
         nat = speculator.native
         if nat.hidden != target.config.hidden_size or nat.vocab != target.config.vocab_size:
             raise ValueError(f"the speculator's head (hidden {nat.hidden}, vocab {nat.vocab}) does not fit "
@@ -266,12 +280,36 @@ class LearningLoop:
         except Exception as e:  # noqa: BLE001
             self._error(f"tap failed: {type(e).__name__}: {e}")
 
+    def attach(self, engine) -> None:
+        """The engine calls this when the loop becomes one of its observers:
+        the loop then asks it what the speculator's drafts save a request
+        (:meth:`atlas.Engine.speculation_value`) before fitting one."""
+        self._engine = weakref.ref(engine)
+
+    def fit_pays(self, rid) -> bool:
+        """Whether a request-local fit is expected to save request ``rid``
+        more time than it costs: ``ADAPT_GAIN`` of what the speculator's
+        drafts save it (its engine's measure) against the median time of
+        the latest ``FIT_MEMORY`` fits (the loop's first left out). Yes
+        while either is unknown (no engine attached, nothing measured yet,
+        fewer than two fits made)."""
+        engine = self._engine() if self._engine is not None else None
+        value = engine.speculation_value(self.speculator, rid) if engine is not None else None
+        if value is None or not self._fit_seconds:
+            return True
+        return ADAPT_GAIN * value >= float(np.median(self._fit_seconds))
+
     def _prompt(self, rid, ex) -> None:
         """The tap's prompt sink: fits the live head to a request's prompt
-        for that request (see the class docstring), then hands the
-        examples to the trainer, which computes their targets (the fit
-        computes those of the rows it samples only). A fit that fails is
-        logged and counted, never raised into the serving step."""
+        for that request (see the class docstring) when that pays
+        (:meth:`fit_pays`), then hands the examples to the trainer, which
+        computes their targets (the fit computes those of the rows it
+        samples only). A fit that fails is logged and counted, never raised
+        into the serving step."""
+        if not self.fit_pays(rid):
+            self.adapt_skipped += 1
+            self._sink(ex)
+            return
         try:
             t0 = time.perf_counter()
             twin, version = self._live_twin()
@@ -279,7 +317,11 @@ class LearningLoop:
                                       bfloat16=self._bfloat16, cache=self._twin_rows)
             if self.speculator.adapt(rid, weights, version):
                 self.adaptations += 1
-            self.adapt_seconds += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self.adapt_seconds += dt
+            if self._fitted_once:
+                self._fit_seconds.append(dt)
+            self._fitted_once = True
         except Exception as e:  # noqa: BLE001
             self._error(f"request-local fit failed: {type(e).__name__}: {e}")
         self._sink(ex)
@@ -364,7 +406,9 @@ class LearningLoop:
         last metrics, errors, examples dropped on the way to a trainer process
         (``dropped`` batches, ``dropped_examples``; always 0 for a thread),
         and request-local fits (``adaptations``: requests fitted;
-        ``adapt_seconds``: the serving thread's time in them). In process mode
+        ``adapt_seconds``: the serving thread's time in them;
+        ``adapt_skipped``: requests not fitted because a fit would not have
+        paid, see :meth:`fit_pays`). In process mode
         the trainer's counters and the buffer are as of the child's latest
         report (at most a second old while it runs)."""
         t = self.trainer.stats()
@@ -378,6 +422,6 @@ class LearningLoop:
             live_version=self.speculator.version, restored=self.restored,
             errors=t["errors"] + self.errors, last_error=self.last_error or t["last_error"],
             dropped=t.get("dropped", 0), dropped_examples=t.get("dropped_examples", 0),
-            adaptations=self.adaptations, adapt_seconds=self.adapt_seconds,
+            adaptations=self.adaptations, adapt_seconds=self.adapt_seconds, adapt_skipped=self.adapt_skipped,
         )
 
