@@ -5,7 +5,9 @@ Full atlas (suffix + adaptive head + static head under the controller) serves
 the whole stream; plain decoding, the suffix speculator alone and the static
 head alone serve its first and last quarter, each of those requests right
 after full atlas has served it (its trainer process paused meanwhile, so that
-it trains only in full atlas's own gaps): the machine's speed drifts by 10%
+it trains only in full atlas's own gaps; the suffix speculator alone gets the
+outputs of the requests it does not serve added to its corpus, so that it
+indexes the same traffic as full atlas's): the machine's speed drifts by 10%
 and more over a run, and interleaving exposes every decoder to the same
 drift (they are warmed up with one short request first; full atlas is not,
 so its first quarter includes its start-up). All greedy on the default model
@@ -226,9 +228,9 @@ def main():
     prompts = humaneval_prompts(args.prompts)
     q = max(1, len(prompts) // 4)
     ends = set(range(q)) | set(range(len(prompts) - q, len(prompts)))
+    suffix_alone = SuffixSpeculator(vocab_size=target.config.vocab_size)
     baselines = {"plain": atlas.Engine(target, speculators=None, max_batch=1),
-                 "suffix alone": atlas.Engine(target, speculators=[SuffixSpeculator(
-                     vocab_size=target.config.vocab_size)], max_batch=1),
+                 "suffix alone": atlas.Engine(target, speculators=[suffix_alone], max_batch=1),
                  "static head alone": atlas.Engine(target, speculators=[LearnedSpeculator(head)], max_batch=1)}
     for base in baselines.values():   # their first request's start-up (the controller's timings) left out
         base.generate(["def warm_up():\n"], max_new_tokens=8)
@@ -243,6 +245,8 @@ def main():
 
         def keep(s, o):
             outputs.append(o.token_ids)
+            if s.index not in ends:   # what the suffix speculator alone would have indexed had it served it
+                suffix_alone.add_document(o.token_ids)
             freeze = s.index + 1 == len(prompts) - q   # three quarters served: freeze the adaptive head
             if s.index not in ends and not freeze:
                 return
