@@ -205,7 +205,10 @@ def main():
         prose = prose_prompts(args.shift)
         static_engine = atlas.Engine(target, speculators=[LearnedSpeculator(head)], max_batch=1)
         with atlas.Engine(target, max_batch=1, cache_dir=cache, learning_options=learning_options) as engine:
-            served = run(engine, code + prose, args.new_tokens, "atlas")
+            loop = engine.observers[0]
+            fitted = []   # request-local fits made so far, after each request
+            served = run(engine, code + prose, args.new_tokens, "atlas",
+                         lambda s, o: fitted.append(loop.adaptations))
         # A quarter of each block (prose has at most 48 prompts; one request at least).
         kc, kp = max(1, len(code) // 4), max(1, len(prose) // 4)
         ref_prompts = code[-kc:] + prose[:kp] + prose[-kp:]
@@ -223,6 +226,9 @@ def main():
             (s_tps, s_tau), (p_tps, _) = totals(ref[lo:hi]), totals(plain[lo:hi])
             print(f"{name}: static head alone tau {s_tau:.2f}, {s_tps:.1f} tokens/s; "
                   f"plain decoding {p_tps:.1f} tokens/s")
+        nc = len(code)
+        print(f"request-local fits in full atlas: {fitted[nc - 1]} of {nc} code requests, "
+              f"{fitted[-1] - fitted[nc - 1]} of {len(prose)} prose requests")
         return
 
     prompts = humaneval_prompts(args.prompts)

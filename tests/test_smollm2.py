@@ -106,11 +106,13 @@ def test_the_adaptive_speculation_benchmark_runs(tmp_path):
                 "| serving alone: draft tokens accepted per step (tau - 1) |",
                 "| teacher-forced: depth-1 greedy acceptance |", "| teacher-forced: greedy chain tokens accepted"):
         assert row in run.stdout, (row, run.stdout[-2000:])
+    assert "request-local fits in full atlas: " in run.stdout
     assert png.stat().st_size > 1000
     run = subprocess.run([sys.executable, bench, "--shift", "2", "--new-tokens", "8"],
                          capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "(prose)" in run.stdout and "prose, last quarter: static head alone" in run.stdout
+    assert "request-local fits in full atlas: " in run.stdout
     bad = subprocess.run([sys.executable, bench, "--prompts", "1"], capture_output=True, text=True, env=env,
                          timeout=600)
     assert bad.returncode != 0 and "--prompts must be at least 2" in bad.stderr
