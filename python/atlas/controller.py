@@ -48,7 +48,10 @@ per speculator and per bin of the expected tokens already on the table
 and skips it when those tokens, each valued at what a token costs now (recent
 seconds per emitted token), are worth less than its drafting time. A long,
 confident suffix match thus goes to the target alone, while the draft heads
-are asked where the suffix speculator has nothing to say.
+are asked where the suffix speculator has nothing to say. Over all steps it
+also keeps each speculator's share of the emitted tokens that it drafted and
+no earlier one did (:meth:`Controller.share_only`): what the engine values a
+speculator's drafts by for the learning loop's request-local fits.
 
 Drafting hint: a speculator that pays for each depth it drafts (a learned
 head runs a forward per depth) learns from :meth:`Controller.path_hint`
