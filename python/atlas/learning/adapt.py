@@ -73,16 +73,20 @@ accepted a step +4.8%, +8.1% and +9.6% with the fit; teacher-forced depth-1
 acceptance +7.8% to +8.6%), so it saves about that share of what the head's
 own drafts save the request. Where another speculator drafts most of the
 accepted tokens that is far less than the fit costs: in full atlas on
-HumanEval 4% of the emitted tokens were drafted by the adaptive head and not
-by the suffix speculator (``Controller.share_only``), so a fit would save a
-128-token request about 4 ms for its 35; the same stream served with and
-without fits (two engines taking turns request by request, 100 requests)
-ran 3.5% faster without them in its last quarter (2.9% +- 1.2% per request
-over all 100). So the learning loop asks the engine it observes what the
-head's drafts save each request (``Engine.speculation_value``) and fits
-only when ``ADAPT_GAIN`` of that exceeds what its latest fits took
-(``LearningLoop.fit_pays``). Served alone, the head drafts every accepted
-draft token, 42% of those emitted, and a fit saves about 75 ms for its 33.
+HumanEval 2-5% of the emitted tokens were drafted by the adaptive head and
+not by the suffix speculator (``Controller.share_only``), so a fit would
+save a 128-token request a few milliseconds for its 30-35. (That share
+leaves out what a better head does for the tokens both propose, through the
+controller's calibrations: measured, fits raised full atlas's tokens a step
+by about 1.4%, worth some 20 ms a request, still less than their cost.) The
+same stream served with and without fits (two engines taking turns request
+by request, 100 requests) ran 3.5% faster without them in its last quarter
+(2.9% +- 1.2% per request over all 100). So the learning loop asks the
+engine it observes what the head's drafts save each request
+(``Engine.speculation_value``) and fits only when ``ADAPT_GAIN`` of that
+exceeds what its latest fits took (``LearningLoop.fit_pays``). Served alone,
+the head drafts every accepted draft token, 42% of those emitted, and a fit
+saves about 75 ms for its 33.
 """
 from __future__ import annotations
 
