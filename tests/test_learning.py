@@ -753,6 +753,16 @@ def test_the_loop_fits_a_prompt_only_where_the_fit_pays(tiny):
     prefill(4)
     assert loop.adaptations == 3 and loop.adapt_skipped == 1 and 4 in spec._local
     assert asked == [1, 2, 3, 4]
+    # A larger expected gain: the same measure now pays.
+    loop.adapt_gain = 4 * ADAPT_GAIN
+    measure.value = 0.5 * float(np.median(loop._fit_seconds)) / ADAPT_GAIN
+    prefill(5)
+    assert loop.adaptations == 4 and loop.adapt_skipped == 1
+    for bad in (0.0, -1.0, "0.1", True):
+        with pytest.raises(ValueError, match="adapt_gain"):
+            LearningLoop(target, spec, head=head, checkpoint=False, process=False, adapt_gain=bad)
+    always = LearningLoop(target, spec, head=head, checkpoint=False, process=False, adapt_gain=float("inf"))
+    assert always.adapt_gain == float("inf")
 
 
 def test_the_engine_measures_what_a_speculators_drafts_save_a_request(tiny):

@@ -142,7 +142,9 @@ class LearningLoop:
     started fits prompts too, a frozen head that adapts to each request),
     unless the engine it observes measures that the fit would cost more
     than it saves (:meth:`fit_pays`; the suffix speculator drafting most of
-    the accepted tokens, as in full atlas on HumanEval).
+    the accepted tokens, as in full atlas on HumanEval): ``adapt_gain``
+    (default ``ADAPT_GAIN``) is the relative rise of the head's acceptance
+    a fit is expected to bring, ``float("inf")`` fits every request.
     The tap hands its examples over once ``LOOP_TAP_FLUSH_ROWS`` wait (a few
     decode steps); :meth:`flush` and :meth:`stop` hand over the rest.
     Every other keyword goes to the :class:`Trainer` (``lr``,
@@ -165,13 +167,15 @@ class LearningLoop:
                  half_life: Optional[float] = None, process: Optional[bool] = None,
                  max_pending_bytes: int = MAX_PENDING_BYTES, pause_during_forward: Optional[bool] = None,
                  prompt_examples: bool = LOOP_PROMPT_EXAMPLES, adapt_steps: int = ADAPT_STEPS,
-                 adapt_lr: float = ADAPT_LR, **trainer_kwargs):
+                 adapt_lr: float = ADAPT_LR, adapt_gain: float = ADAPT_GAIN, **trainer_kwargs):
         self.target, self.speculator = target, speculator
         if not isinstance(adapt_steps, int) or isinstance(adapt_steps, bool) or adapt_steps < 0:
             raise ValueError(f"adapt_steps must be an int >= 0 (0: no request-local adaptation), got {adapt_steps!r}")
         if not isinstance(adapt_lr, (int, float)) or isinstance(adapt_lr, bool) or not float(adapt_lr) > 0:
             raise ValueError(f"adapt_lr must be > 0, got {adapt_lr!r}")
-        self.adapt_steps, self.adapt_lr = adapt_steps, float(adapt_lr)
+        if not isinstance(adapt_gain, (int, float)) or isinstance(adapt_gain, bool) or not float(adapt_gain) > 0:
+            raise ValueError(f"adapt_gain must be > 0 (inf: fit every request), got {adapt_gain!r}")
+        self.adapt_steps, self.adapt_lr, self.adapt_gain = adapt_steps, float(adapt_lr), float(adapt_gain)
         self._twin: Optional[DraftHead] = None   # the live version's weights, for the fits
         self._twin_version = 0
         self._twin_rows: dict = {}                 # the fits' LM head rows (fill_targets' cache)
@@ -288,7 +292,7 @@ class LearningLoop:
 
     def fit_pays(self, rid) -> bool:
         """Whether a request-local fit is expected to save request ``rid``
-        more time than it costs: ``ADAPT_GAIN`` of what the speculator's
+        more time than it costs: ``adapt_gain`` of what the speculator's
         drafts save it (its engine's measure) against the median time of
         the latest ``FIT_MEMORY`` fits (the loop's first left out). Yes
         while either is unknown (no engine attached, nothing measured yet,
@@ -297,7 +301,7 @@ class LearningLoop:
         value = engine.speculation_value(self.speculator, rid) if engine is not None else None
         if value is None or not self._fit_seconds:
             return True
-        return ADAPT_GAIN * value >= float(np.median(self._fit_seconds))
+        return self.adapt_gain * value >= float(np.median(self._fit_seconds))
 
     def _prompt(self, rid, ex) -> None:
         """The tap's prompt sink: fits the live head to a request's prompt
