@@ -708,11 +708,11 @@ def test_the_loop_fits_each_prompt_for_its_own_request(tiny):
 
 
 def test_the_loop_fits_a_prompt_only_where_the_fit_pays(tiny):
-    """With an engine attached, the loop fits a request when ADAPT_GAIN of
-    what the speculator's drafts save it (the engine's measure) is at least
-    the median time of its latest fits (not its first, which starts up);
-    while either is unknown it fits. A prompt not fitted still reaches the
-    trainer's sink."""
+    """With an engine attached, the loop fits a request when adapt_gain
+    (default ADAPT_GAIN) of what the speculator's drafts save it (the
+    engine's measure) is at least the median time of its latest fits (not
+    its first, which starts up); while either is unknown it fits. A prompt
+    not fitted still reaches the trainer's sink. adapt_gain must be > 0."""
     from atlas.learning.adapt import ADAPT_GAIN
     model, target, prompts, conts = tiny
     head = fresh_head(target, seed=2)
