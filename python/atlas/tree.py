@@ -24,18 +24,20 @@ class FlatTree:
     ancestor_mask: np.ndarray  # [n, n] bool, [i, j] = j is i or an ancestor of i
 
 
-_INT32 = np.iinfo(np.int32)
-
-
-def _ids(x, name: str) -> np.ndarray:
+def _ids(x, name: str, dtype=np.int32) -> np.ndarray:
+    """``x`` as a contiguous integer array of ``dtype`` (an empty one as
+    int32), checked to hold integers that fit it; an array already of
+    ``dtype`` skips the range check. (The verifier's arguments too.)"""
     arr = np.asarray(x)
     if arr.size == 0:
         return np.zeros(arr.shape, np.int32)
     if arr.dtype.kind not in "iu":
         raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
-    if arr.dtype != np.int32 and (arr.max() > _INT32.max or arr.min() < _INT32.min):
-        raise ValueError(f"{name} holds values outside int32")
-    return np.ascontiguousarray(arr, dtype=np.int32)
+    if arr.dtype != dtype:
+        info = np.iinfo(dtype)
+        if int(arr.min()) < info.min or int(arr.max()) > info.max:
+            raise ValueError(f"{name} holds values outside the range of {np.dtype(dtype).name}")
+    return np.ascontiguousarray(arr, dtype=dtype)
 
 
 class DraftTree(_native.DraftTree):

@@ -30,6 +30,7 @@ from typing import List
 import numpy as np
 
 from . import _native
+from .tree import _ids
 
 
 @dataclass
@@ -38,17 +39,6 @@ class VerifyResult:
 
     accepted: List[np.ndarray]  # [num_accepted] tree-local node indices, path order
     emitted: List[np.ndarray]   # [num_accepted + 1] token ids
-
-
-def _ids(x, name: str, dtype=np.int32) -> np.ndarray:
-    arr = np.asarray(x)
-    if arr.size == 0:
-        return np.zeros(arr.shape, np.int32)
-    if arr.dtype.kind not in "iu":
-        raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
-    if arr.dtype != dtype and (int(arr.min()) < np.iinfo(dtype).min or int(arr.max()) > np.iinfo(dtype).max):
-        raise ValueError(f"{name} holds values outside the range of {np.dtype(dtype).name}")
-    return np.ascontiguousarray(arr, dtype=dtype)
 
 
 def _param(x):
