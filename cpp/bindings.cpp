@@ -26,6 +26,7 @@
 #include "atlas/verify.h"
 #include "atlas/linear.h"
 #include "atlas/layer_ops.h"
+#include "atlas/pool.h"
 
 namespace py = pybind11;
 
@@ -344,6 +345,21 @@ py::dict build_info() {
   }
   d["cuda_archs"] = archs;
   return d;
+}
+
+void set_helper_cpus(py::handle cpus) {
+  if (!py::isinstance<py::iterable>(cpus) || py::isinstance<py::str>(cpus))
+    fail("cpus must be an iterable of CPU numbers (ints)");
+  std::vector<int32_t> v;
+  for (py::handle c : py::reinterpret_borrow<py::iterable>(cpus)) {
+    if (py::isinstance<py::bool_>(c) || !py::isinstance<py::int_>(c))
+      fail("cpus must hold ints, got " + std::string(py::str(py::type::of(c).attr("__name__"))));
+    const long long x = c.cast<long long>();
+    if (x < 0 || x > atlas::kMaxHelperCpu)
+      fail("helper CPU " + std::to_string(x) + " is outside [0, " + std::to_string(atlas::kMaxHelperCpu) + "]");
+    v.push_back(static_cast<int32_t>(x));
+  }
+  throw_if_error(atlas::set_helper_cpus(v));
 }
 
 py::dict cpu_features() {
@@ -1394,6 +1410,12 @@ PYBIND11_MODULE(_native, m) {
   py::register_exception<CacheFullError>(m, "CacheFullError", PyExc_RuntimeError);
 
   m.def("build_info", &build_info, "What this extension was built with.");
+  m.def("set_helper_cpus", &set_helper_cpus, py::arg("cpus"),
+        "Restricts atlas's helper threads (the native pool's workers, the draft heads' cache warm-up "
+        "threads) to these CPUs, each from when it next wakes; an empty iterable lifts the restriction "
+        "(each goes back to the CPUs it started with). ValueError for a number outside [0, 1023] or "
+        "given twice; RuntimeError off Linux. See atlas/pool.h.");
+  m.def("helper_cpus", &atlas::helper_cpus, "The CPUs last given to set_helper_cpus (sorted; [] = none).");
   m.def("cpu_features", &cpu_features,
         "The CPU features atlas checks at run time (all False off x86-64): avx2_fma and avx512f (the "
         "kernels' wide paths), avx512_bf16 and amx_bf16 (bfloat16 dot products).");

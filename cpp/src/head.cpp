@@ -50,6 +50,7 @@
 
 #include "atlas/cpu.h"
 #include "atlas/layer_ops.h"
+#include "atlas/pool.h"
 #include "atlas/verify.h"
 #include "simd.h"
 
@@ -682,6 +683,7 @@ void DraftHead::prefetch_loop(std::shared_ptr<Prefetcher> s) {
   for (;;) {
     s->cv.wait(lock, [&] { return s->stop || s->pending != nullptr; });
     if (s->stop) return;
+    follow_helper_cpus();  // (atlas/pool.h)
     std::shared_ptr<const HeadWeights> w = std::move(s->pending);
     s->pending.reset();
     const uint64_t mine = s->pending_ticket;

@@ -2,7 +2,9 @@
 #include "atlas/pool.h"
 
 #include <pthread.h>
+#include <sched.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -12,6 +14,71 @@
 #include <vector>
 
 namespace atlas {
+
+// ---- helper CPUs (see atlas/pool.h) ---------------------------------------------------------
+
+namespace {
+
+std::mutex helper_mu;                      // guards helper_set
+std::vector<int32_t> helper_set;           // sorted; empty: no restriction
+std::atomic<uint64_t> helper_generation{0};  // bumped by every set_helper_cpus
+
+}  // namespace
+
+Status set_helper_cpus(const std::vector<int32_t>& cpus) {
+  std::vector<int32_t> sorted(cpus);
+  std::sort(sorted.begin(), sorted.end());
+  for (size_t i = 0; i < sorted.size(); ++i) {
+    if (sorted[i] < 0 || sorted[i] > kMaxHelperCpu)
+      return Status::Invalid("helper CPU " + std::to_string(sorted[i]) + " is outside [0, " +
+                             std::to_string(kMaxHelperCpu) + "]");
+    if (i > 0 && sorted[i] == sorted[i - 1])
+      return Status::Invalid("helper CPU " + std::to_string(sorted[i]) + " is given twice");
+  }
+#if !defined(__linux__)
+  if (!sorted.empty()) return Status::Internal("helper CPUs can be set on Linux only");
+#endif
+  std::lock_guard<std::mutex> lock(helper_mu);
+  helper_set = std::move(sorted);
+  helper_generation.fetch_add(1, std::memory_order_release);
+  return Status::Ok();
+}
+
+std::vector<int32_t> helper_cpus() {
+  std::lock_guard<std::mutex> lock(helper_mu);
+  return helper_set;
+}
+
+void follow_helper_cpus() {
+#if defined(__linux__)
+  struct Mine {
+    uint64_t seen = 0;      // the generation this thread last applied
+    bool saved = false;     // `original` holds the CPUs it started with
+    cpu_set_t original;
+  };
+  thread_local Mine mine;
+  const uint64_t now = helper_generation.load(std::memory_order_acquire);
+  if (now == mine.seen) return;
+  mine.seen = now;
+  if (!mine.saved) {
+    CPU_ZERO(&mine.original);
+    mine.saved = pthread_getaffinity_np(pthread_self(), sizeof(cpu_set_t), &mine.original) == 0;
+    if (!mine.saved) return;
+  }
+  cpu_set_t want;
+  {
+    std::lock_guard<std::mutex> lock(helper_mu);
+    if (helper_set.empty()) {
+      want = mine.original;
+    } else {
+      CPU_ZERO(&want);
+      for (int32_t c : helper_set) CPU_SET(c, &want);
+    }
+  }
+  // A set the process may not use fails (EINVAL): the thread keeps its CPUs.
+  (void)pthread_setaffinity_np(pthread_self(), sizeof(cpu_set_t), &want);
+#endif
+}
 
 namespace {
 
@@ -89,6 +156,7 @@ class Pool {
   void loop(int32_t index, Slot* slot) {
     uint64_t seen = 0;  // the slot's counter starts at 0 and only its tasks bump it
     for (;;) {
+      follow_helper_cpus();
       auto start = std::chrono::steady_clock::now();
       for (int spins = 0; slot->go.load(std::memory_order_acquire) == seen; ++spins) {
         cpu_relax();
@@ -98,6 +166,7 @@ class Pool {
           sleepers_.fetch_add(1, std::memory_order_seq_cst);
           cv_.wait(lk, [&] { return slot->go.load(std::memory_order_seq_cst) != seen; });
           sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+          follow_helper_cpus();
           start = std::chrono::steady_clock::now();
         }
       }

@@ -62,6 +62,8 @@
 // on and off in alternate requests) the adaptive head's draft took 1.45
 // against 1.69 ms a call (medians) with learning off, 1.62 against 1.72 with
 // learning on, whose trainer process competes for the other core.
+// The warm-up thread is a helper thread: it runs on the helper CPUs when they
+// are set (atlas/pool.h), off the serving thread's core.
 //
 // Ownership: DraftHead owns its versions (shared with the snapshots handed
 // out); the caller owns inputs, outputs and the workspace of forward().
