@@ -1220,6 +1220,46 @@ def test_the_trainer_process_is_paused_while_a_forward_runs(tiny):
     _assert_reaped(pid)
 
 
+@pytest.mark.skipif(not atlas.placement.SUPPORTED or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux and at least two CPUs this process may use")
+def test_the_trainer_runs_on_the_cpus_the_engine_hands_the_loop(tiny):
+    """place_threads (the engine's call at each serve): the trainer process,
+    every thread it has, and this side's service threads move to the given
+    CPUs, and a child started later starts there; a trainer thread too."""
+    helper = {max(os.sched_getaffinity(0))}
+
+    def cpus(pid):
+        return [os.sched_getaffinity(int(t)) for t in os.listdir(f"/proc/{pid}/task")]
+
+    loop, _ = _process_loop(tiny)
+    loop.start()
+    try:
+        assert _wait(lambda: loop.trainer._child.ready, 60)   # its torch threads are up
+        pid = loop.trainer.pid
+        loop.place_threads(helper)
+        assert set(map(frozenset, cpus(pid))) == {frozenset(helper)}
+        assert all(os.sched_getaffinity(t.native_id) == helper for t in loop.trainer._child.threads)
+        loop.trainer.stop()
+        loop.trainer.start()                                  # a new child starts on them
+        pid2 = loop.trainer.pid
+        assert pid2 != pid
+        assert _wait(lambda: loop.trainer._child.ready, 60)
+        assert set(map(frozenset, cpus(pid2))) == {frozenset(helper)}
+        assert all(os.sched_getaffinity(t.native_id) == helper for t in loop.trainer._child.threads)
+    finally:
+        loop.stop()
+    assert loop.stats()["errors"] == 0
+
+    thread_loop, _ = _process_loop(tiny, process=False)
+    thread_loop.place_threads(helper)                        # before start: it starts there
+    thread_loop.start()
+    try:
+        assert _wait(lambda: thread_loop.trainer._thread is not None and
+                     os.sched_getaffinity(thread_loop.trainer._thread.native_id) == helper, 10)
+    finally:
+        thread_loop.stop()
+
+
 def test_trainer_process_settings_are_checked_in_the_serving_process(tiny):
     with pytest.raises(TypeError, match="unknown trainer settings"):
         _process_loop(tiny, bach_size=64)

@@ -14,6 +14,9 @@ first token).
 """
 from __future__ import annotations
 
+import os
+import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,6 +25,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from . import _native, placement
 from ._native import CacheFullError
 from .controller import Controller
 from .tree import DraftTree
@@ -207,14 +211,27 @@ class Engine:
     ``"cuda"``) moves the target's weights there (in place) and runs its
     forward, the KV cache, tree attention and verification on that device;
     speculators draft on the host from host copies of what they read.
+    ``pin_threads`` (default: on when the target runs on the CPU, on Linux):
+    for each ``generate`` / ``stream`` the serving thread runs on one CPU of
+    its own and atlas's helper threads (the native pool's workers, the draft
+    heads' cache warm-up, the learning loop's trainer, handed the CPUs
+    through an observer's ``place_threads(cpus)``) on the others, so that
+    none is woken onto the serving thread's core (see
+    :mod:`atlas.placement`); nothing happens with fewer than two CPUs.
     """
 
     def __init__(self, target, speculators="auto", *, max_tree_nodes: int = 32, max_batch: int = 8,
                  kv_cache_tokens: Optional[int] = None, block_size: int = 16,
                  controller: Optional[Controller] = None, fallback: Optional[tuple] = None,
                  observers: Sequence = (), learning: bool = True, cache_dir=None,
-                 learning_options: Optional[dict] = None, threads: Optional[int] = None, device=None):
+                 learning_options: Optional[dict] = None, threads: Optional[int] = None, device=None,
+                 pin_threads: Optional[bool] = None):
         self._owned_observers = []
+        if pin_threads is not None and not isinstance(pin_threads, bool):
+            raise ValueError(f"pin_threads must be None, True or False, got {pin_threads!r}")
+        if pin_threads and not placement.SUPPORTED:
+            raise ValueError("pin_threads=True needs Linux (threads' CPUs set one by one); "
+                             f"this is {sys.platform}")
         if learning_options is not None:
             # Checked before anything is built (a first run distils for minutes).
             if not isinstance(learning_options, dict):
@@ -274,6 +291,8 @@ class Engine:
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise ValueError(f"threads must be a positive int, got {threads!r}")
         self.threads = threads
+        self.pin_threads = (self.device.type == "cpu" and placement.SUPPORTED) if pin_threads is None \
+            else pin_threads
         self._next_seed = 0
         self._next_rid = 0
         self._live: Dict[int, _Request] = {}   # requests being served, by rid
@@ -412,6 +431,7 @@ class Engine:
         """Runs requests to completion with continuous batching; yields
         (request, newly committed token ids) after every step."""
         outer_threads = torch.get_num_threads()
+        pinned = self._pin_threads()
         gap = self._gap_threads()
         if outer_threads != gap:
             torch.set_num_threads(gap)
@@ -420,6 +440,39 @@ class Engine:
         finally:
             if outer_threads != gap:
                 torch.set_num_threads(outer_threads)
+            if pinned is not None:
+                placement.set_thread_cpus(*pinned)
+
+    def _pin_threads(self):
+        """With ``pin_threads``: pins the calling (serving) thread to the
+        lowest CPU it may use and hands the others to the helpers (see
+        :mod:`atlas.placement`); returns (its thread id, the CPUs it had) for
+        the end of the serve, or None when there is nothing to do (pinning
+        off, or fewer than two CPUs)."""
+        if not self.pin_threads:
+            return None
+        mine = os.sched_getaffinity(0)
+        parts = placement.split(mine)
+        if parts is None:
+            return None
+        serve, helpers = parts
+        # Threads take their creator's CPUs: torch's OpenMP team (prefills,
+        # started by this thread) must exist before this thread is pinned, or
+        # its workers would share the one CPU with it.
+        with_threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        torch.zeros(1 << 17).add_(1.0)
+        torch.set_num_threads(with_threads)
+        tid = threading.get_native_id()
+        if not placement.set_thread_cpus(tid, {serve}):
+            return None
+        if _native.helper_cpus() != sorted(helpers):
+            _native.set_helper_cpus(helpers)
+        for o in self.observers:
+            place = getattr(o, "place_threads", None)
+            if place is not None:
+                place(helpers)
+        return tid, mine
 
     def _gap_threads(self) -> int:
         """Torch threads for the serving thread's work between target

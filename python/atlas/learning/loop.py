@@ -343,6 +343,12 @@ class LearningLoop:
             self._twin_version = snap.version
         return self._twin, self._twin_version
 
+    def place_threads(self, cpus) -> None:
+        """The engine calls this at the start of each serve with the CPUs
+        its helpers may use (``atlas.Engine(pin_threads=)``): the trainer
+        (process or thread) runs there, off the serving thread's CPU."""
+        self.trainer.place(cpus)
+
     def forward_begins(self) -> None:
         """The engine calls this before each target forward: with
         ``pause_during_forward`` the trainer process is stopped until

@@ -103,6 +103,7 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import torch
 
+from .. import placement
 from .head import DraftHead
 from .replay import Batch, ReplayBuffer
 from .tap import Examples
@@ -312,6 +313,7 @@ class TrainerProcess:
         self._lock = threading.Lock()         # counters and the current child, across parent threads
         self._child: Optional[_Child] = None
         self._paused = False                  # the child is stopped by pause()
+        self._cpus: set = set()               # where the child and this side's threads run (place)
         self._request_id = 0
         self.state = "idle"                   # idle | running | stopped | error
         self.pushes = 0
@@ -460,6 +462,23 @@ class TrainerProcess:
             t = threading.Thread(target=target, args=(ch,), name=name, daemon=True)
             ch.threads.append(t)
             t.start()
+            if self._cpus:
+                placement.set_thread_cpus(t.native_id, self._cpus)
+
+    def place(self, cpus) -> None:
+        """Runs the child (every thread it has, and its later ones) and this
+        side's service and sender threads on ``cpus`` from now on (see
+        :mod:`atlas.placement`; the learning loop passes what the engine hands
+        it). A child started later starts there."""
+        self._cpus = set(cpus)
+        ch = self._child
+        if ch is None:
+            return
+        if ch.proc.poll() is None:
+            placement.set_process_cpus(ch.proc.pid, self._cpus)
+        for t in ch.threads:
+            if t.native_id is not None and t.is_alive():
+                placement.set_thread_cpus(t.native_id, self._cpus)
 
     def _spawn(self, init: dict, tables: list) -> _Child:
         ctrl_r, ctrl_w = Pipe(duplex=False)
@@ -480,16 +499,20 @@ class TrainerProcess:
         # included): it starts from this process's sys.path, as
         # multiprocessing's spawn does. It lowers its priority first: its
         # start-up (importing torch, seconds of CPU) must not compete with
-        # serving either.
+        # serving either; and it moves to the CPUs place() gave, before it
+        # starts any thread (a thread starts on its creator's CPUs).
         code = ("import sys, json, os, signal; signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
-                "sys.path[:] = json.loads(sys.argv[4]); nice = int(sys.argv[5])\n"
+                "sys.path[:] = json.loads(sys.argv[4]); nice = int(sys.argv[5]); cpus = json.loads(sys.argv[6])\n"
                 "if nice > 0:\n"
                 "    try: os.nice(nice)\n"
                 "    except OSError: pass\n"
+                "if cpus:\n"
+                "    try: os.sched_setaffinity(0, cpus)\n"
+                "    except OSError: pass\n"
 
                 "from atlas.learning.process import child_main; sys.exit(child_main(sys.argv[1:4]))")
-        argv = [sys.executable, "-c", code] + [str(fd) for fd in child_fds] + [json.dumps(sys.path),
-                                                                                str(self.settings["nice"])]
+        argv = [sys.executable, "-c", code] + [str(fd) for fd in child_fds] + [
+            json.dumps(sys.path), str(self.settings["nice"]), json.dumps(sorted(self._cpus))]
         try:
             proc = subprocess.Popen(argv, pass_fds=child_fds, env=env, stdin=subprocess.DEVNULL)
         except BaseException:

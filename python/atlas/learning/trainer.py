@@ -171,6 +171,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from .. import placement
 from .head import DraftHead, choose_draft_vocab
 from .replay import Batch, ReplayBuffer
 from .tap import Examples
@@ -415,6 +416,7 @@ class Trainer:
         self.seconds = 0.0            # wall time inside training steps
         self.state = "idle"           # idle | running | stopped | error
         self._thread: Optional[threading.Thread] = None
+        self._cpus: set = set()         # where the worker runs (place); empty: anywhere
         self._stop = threading.Event()
         self._target_rows: dict = {}   # fill_targets' cache of LM head rows
 
@@ -649,7 +651,18 @@ class Trainer:
                 continue
             self.round(throttle=True)
 
+    def place(self, cpus) -> None:
+        """Runs the background worker on ``cpus`` from now on (see
+        :mod:`atlas.placement`; the learning loop passes what the engine
+        hands it)."""
+        self._cpus = set(cpus)
+        t = self._thread
+        if t is not None and t.native_id is not None:
+            placement.set_thread_cpus(t.native_id, self._cpus)
+
     def _run(self) -> None:
+        if self._cpus and placement.SUPPORTED:
+            placement.set_thread_cpus(threading.get_native_id(), self._cpus)
         process_threads = torch.get_num_threads()
         if self.threads:
             torch.set_num_threads(self.threads)
