@@ -57,9 +57,17 @@ def test_helper_cpus_are_checked():
         assert _native.helper_cpus() == []
 
 
-def test_split_gives_the_serving_thread_the_lowest_cpu():
-    assert placement.split([3]) is None and placement.split([]) is None
-    assert placement.split({5, 2, 9}) == (2, {5, 9})
+def test_each_serve_claims_a_cpu_of_its_own_and_helpers_get_the_rest():
+    assert placement.claim([3]) is None and placement.claim([]) is None
+    first = placement.claim({5, 2, 9})
+    assert first == (2, {5, 9})
+    second = placement.claim({5, 2, 9})             # another serve at the same time
+    assert second == (5, {9})
+    assert placement.claim({5, 2, 9}) is None        # nothing left for helpers: unpinned
+    placement.release(5)
+    placement.release(2)
+    assert placement.claim({5, 2, 9}) == (2, {5, 9})
+    placement.release(2)
 
 
 @needs_two_cpus
@@ -107,7 +115,7 @@ def test_the_engine_pins_its_serving_thread_for_a_serve_and_hands_the_rest_to_he
     p = np.random.default_rng(5).integers(1, target.config.vocab_size, size=9).tolist()
     truth = {tuple(p): hf_greedy(model, p, 10)}
     mine = os.sched_getaffinity(0)
-    serve, helpers = placement.split(mine)
+    serve, helpers = min(mine), mine - {min(mine)}
     watcher = CpuWatcher()
     engine = atlas.Engine(target, speculators=[OracleDrafts(truth, depth=3)], observers=[watcher], threads=2)
     assert engine.pin_threads                         # the default on the CPU, on Linux

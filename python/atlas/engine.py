@@ -441,18 +441,18 @@ class Engine:
             if outer_threads != gap:
                 torch.set_num_threads(outer_threads)
             if pinned is not None:
-                placement.set_thread_cpus(*pinned)
+                self._unpin_threads(pinned)
 
     def _pin_threads(self):
-        """With ``pin_threads``: pins the calling (serving) thread to the
-        lowest CPU it may use and hands the others to the helpers (see
-        :mod:`atlas.placement`); returns (its thread id, the CPUs it had) for
-        the end of the serve, or None when there is nothing to do (pinning
-        off, or fewer than two CPUs)."""
+        """With ``pin_threads``: pins the calling (serving) thread to one CPU
+        and hands the others to the helpers (:func:`atlas.placement.claim`);
+        returns (its thread id, the CPUs it had, the CPU claimed) for the end
+        of the serve, or None when there is nothing to do (pinning off, too
+        few CPUs)."""
         if not self.pin_threads:
             return None
         mine = os.sched_getaffinity(0)
-        parts = placement.split(mine)
+        parts = placement.claim(mine)
         if parts is None:
             return None
         serve, helpers = parts
@@ -465,14 +465,25 @@ class Engine:
         torch.set_num_threads(with_threads)
         tid = threading.get_native_id()
         if not placement.set_thread_cpus(tid, {serve}):
+            placement.release(serve)
             return None
-        if _native.helper_cpus() != sorted(helpers):
-            _native.set_helper_cpus(helpers)
-        for o in self.observers:
-            place = getattr(o, "place_threads", None)
-            if place is not None:
-                place(helpers)
-        return tid, mine
+        pinned = tid, mine, serve
+        try:
+            if _native.helper_cpus() != sorted(helpers):
+                _native.set_helper_cpus(helpers)
+            for o in self.observers:
+                place = getattr(o, "place_threads", None)
+                if place is not None:
+                    place(helpers)
+        except BaseException:
+            self._unpin_threads(pinned)
+            raise
+        return pinned
+
+    def _unpin_threads(self, pinned) -> None:
+        tid, mine, serve = pinned
+        placement.set_thread_cpus(tid, mine)
+        placement.release(serve)
 
     def _gap_threads(self) -> int:
         """Torch threads for the serving thread's work between target
