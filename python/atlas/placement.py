@@ -17,8 +17,8 @@ trainer). The serving thread gets its CPUs back when the serve ends.
 Measured in full atlas on the 2-core machine (HumanEval requests 110-149
 after 110 served, per decode step, beside the suffix speculator alone on the
 same requests in the same process; three runs pinned, two not): the
-trainer's resume took 0.05 ms instead of 0.10-0.15, the heads' warm-up
-hand-over 0.04-0.05 ms instead of 0.16-0.20, the adaptive head's draft
+trainer's resume took 0.04-0.05 ms instead of 0.10-0.15, the heads' warm-up
+hand-over 0.04-0.05 ms instead of 0.16-0.17, the adaptive head's draft
 1.0-1.4 ms a call instead of 1.4-2.3 (its warm-up now runs on the other
 core while the serving thread works), the learning tap 0.49-0.55 ms as
 before. See bench/results/CPU.md.

@@ -471,11 +471,10 @@ class TrainerProcess:
         :mod:`atlas.placement`; the learning loop passes what the engine hands
         it). A child still starting up, now or later, moves there once it is
         ready: its start-up (importing torch, seconds of CPU) is not paused
-        during forwards, and on the helpers' CPUs it would take half of the
-        core the forward's second worker runs on, where the scheduler spreads
-        it over both (bench_atlas.py's stream, placed at once: its second and
-        third requests at 78 and 45 tokens/s, against 120-159 and 60-64 in
-        the four runs before placement)."""
+        during forwards, and the scheduler may spread it over every core
+        meanwhile. (Placed at once or when ready, bench_atlas.py's stream
+        ran its second and third requests slower than before placement: see
+        bench/results/CPU.md, runs P1-P3.)"""
         self._cpus = set(cpus)
         ch = self._child
         if ch is None:
