@@ -19,7 +19,10 @@ needs_two_cpus = pytest.mark.skipif(not placement.SUPPORTED or len(CPUS) < 2,
 
 
 @pytest.fixture(autouse=True)
-def no_helper_cpus_after():
+def no_helper_cpus():
+    # (the setting is process-wide: any engine that served before, in
+    # another test file, has set it)
+    _native.set_helper_cpus([])
     yield
     _native.set_helper_cpus([])
 
