@@ -6,11 +6,12 @@ helpers wake beside it: the native pool's workers (part of every forward),
 the draft heads' cache warm-up threads (handed work right after a forward),
 the learning loop's trainer process (resumed right after a forward) and its
 service threads. Left to the scheduler, a helper woken onto the serving
-thread's core can preempt it (the hand-overs' costs below). So for each ``generate`` / ``stream`` the engine
-pins its serving thread to one CPU (the lowest it may use that no other
-serve of this process holds, :func:`claim`) and hands the others to the
-helpers (``atlas.Engine(pin_threads=)``): the native ones
-through :func:`atlas._native.set_helper_cpus`, observers through their
+thread's core can preempt it (the hand-overs' costs below). So for each
+``generate`` / ``stream`` the engine pins its serving thread to one CPU (the
+lowest it may use that no other serve of this process holds,
+:func:`claim`) and hands the others to the helpers
+(``atlas.Engine(pin_threads=)``): the native ones through
+:func:`atlas._native.set_helper_cpus`, observers through their
 ``place_threads(cpus)`` method (the learning loop passes them to its
 trainer). The serving thread gets its CPUs back when the serve ends.
 
