@@ -15,7 +15,7 @@ def reference(x, w, bias=None):
 
 
 @pytest.mark.parametrize("simd", ["auto", "baseline"])
-@pytest.mark.parametrize("n,k", [(1, 1), (17, 5), (40, 33), (300, 64)])
+@pytest.mark.parametrize("n,k", [(1, 1), (17, 5), (40, 33), (300, 64), (70, 300)])
 def test_matches_a_float64_product(simd, n, k):
     g = torch.Generator().manual_seed(n * 100 + k)
     w = torch.randn(n, k, generator=g)
@@ -24,7 +24,7 @@ def test_matches_a_float64_product(simd, n, k):
     assert (lin.out_features, lin.in_features) == (n, k)
     if simd == "baseline":
         assert not lin.wide
-    for rows in (1, 2, 5, 6, 7, 12, 13, 25):
+    for rows in (1, 2, 5, 6, 7, 12, 13, 25, 49):
         x = torch.randn(rows, k, generator=g)
         for bias in (None, b):
             out = torch.full((rows, n), float("nan"))
@@ -34,13 +34,15 @@ def test_matches_a_float64_product(simd, n, k):
 
 def test_a_rows_bits_do_not_depend_on_the_batch_or_the_threads():
     g = torch.Generator().manual_seed(1)
-    w = torch.randn(200, 96, generator=g)
+    # K = 300: rows of several groups run in blocks of k (128, 128, 44);
+    # up to 48 rows blocked, 49 one group after another.
+    w = torch.randn(200, 300, generator=g)
     lin = _native.PackedLinear(w)
-    x = torch.randn(32, 96, generator=g)
-    alone = torch.empty(32, 200)
-    for r in range(32):
+    x = torch.randn(49, 300, generator=g)
+    alone = torch.empty(49, 200)
+    for r in range(49):
         lin.forward(x[r:r + 1], alone[r:r + 1], None, 1)
-    for rows in (2, 3, 8, 12, 13, 25, 32):             # 13 rows run as two groups of 7 and 6
+    for rows in (2, 3, 8, 12, 13, 25, 32, 48, 49):     # 13 rows run as two groups of 7 and 6
         for threads in (1, 2, 3, 7):
             out = torch.empty(rows, 200)
             lin.forward(x[:rows], out, None, threads)

@@ -12,9 +12,11 @@
 //
 // Layout: PackedLinear::init copies W into panels of kLinearPanel output
 // columns: panel p holds, for k = 0..K-1, W[p * 16 + l][k] for l = 0..15 side
-// by side (zero past N). A panel is streamed front to back once per group of
-// rows, and its inner loop is a multiply-add of one x value into 16 columns of
-// accumulators held in registers.
+// by side (zero past N). A panel is streamed front to back once; rows that
+// take several groups (more than a group's accumulators fit in the
+// registers) go over it block by block of k, each block from the cache after
+// the first group. The inner loop is a multiply-add of one x value into 16
+// columns of accumulators held in registers.
 //
 // Numerics: every output is 0 + x[r, 0] W[n, 0] + x[r, 1] W[n, 1] + ..., in
 // ascending k, one multiply-add at a time (fused where the CPU has FMA), then
