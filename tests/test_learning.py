@@ -10,6 +10,8 @@ import ast
 import math
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -1481,3 +1483,49 @@ def test_engine_learning_options_reach_the_default_loop_and_bad_ones_are_clear_e
         assert len(engine.generate([[1, 2, 3, 4]], max_new_tokens=8)[0].token_ids) == 8
     finally:
         engine.close()
+
+
+def test_fused_adam_takes_torchs_fused_steps_bit_for_bit():
+    from atlas.learning.trainer import FusedAdam, adam
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(30, 20, generator=g), torch.randn(7, generator=g)]
+    ours = [t.clone().requires_grad_(True) for t in start]
+    theirs = [t.clone().requires_grad_(True) for t in start]
+    opt, ref = adam(ours, 1e-2), torch.optim.Adam(theirs, lr=1e-2, fused=True)
+    assert isinstance(opt, FusedAdam)
+    for i in range(6):
+        grads = [torch.randn(t.shape, generator=g) for t in start]
+        for p, q, gr in zip(ours, theirs, grads):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        if i == 2:   # a parameter without a gradient keeps its value and its step count
+            ours[1].grad = theirs[1].grad = None
+        opt.step()
+        ref.step()
+        opt.zero_grad(set_to_none=True)
+        assert all(p.grad is None for p in ours)
+    for p, q in zip(ours, theirs):
+        assert torch.equal(p, q)
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[p][key], ref.state[q][key])
+    assert float(opt.state[ours[1]]["step"]) == 5
+
+
+def test_a_fit_does_not_import_torch_dynamo():
+    # torch.optim's first optimizer imports torch._dynamo: 2 s of the serving
+    # thread in the stream's first request, when the fit made one.
+    code = ("import sys, numpy as np, torch\n"
+            "from atlas.learning.head import DraftHead\n"
+            "from atlas.learning.tap import Examples\n"
+            "from atlas.learning.adapt import adapt_to_prompt\n"
+            "embed = torch.randn(50, 16)\n"
+            "head = DraftHead(embed, embed, torch.arange(20), intermediate=32)\n"
+            "rng = np.random.default_rng(0); n = 12\n"
+            "ex = Examples(rng.standard_normal((n, 16)).astype(np.float32), rng.integers(0, 50, n).astype(np.int32),\n"
+            "              np.full((n, 4), -1, np.int32), np.full((n, 4), -np.inf, np.float32),\n"
+            "              rng.standard_normal((n, 16)).astype(np.float32), np.zeros(n, np.int64))\n"
+            "adapt_to_prompt(head, ex, batch=4)\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"

@@ -166,7 +166,7 @@ import os
 import sys
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -284,13 +284,56 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
-def adam(params, lr: float) -> torch.optim.Optimizer:
-    """Adam over ``params``, fused where torch fuses it on the CPU."""
+class FusedAdam:
+    """Adam with torch's defaults (betas 0.9 and 0.999, eps 1e-8, no weight
+    decay) over float32 tensors, each step one call of the kernel that
+    ``torch.optim.Adam(fused=True)`` runs (``torch._fused_adam_``), with the
+    same state: the same updates, bit for bit (a test compares them). Why not
+    ``torch.optim.Adam`` itself: the first optimizer torch.optim makes in a
+    process imports ``torch._dynamo``, 2.0 s of the serving thread measured
+    there (the learning loop's first request-local fit, in the stream's
+    first request). The subset of an optimizer that atlas uses:
+    ``zero_grad``, ``step`` (parameters without a gradient are left as they
+    are) and ``state`` (per parameter, created at its first step: ``step``,
+    ``exp_avg``, ``exp_avg_sq``)."""
+
+    def __init__(self, params, lr: float):
+        self.params = list(params)
+        self.lr = float(lr)
+        self.state: Dict[torch.Tensor, Dict[str, torch.Tensor]] = {}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        ps = [p for p in self.params if p.grad is not None]
+        if not ps:
+            return
+        for p in ps:
+            if p not in self.state:
+                self.state[p] = {"step": torch.zeros((), dtype=torch.float32),
+                                 "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        st = [self.state[p] for p in ps]
+        steps = [s["step"] for s in st]
+        torch._foreach_add_(steps, 1)
+        torch._fused_adam_(ps, [p.grad for p in ps], [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st],
+                           [], steps, lr=self.lr, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8,
+                           amsgrad=False, maximize=False)
+
+
+def adam(params, lr: float):
+    """Adam over ``params``: :class:`FusedAdam` on the CPU where this torch
+    has the fused kernel, else ``torch.optim.Adam``."""
     params = list(params)
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, TypeError, ValueError):   # torch < 2.4 has no fused CPU Adam
-        return torch.optim.Adam(params, lr=lr)
+    if hasattr(torch, "_fused_adam_") and all(p.device.type == "cpu" and p.dtype == torch.float32
+                                              for p in params):
+        return FusedAdam(params, lr)
+    return torch.optim.Adam(params, lr=lr)
 
 
 def _lower_thread_priority(nice: int) -> None:
