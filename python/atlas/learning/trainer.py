@@ -294,13 +294,17 @@ class FusedAdam:
     there (the learning loop's first request-local fit, in the stream's
     first request). The subset of an optimizer that atlas uses:
     ``zero_grad``, ``step`` (parameters without a gradient are left as they
-    are) and ``state`` (per parameter, created at its first step: ``step``,
-    ``exp_avg``, ``exp_avg_sq``)."""
+    are), ``state`` (per parameter, created at its first step: ``step``,
+    ``exp_avg``, ``exp_avg_sq``) and ``param_groups`` (one group)."""
 
     def __init__(self, params, lr: float):
         self.params = list(params)
         self.lr = float(lr)
         self.state: Dict[torch.Tensor, Dict[str, torch.Tensor]] = {}
+
+    @property
+    def param_groups(self) -> list:
+        return [{"params": self.params, "lr": self.lr}]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
