@@ -472,9 +472,10 @@ class TrainerProcess:
         it). A child still starting up, now or later, moves there once it is
         ready: its start-up (importing torch, seconds of CPU) is not paused
         during forwards, and the scheduler may spread it over every core
-        meanwhile. (Placed at once or when ready, bench_atlas.py's stream
-        ran its second and third requests slower than before placement: see
-        bench/results/CPU.md, runs P1-P3.)"""
+        meanwhile. (In runs P1-P3 of bench/results/CPU.md, placed at once
+        or when ready, bench_atlas.py's stream ran its first requests slower
+        than before placement; most of that was the first request-local fit
+        importing torch._dynamo, gone since runs K1-K4.)"""
         self._cpus = set(cpus)
         ch = self._child
         if ch is None:
