@@ -20,8 +20,16 @@ Status rms_norm(const float* x, int64_t rows, int64_t ldx, int64_t n, const floa
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * ldx;
     float* yr = y + r * ldy;
-    double sum = 0.0;
-    for (int64_t j = 0; j < n; ++j) sum += static_cast<double>(xr[j]) * xr[j];
+    // Eight partial sums (columns j = l mod 8), then the columns past the last
+    // multiple of 8 in order: a single chain of dependent additions cost about
+    // 0.8 microseconds a 576-wide row, 61 norms a forward of SmolLM2-135M.
+    double part[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+    const int64_t n8 = n - n % 8;
+    for (int64_t j = 0; j < n8; j += 8) {
+      for (int l = 0; l < 8; ++l) part[l] += static_cast<double>(xr[j + l]) * xr[j + l];
+    }
+    double sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+    for (int64_t j = n8; j < n; ++j) sum += static_cast<double>(xr[j]) * xr[j];
     const float mean = static_cast<float>(sum / static_cast<double>(n));
     const float s = 1.0f / std::sqrt(mean + eps);
     for (int64_t j = 0; j < n; ++j) yr[j] = weight[j] * (xr[j] * s);

@@ -14,9 +14,12 @@
 // compiled without fused multiply-adds), so that the rotary embedding gives
 // the bits of the torch expression it replaces:
 //   rms_norm:   y[r, j] = weight[j] * (x[r, j] * s_r), s_r = 1 / sqrt(m_r + eps),
-//               m_r = the mean of the row's squares, summed in double in column
-//               order and rounded once to float32 (torch sums in float32 in an
-//               order of its own: the two can differ in the last bit);
+//               m_r = the mean of the row's squares, summed in double (eight
+//               partial sums of the columns j = l mod 8 up to the last multiple
+//               of 8, added as ((0 + 1) + (2 + 3)) + ((4 + 5) + (6 + 7)), then
+//               the remaining columns in order) and rounded once to float32
+//               (torch sums in float32 in an order of its own: the two can
+//               differ in the last bit);
 //   rope_store: out[t, h, j] = v[j] * cos[t, j] + v[j ^ half] * sin[t, j] for
 //               v = the head's D values (j ^ half: the other half's element at
 //               the same offset, i.e. rotate-half with the sign folded into
