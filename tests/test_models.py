@@ -383,6 +383,48 @@ def test_packed_matrices_give_the_dense_result(tiny):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_panel_layers_give_the_general_loops_bits(tiny):
+    """A CPU float32 forward of at most _PANEL_MAX_ROWS rows runs its layers
+    through LlamaModel._panel_layers; the general loop of the forward gives
+    the same logits, hidden states and cache rows, bit for bit, for a batch of
+    trees and for a single row."""
+    from atlas.models.llama import _PANEL_MAX_ROWS
+    _, model, _ = tiny
+    target = atlas.load(model)
+    m = target.model
+    assert m.layer_panels
+    rng = np.random.default_rng(11)
+    V = target.vocab_size
+    prompts = [[int(x) for x in rng.integers(0, V, n)] for n in (9, 4)]
+    trees = [random_tree(rng, int(rng.integers(0, V)), n, V) for n in (6, 5)]
+    assert sum(len(t) for t, _ in trees) <= _PANEL_MAX_ROWS
+    one = int(rng.integers(0, V))
+
+    def run(panels):
+        m.layer_panels = panels
+        try:
+            cache = target.new_cache(num_blocks=24, block_size=4)
+            seqs = [cache.create() for _ in prompts]
+            out = []
+            for batch in ([(s, p, chain(len(p))) for s, p in zip(seqs, prompts)],
+                          [(s, *t) for s, t in zip(seqs, trees)], [(seqs[0], [one], [-1])]):
+                logits, hidden = step(target, cache, batch)
+                out += [*logits, hidden]
+            return out, cache.storage.clone()
+        finally:
+            m.layer_panels = True
+
+    (fast, fast_cache), (general, general_cache) = run(True), run(False)
+    assert len(fast) == len(general) == 8
+    for a, b in zip(fast, general):
+        assert torch.equal(a, b)
+    assert torch.equal(fast_cache, general_cache)
+    m.unpack()
+    assert not m.layer_panels
+    m.pack()
+    assert m.layer_panels
+
+
 def test_config_schemas_agree():
     """config.json written by transformers 4 (rope_scaling + rope_theta) and 5
     (rope_parameters) read the same."""

@@ -200,6 +200,7 @@ class LlamaModel:
         self.norm: torch.Tensor = torch.empty(0)     # [hidden]
         self.lm_head: torch.Tensor = torch.empty(0)  # [vocab, hidden], the embedding when tied
         self.lm_head_packed: Optional[torch.Tensor] = None  # see pack()
+        self.layer_panels = False   # every layer matrix has its panel copy (see pack() and _panel_layers)
         self.layers: list[_Layer] = []
         self.inv_freq: torch.Tensor = torch.empty(0)  # [head_dim / 2] float32
         self.cos = self.sin = torch.empty(0)          # [rows, head_dim]; sin has the rotate-half sign
@@ -294,6 +295,9 @@ class LlamaModel:
                 if p.onednn is not None:   # (pack_weight always makes the panel copy)
                     setattr(L, name, None)   # every product reads a copy (see _PANEL_MAX_ROWS)
         self.lm_head_packed = pack_weight(self.lm_head)
+        self.layer_panels = bool(self.layers) and all(
+            len(L.packed) == len(_Layer.PACKED) and all(p.panels is not None for p in L.packed.values())
+            for L in self.layers)
         return self
 
     def unpack(self) -> "LlamaModel":
@@ -305,6 +309,7 @@ class LlamaModel:
                 setattr(L, name, L.matrix(name))
             L.packed = {}
         self.lm_head_packed = None
+        self.layer_panels = False
         return self
 
     @property
@@ -436,31 +441,78 @@ class LlamaModel:
             else:
                 cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [total, 1, D]
             x = self.embed[tokens]                   # [total, hidden]
-            attn = torch.empty((total, H, D), dtype=self.dtype, device=device)
-            for i, L in enumerate(self.layers):
-                h = rms_norm(x, L.attn_norm, c.rms_norm_eps)
-                qkv = linear(h, L.qkv, L.qkv_bias, L.packed.get("qkv"), threads).view(total, H + 2 * KH, D)
-                if native_rope:
-                    _native.rope_store(cache, i, qkv, cos, sin, slots, q)
-                else:
-                    # RoPE on q and k at once: they are the first H + KH heads of qkv.
-                    qk = qkv[:, : H + KH]
-                    qk = qk * cos + qk.view(total, H + KH, 2, D // 2).flip(2).view(total, H + KH, D) * sin
-                    cache.keys(i).index_copy_(0, slots, qk[:, H:])
-                    cache.values(i).index_copy_(0, slots, qkv[:, H + KH:])
-                    q = qk[:, :H]
-                if gpu is None:
-                    _native.tree_attention(cache, i, q, attn, seq_ids, q_offsets, parents, self.scale, threads)
-                else:
-                    gpu.tree_attention(cache, i, q.contiguous(), tables, lens, q_off_dev, parents_dev,
-                                       scale=self.scale, out=attn, max_context=max_context, max_q_per_seq=max_q,
-                                       check=False)
-                x = x + linear(attn.view(total, H * D), L.o, L.o_bias, L.packed.get("o"), threads)
-                h = rms_norm(x, L.mlp_norm, c.rms_norm_eps)
-                gu = linear(h, L.gate_up, L.gate_up_bias, L.packed.get("gate_up"), threads)
-                x = x + linear(F.silu(gu[:, : c.intermediate_size]) * gu[:, c.intermediate_size:],
-                                 L.down, L.down_bias, L.packed.get("down"), threads)
+            if native_rope and self.layer_panels and total <= _PANEL_MAX_ROWS:
+                self._panel_layers(cache, x, q, cos, sin, slots, seq_ids, q_offsets, parents, threads)
+            else:
+                attn = torch.empty((total, H, D), dtype=self.dtype, device=device)
+                for i, L in enumerate(self.layers):
+                    h = rms_norm(x, L.attn_norm, c.rms_norm_eps)
+                    qkv = linear(h, L.qkv, L.qkv_bias, L.packed.get("qkv"), threads).view(total, H + 2 * KH, D)
+                    if native_rope:
+                        _native.rope_store(cache, i, qkv, cos, sin, slots, q)
+                    else:
+                        # RoPE on q and k at once: they are the first H + KH heads of qkv.
+                        qk = qkv[:, : H + KH]
+                        qk = qk * cos + qk.view(total, H + KH, 2, D // 2).flip(2).view(total, H + KH, D) * sin
+                        cache.keys(i).index_copy_(0, slots, qk[:, H:])
+                        cache.values(i).index_copy_(0, slots, qkv[:, H + KH:])
+                        q = qk[:, :H]
+                    if gpu is None:
+                        _native.tree_attention(cache, i, q, attn, seq_ids, q_offsets, parents, self.scale, threads)
+                    else:
+                        gpu.tree_attention(cache, i, q.contiguous(), tables, lens, q_off_dev, parents_dev,
+                                           scale=self.scale, out=attn, max_context=max_context, max_q_per_seq=max_q,
+                                           check=False)
+                    x = x + linear(attn.view(total, H * D), L.o, L.o_bias, L.packed.get("o"), threads)
+                    h = rms_norm(x, L.mlp_norm, c.rms_norm_eps)
+                    gu = linear(h, L.gate_up, L.gate_up_bias, L.packed.get("gate_up"), threads)
+                    x = x + linear(F.silu(gu[:, : c.intermediate_size]) * gu[:, c.intermediate_size:],
+                                     L.down, L.down_bias, L.packed.get("down"), threads)
             hidden = rms_norm(x, self.norm, c.rms_norm_eps)
             rows = hidden if logit_rows is None else hidden[logit_rows]
             logits = linear(rows, self.lm_head, None, self.lm_head_packed, threads).float()
             return logits, hidden
+
+    def _panel_layers(self, cache: KVCache, x: torch.Tensor, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      slots: torch.Tensor, seq_ids: np.ndarray, q_offsets: np.ndarray, parents: np.ndarray,
+                      threads: int) -> None:
+        """The decoder layers of a CPU float32 forward of at most
+        ``_PANEL_MAX_ROWS`` rows, every matrix through its panel copy: ``x``
+        ``[total, hidden]`` (a fresh tensor) is updated in place, ``q`` is
+        the scratch of the rotated queries.
+
+        The kernels and their order are the general loop's in
+        :meth:`forward` (which gives this case the same bits, a test checks),
+        called directly into buffers made once per forward, the residual
+        sums and the gated product in place. What that saves is dispatch:
+        the general loop's wrappers, its 9 new tensors a layer and its
+        out-of-place sums. Measured on SmolLM2-135M at 250 tokens of context
+        (forwards of 20-35 ms), the mean difference of 148 alternated pairs
+        of forwards, in each of two runs of a throwaway script: 1.0 ms less a
+        forward of 1 row, 1.8 and 2.3 of 8 rows, 1.6 of 14 (each +- 0.6-0.7
+        ms)."""
+        c = self.config
+        total = x.shape[0]
+        H, KH, D, inner = c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+        h = torch.empty_like(x)                                   # each norm's output
+        qkv = torch.empty((total, H + 2 * KH, D), dtype=x.dtype)
+        attn = torch.empty((total, H, D), dtype=x.dtype)
+        proj = torch.empty_like(x)                                # o's and down's outputs
+        gu = torch.empty((total, 2 * inner), dtype=x.dtype)
+        act = torch.empty((total, inner), dtype=x.dtype)
+        qkv_rows, attn_rows = qkv.view(total, -1), attn.view(total, -1)
+        gate, up = gu[:, :inner], gu[:, inner:]
+        eps = c.rms_norm_eps
+        for i, L in enumerate(self.layers):
+            packed = L.packed
+            _native.rms_norm(x, L.attn_norm, eps, h)
+            packed["qkv"].panels.forward(h, qkv_rows, L.qkv_bias, threads)
+            _native.rope_store(cache, i, qkv, cos, sin, slots, q)
+            _native.tree_attention(cache, i, q, attn, seq_ids, q_offsets, parents, self.scale, threads)
+            packed["o"].panels.forward(attn_rows, proj, L.o_bias, threads)
+            x.add_(proj)
+            _native.rms_norm(x, L.mlp_norm, eps, h)
+            packed["gate_up"].panels.forward(h, gu, L.gate_up_bias, threads)
+            torch.mul(F.silu(gate, inplace=True), up, out=act)
+            packed["down"].panels.forward(act, proj, L.down_bias, threads)
+            x.add_(proj)
