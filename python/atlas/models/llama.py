@@ -51,7 +51,9 @@ _INITIAL_ROPE_ROWS = 4096
 #   oneDNN, packed       23*  24*  28   27   29   34   40   47   61   75  (* W @ x^T)
 #   panels               23   24   25   25   27   28   31   38   51   64
 # (Since the panel kernel runs rows of several groups block by block, 13-20
-# rows cost 5-7 ms less than this table's kernel; see cpp/src/linear.cpp.)
+# rows cost 5-7 ms less than this table's kernel; see cpp/src/linear.cpp.
+# Since the layers run through LlamaModel._panel_layers, every size about 1-2
+# ms less.)
 _PANEL_MAX_ROWS = 32
 _PACKED_MIN_ROWS = 3
 _SMALL_ROWS = {1: 6}
