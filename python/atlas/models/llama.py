@@ -487,12 +487,11 @@ class LlamaModel:
         :meth:`forward` (which gives this case the same bits, a test checks),
         called directly into buffers made once per forward, the residual
         sums and the gated product in place. What that saves is dispatch:
-        the general loop's wrappers, its 9 new tensors a layer and its
-        out-of-place sums. Measured on SmolLM2-135M at 250 tokens of context
-        (forwards of 20-35 ms), the mean difference of 148 alternated pairs
-        of forwards, in each of two runs of a throwaway script: 1.0 ms less a
-        forward of 1 row, 1.8 and 2.3 of 8 rows, 1.6 of 14 (each +- 0.6-0.7
-        ms)."""
+        the general loop's wrappers and its ten new tensors a layer.
+        Measured on SmolLM2-135M at 250 tokens of context (forwards of 20-35
+        ms), the mean difference of 148 alternated pairs of forwards, two
+        runs of a throwaway script: 1.0 ms less a forward of 1 row (both
+        runs), 1.8 and 2.3 ms of 8 rows, 1.6 of 14 (each +- 0.6-0.7 ms)."""
         c = self.config
         total = x.shape[0]
         H, KH, D, inner = c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
