@@ -360,6 +360,91 @@ def test_speculators_hear_of_every_serving_forward(tiny):
     assert_same_greedy(model, p, truth[tuple(p)], out.token_ids)
 
 
+def test_observers_are_told_when_the_start_up_cost_measurement_runs(tiny):
+    """measure_forward_cost (at the first serve of an engine with a
+    controller) runs between its observers' measurement_begins and
+    measurement_ends (the learning loop stops its trainer process there), once,
+    and serving's forwards come after it; the end comes even when the
+    measurement fails."""
+    model, target = tiny
+    events = []
+
+    class Quiet:
+        def measurement_begins(self):
+            events.append("begins")
+
+        def measurement_ends(self):
+            events.append("ends")
+
+        def observe(self, record):
+            pass
+
+    forward = target.forward
+
+    def logging_forward(*args, **kwargs):
+        events.append("forward")
+        return forward(*args, **kwargs)
+
+    p = random_prompts(target.config.vocab_size, 1, seed=12)[0]
+    target.forward = logging_forward
+    try:
+        truth = {tuple(p): hf_greedy(model, p, 8)}
+        engine = atlas.Engine(target, speculators=[OracleDrafts(truth, depth=3)], observers=[Quiet()])
+        out = engine.generate([p], max_new_tokens=8)[0]
+        engine.generate([p], max_new_tokens=8)   # measured once per engine
+        assert events.count("begins") == events.count("ends") == 1
+        begins, ends = events.index("begins"), events.index("ends")
+        assert begins == 0 and events[begins + 1:ends] and set(events[begins + 1:ends]) == {"forward"}
+        assert "forward" in events[ends + 1:]
+        assert_same_greedy(model, p, truth[tuple(p)], out.token_ids)
+
+        def failing_forward(*args, **kwargs):
+            raise RuntimeError("the device went away")
+
+        events.clear()
+        target.forward = failing_forward
+        failing = atlas.Engine(target, speculators=[OracleDrafts(truth, depth=3)], observers=[Quiet()])
+        with pytest.raises(RuntimeError, match="went away"):
+            failing.measure_forward_cost()
+        assert events == ["begins", "ends"]
+    finally:
+        del target.forward
+
+
+def test_a_forward_beside_unpaused_work_is_not_timed_for_the_cost_model(tiny):
+    """An observer whose forward_begins returns False (the learning loop, while
+    its trainer process starts up and is left running) keeps that forward's
+    time out of the controller's cost model; None or True leave it in."""
+    model, target = tiny
+    p = random_prompts(target.config.vocab_size, 1, seed=13)[0]
+    truth = {tuple(p): hf_greedy(model, p, 10)}
+
+    class Busy:
+        def __init__(self, answer):
+            self.answer = answer
+
+        def forward_begins(self):
+            return self.answer
+
+        def forward_ends(self):
+            pass
+
+        def observe(self, record):
+            pass
+
+    records = {}
+    for answer in (False, None, True):
+        engine = atlas.Engine(target, speculators=[OracleDrafts(truth, depth=3)], observers=[Busy(answer)])
+        engine.measure_forward_cost()
+        measured = engine.controller.cost.records
+        out = engine.generate([p], max_new_tokens=10)[0]
+        assert out.stats.steps > 1
+        assert_same_greedy(model, p, truth[tuple(p)], out.token_ids)
+        records[answer] = engine.controller.cost.records - measured
+    assert records[False] == 0
+    assert records[None] == records[True] > 0
+
+
 def test_serving_work_between_forwards_runs_on_one_thread_beside_a_gap_trainer(tiny):
     """An observer with forward_begins (the learning loop, whose trainer process
     runs in the gaps between forwards) makes the engine run its own torch work

@@ -1188,18 +1188,28 @@ def test_the_trainer_process_is_paused_while_a_forward_runs(tiny):
     assert not thread_loop.pause_during_forward
     thread_loop.forward_begins()
     thread_loop.forward_ends()                    # nothing to pause
-    loop.forward_begins()                         # before start(): no child, nothing to do
+    thread_loop.measurement_begins()
+    thread_loop.measurement_ends()
+    assert loop.forward_begins() is True          # before start(): no child, nothing to do
     loop.forward_ends()
+    loop.measurement_begins()
+    loop.measurement_ends()
     loop.start()
     try:
         pid = loop.trainer.pid
         # While the child starts up (it imports torch: seconds), a forward
         # leaves it running; an explicit pause() stops it all the same.
         if not loop.trainer._child.ready:
-            loop.forward_begins()
+            assert loop.forward_begins() is False   # the engine leaves this forward's time out
             time.sleep(0.2)
             assert _proc_state(pid) != "T"
             loop.forward_ends()
+        # The engine's start-up measurement of forward times stops it even
+        # then (ready or not by now).
+        loop.measurement_begins()
+        assert _wait(lambda: _proc_state(pid) == "T", 10)
+        loop.measurement_ends()
+        assert _wait(lambda: _proc_state(pid) != "T", 10)
         loop.trainer.pause()
         assert _wait(lambda: _proc_state(pid) == "T", 10)
         loop.trainer.resume()
@@ -1207,7 +1217,7 @@ def test_the_trainer_process_is_paused_while_a_forward_runs(tiny):
         _feed(loop, tiny)
         assert _wait(lambda: loop.trainer.rounds >= 1, 60)
         assert loop.trainer._child.ready
-        loop.forward_begins()
+        assert loop.forward_begins() is True
         assert _wait(lambda: _proc_state(pid) == "T", 10)
         rounds = loop.trainer.rounds
         time.sleep(0.5)

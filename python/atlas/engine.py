@@ -284,6 +284,7 @@ class Engine:
             self.controller = controller or Controller(len(self.speculators), max_nodes=self.max_tree_nodes,
                                                        fallback=fallback)
         self._cost_measured = False
+        self._forward_timed = True   # whether the last serving forward ran undisturbed (see _forward)
         # Objects with observe(StepRecord) that see every forward (the learning loop's tap).
         self.observers = list(observers)
         if threads is None:
@@ -610,10 +611,17 @@ class Engine:
         ``forward_begins`` and ``forward_ends`` (where they have them: the
         learning loop pauses its trainer process there); every speculator's
         ``after_forward`` comes right after the forward, before
-        ``forward_ends``."""
+        ``forward_ends``. A ``forward_begins`` that returns False says the
+        forward runs beside work it could not pause (the learning loop's
+        trainer process while it starts up): ``_forward_timed`` is then
+        False, and the step's time is not one for the controller's cost
+        model."""
         hooks = [o for o in self.observers if hasattr(o, "forward_begins")]
+        timed = True
         for o in hooks:
-            o.forward_begins()
+            if o.forward_begins() is False:
+                timed = False
+        self._forward_timed = timed
         gap = torch.get_num_threads()
         if gap != self.threads:
             torch.set_num_threads(self.threads)   # see _gap_threads
@@ -635,7 +643,18 @@ class Engine:
 
     def measure_forward_cost(self, sizes=(1, 2, 4, 8, 16, 32, 64), context: int = 128) -> None:
         """Times the target forward at several tree sizes on this machine and
-        hands the figures to the controller (it refines them every step)."""
+        hands the figures to the controller (it refines them every step).
+        Observers with ``measurement_begins`` and ``measurement_ends`` (the
+        learning loop, which stops its trainer process, even one that is still
+        starting up) get them around the measurement: the controller starts
+        from these figures, and a size it believes dear it does not try again
+        until the figure goes stale. (Measured on SmolLM2-135M, 2 cores, twice
+        each way: forwards of 8, 16 and 32 nodes read 53-55, 76-85 and
+        123-139 ms beside the trainer process's start-up, 22-28, 32-41 and
+        60-75 ms with it stopped, 23, 30-34 and 59-63 ms with no trainer.)"""
+        hooks = [o for o in self.observers if hasattr(o, "measurement_begins")]
+        for o in hooks:
+            o.measurement_begins()
         outer_threads = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         seq = self.cache.create()
@@ -670,6 +689,8 @@ class Engine:
         finally:
             self.cache.release(seq)
             torch.set_num_threads(outer_threads)
+            for o in hooks:
+                o.measurement_ends()
         self._cost_measured = True
 
     def _draft(self, reqs: List[_Request]):
@@ -754,7 +775,12 @@ class Engine:
             out.append((r, res.emitted[b].tolist()))
         committed = [(r, self._accept_tokens(r, new)) for r, new in out]
         if self.speculators:
-            self.controller.record_forward(int(q_offsets[-1]), t_fwd)
+            if self._forward_timed:
+                # (A forward timed beside a trainer's start-up read about
+                # twice its cost; a size the model believes dear is not
+                # tried again until the figure goes stale, hundreds of
+                # forwards later.)
+                self.controller.record_forward(int(q_offsets[-1]), t_fwd)
             if self.max_tree_nodes > 1:
                 self.controller.observe(trees, origins, res.accepted, ran, res.emitted)
         if self.speculators or self.observers:

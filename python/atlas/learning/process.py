@@ -403,7 +403,7 @@ class TrainerProcess:
         ch = self._child
         return ch.proc.poll() if ch is not None else None
 
-    def pause(self, forward: bool = False) -> None:
+    def pause(self, forward: bool = False) -> bool:
         """Stops the child (``SIGSTOP``) until :meth:`resume`: the learning
         loop pauses it while each target forward runs, so that on a machine
         whose cores the forward's threads all use, the trainer trains in the
@@ -417,11 +417,13 @@ class TrainerProcess:
         few seconds of start-up (importing torch, reading the tables) took
         ten times as long in wall time, and the trainer began about 20 s into
         the demo's stream of 32 requests (measured: no step before the 17th
-        request, none at all in the demo's run)."""
+        request, none at all in the demo's run). Returns False in that case
+        (a child left running), else True."""
         ch = self._child
-        if forward and ch is not None and not ch.ready:
-            return
+        if forward and ch is not None and not ch.ready and ch.final is None and ch.proc.returncode is None:
+            return False
         self._signal(signal.SIGSTOP, True)
+        return True
 
     def resume(self) -> None:
         """Continues a child stopped by :meth:`pause`."""
