@@ -207,7 +207,10 @@ class Engine:
     forwards on the CPU (the learning loop), the engine's own work there runs
     on one thread (see :meth:`_gap_threads`). The learning loop's trainer
     runs in a child process, stopped during each target forward on the CPU
-    (see :mod:`atlas.learning.trainer`); :meth:`close` stops it. ``device`` (e.g.
+    (see :mod:`atlas.learning.trainer`; an observer's ``forward_begins`` and
+    ``forward_ends`` bracket each forward, its ``measurement_begins`` and
+    ``measurement_ends`` the timing of forwards at the first serve, see
+    :meth:`measure_forward_cost`); :meth:`close` stops it. ``device`` (e.g.
     ``"cuda"``) moves the target's weights there (in place) and runs its
     forward, the KV cache, tree attention and verification on that device;
     speculators draft on the host from host copies of what they read.
