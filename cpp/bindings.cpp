@@ -558,11 +558,12 @@ void top_k(py::handle logits_obj, py::handle k_obj, py::handle ids_obj, py::hand
 std::unique_ptr<atlas::PackedLinear> make_packed_linear(py::handle weight_obj, const std::string& simd) {
   View w = view_of(weight_obj, "weight");
   w.dtype({Elem::kF32}).dims(2).cpu().inner_dense();
-  if (simd != "auto" && simd != "baseline") fail("simd must be 'auto' or 'baseline', got '" + simd + "'");
+  if (simd != "auto" && simd != "avx2" && simd != "baseline")
+    fail("simd must be 'auto', 'avx2' or 'baseline', got '" + simd + "'");
   auto lin = std::make_unique<atlas::PackedLinear>();
   const int64_t n = w.shape[0], k = w.shape[1];
   const int64_t stride = n > 1 ? w.strides[0] : k;
-  call_nogil([&] { return lin->init(w.ptr<const float>(), n, k, stride, simd == "auto"); });
+  call_nogil([&] { return lin->init(w.ptr<const float>(), n, k, stride, simd != "baseline", simd == "auto"); });
   return lin;
 }
 
@@ -1745,14 +1746,16 @@ PYBIND11_MODULE(_native, m) {
       "A float32 weight [N, K] copied into panels for y = x W^T (+ bias) on a few rows, on several threads "
       "(see atlas/linear.h).")
       .def(py::init(&make_packed_linear), py::arg("weight"), py::arg("simd") = "auto",
-           "Copies weight (float32 [N, K], CPU, contiguous rows). simd='baseline' keeps to the SSE kernel.")
+           "Copies weight (float32 [N, K], CPU, contiguous rows). simd='baseline' keeps to the SSE kernel, "
+           "'avx2' to the AVX2 + FMA one where the CPU has AVX-512 (the same bits as AVX-512).")
       .def("forward", &packed_linear_forward, py::arg("x"), py::arg("out"), py::arg("bias") = py::none(),
            py::arg("threads") = 1,
            "out[r] = x[r] W^T (+ bias) for every row of x (float32 [rows, K]) into out (float32 [rows, N]).")
       .def_property_readonly("out_features", &atlas::PackedLinear::out_features)
       .def_property_readonly("in_features", &atlas::PackedLinear::in_features)
       .def_property_readonly("wide", &atlas::PackedLinear::wide,
-                             "Whether the AVX2 + FMA kernel runs (else the SSE baseline).");
+                             "Whether a fused multiply-add kernel runs (AVX2 + FMA or AVX-512; else the SSE "
+                             "baseline).");
 
   m.def("rms_norm", &rms_norm_rows, py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("out"),
         "out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight for every row of x (float32 [rows, n], CPU; "

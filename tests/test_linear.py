@@ -49,6 +49,30 @@ def test_a_rows_bits_do_not_depend_on_the_batch_or_the_threads():
             assert torch.equal(out, alone[:rows])
 
 
+@pytest.mark.skipif(not _native.cpu_features()["avx512f"], reason="the CPU has no AVX-512")
+def test_avx512_gives_the_avx2_bits():
+    # With AVX-512 the kernel runs up to four panels at once (their
+    # accumulators share each broadcast of x); AVX2 runs one at a time. Every
+    # output is the same chain of fused multiply-adds in both, so the bits
+    # must agree: for any rows (one group, several groups in blocks of k),
+    # threads (panel ranges that leave 1-3 panels over) and last panels cut
+    # short (N not a multiple of 16).
+    g = torch.Generator().manual_seed(3)
+    for n, k in [(17, 5), (70, 300), (200, 300), (16 * 13 + 3, 40)]:
+        w = torch.randn(n, k, generator=g)
+        b = torch.randn(n, generator=g)
+        wide, avx2 = _native.PackedLinear(w), _native.PackedLinear(w, simd="avx2")
+        assert wide.wide and avx2.wide
+        for rows in (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 16, 17, 24, 25, 32, 48):
+            x = torch.randn(rows, k, generator=g)
+            for threads in (1, 2, 3):
+                for bias in (None, b):
+                    got, want = torch.empty(rows, n), torch.empty(rows, n)
+                    wide.forward(x, got, bias, threads)
+                    avx2.forward(x, want, bias, threads)
+                    assert torch.equal(got, want), (n, k, rows, threads, bias is None)
+
+
 def test_strided_rows_and_numpy_arrays():
     rng = np.random.default_rng(2)
     w = rng.standard_normal((50, 20)).astype(np.float32)

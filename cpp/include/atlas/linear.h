@@ -16,7 +16,8 @@
 // take several groups (more than a group's accumulators fit in the
 // registers) go over it block by block of k, each block from the cache after
 // the first group. The inner loop is a multiply-add of one x value into 16
-// columns of accumulators held in registers.
+// columns of accumulators held in registers (with AVX-512, into those of up
+// to four panels at once, which share each broadcast of x).
 //
 // Numerics: every output is 0 + x[r, 0] W[n, 0] + x[r, 1] W[n, 1] + ..., in
 // ascending k, one multiply-add at a time (fused where the CPU has FMA), then
@@ -43,8 +44,11 @@ constexpr int64_t kLinearMaxThreads = kPoolMaxThreads;
 class PackedLinear {
  public:
   // Copies w [n, k] (row stride `row_stride` floats, >= k) into panels.
-  // allow_wide = false keeps to the baseline kernel (tests compare the two).
-  Status init(const float* w, int64_t n, int64_t k, int64_t row_stride, bool allow_wide = true);
+  // allow_wide = false keeps to the baseline kernel; allow_512 = false to the
+  // AVX2 + FMA one where the CPU has AVX-512 (tests compare them: AVX2 and
+  // AVX-512 give the same bits).
+  Status init(const float* w, int64_t n, int64_t k, int64_t row_stride, bool allow_wide = true,
+              bool allow_512 = true);
 
   // y[r, :] = x[r, :] W^T (+ bias) for r < rows. x rows are `ldx` floats apart
   // (>= K), y rows `ldy` (>= N); bias is null or N floats. threads in
@@ -64,6 +68,7 @@ class PackedLinear {
   int64_t n_ = 0, k_ = 0;
   bool ready_ = false;
   bool wide_ = false;
+  bool use_512_ = false;
   std::vector<float> panels_;
 };
 
