@@ -154,19 +154,15 @@ constexpr int panels_at_once(int chains) {
   return chains / R >= 4 ? 4 : chains / R >= 1 ? chains / R : 1;
 }
 
-// R rows against the NP panels at `panel`: y[r, c] for their columns, the
-// last panel's first `cols_last` only.
+// acc[q][r] += x[r, k] * W_q[., k] for k in [k0, k1), R rows and the NP
+// panels at `panel`, k ascending.
 template <typename V, int R, int NP>
-__attribute__((always_inline)) inline void panel_rows_np(const float* __restrict x, int64_t ldx, int64_t k_len,
-                                                         const float* __restrict panel, int64_t pstride,
-                                                         const float* bias, float* __restrict y, int64_t ldy,
-                                                         int64_t cols_last) {
+__attribute__((always_inline)) inline void np_steps(const float* __restrict x, int64_t ldx, int64_t k0, int64_t k1,
+                                                    const float* __restrict panel, int64_t pstride,
+                                                    V (&acc)[NP][R]) {
   typedef typename Unaligned<V>::type VL;
   static_assert(sizeof(V) == kLinearPanel * sizeof(float), "a vector must hold a whole panel row");
-  V acc[NP][R];
-  for (int q = 0; q < NP; ++q)
-    for (int r = 0; r < R; ++r) acc[q][r] = V{};
-  for (int64_t k = 0; k < k_len; ++k) {
+  for (int64_t k = k0; k < k1; ++k) {
     V w[NP];
     for (int q = 0; q < NP; ++q) {
       const float* wk = panel + q * pstride + k * kLinearPanel;
@@ -178,6 +174,19 @@ __attribute__((always_inline)) inline void panel_rows_np(const float* __restrict
       for (int q = 0; q < NP; ++q) acc[q][r] += xs * w[q];
     }
   }
+}
+
+// R rows against the NP panels at `panel`: y[r, c] for their columns, the
+// last panel's first `cols_last` only.
+template <typename V, int R, int NP>
+__attribute__((always_inline)) inline void panel_rows_np(const float* __restrict x, int64_t ldx, int64_t k_len,
+                                                         const float* __restrict panel, int64_t pstride,
+                                                         const float* bias, float* __restrict y, int64_t ldy,
+                                                         int64_t cols_last) {
+  V acc[NP][R];
+  for (int q = 0; q < NP; ++q)
+    for (int r = 0; r < R; ++r) acc[q][r] = V{};
+  np_steps<V, R, NP>(x, ldx, 0, k_len, panel, pstride, acc);
   for (int q = 0; q < NP; ++q) {
     const int64_t cols = q + 1 < NP ? kLinearPanel : cols_last;
     const float* b = bias != nullptr ? bias + q * kLinearPanel : nullptr;
@@ -202,23 +211,11 @@ __attribute__((always_inline)) inline void panel_rows_block_np(const float* __re
                                                                int64_t k1, const float* __restrict panel,
                                                                int64_t pstride, float* __restrict acc_io) {
   typedef typename Unaligned<V>::type VL;
-  static_assert(sizeof(V) == kLinearPanel * sizeof(float), "a vector must hold a whole panel row");
   V acc[NP][R];
   for (int q = 0; q < NP; ++q)
     for (int r = 0; r < R; ++r)
       acc[q][r] = k0 == 0 ? V{} : *reinterpret_cast<const VL*>(acc_io + (q * kBlockedMaxRows + r) * kLinearPanel);
-  for (int64_t k = k0; k < k1; ++k) {
-    V w[NP];
-    for (int q = 0; q < NP; ++q) {
-      const float* wk = panel + q * pstride + k * kLinearPanel;
-      __builtin_prefetch(wk + kAheadFloats, 0, 2);
-      w[q] = *reinterpret_cast<const VL*>(wk);
-    }
-    for (int r = 0; r < R; ++r) {
-      const float xs = x[r * ldx + k];
-      for (int q = 0; q < NP; ++q) acc[q][r] += xs * w[q];
-    }
-  }
+  np_steps<V, R, NP>(x, ldx, k0, k1, panel, pstride, acc);
   for (int q = 0; q < NP; ++q)
     for (int r = 0; r < R; ++r)
       *reinterpret_cast<VL*>(acc_io + (q * kBlockedMaxRows + r) * kLinearPanel) = acc[q][r];
