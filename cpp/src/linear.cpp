@@ -147,8 +147,9 @@ __attribute__((always_inline)) inline void block_upto(int64_t rows, const float*
 // of the 32 vector registers), 4 panels at most (4 prefetched weight streams).
 // Measured (SmolLM2-135M's matrices of one forward, 537 MB, streamed on 2
 // threads, alternated in one process, medians of 7; Intel Xeon with
-// AVX-512): 8 rows 25.1 -> 22.3 ms with 3 panels at once, 12 rows 28.6 ->
-// 25.1 with 2, 1 row unchanged (20.1).
+// AVX-512), one panel at a time against several: 1 row 20.6 / 20.2 ms, 4
+// rows 21.0 / 21.3, 8 rows 24.9 / 22.6, 12 rows 28.6 / 25.5, 16 rows 31.4 /
+// 28.7, 24 rows 39.1 / 34.6.
 template <int R>
 constexpr int panels_at_once(int chains) {
   return chains / R >= 4 ? 4 : chains / R >= 1 ? chains / R : 1;
