@@ -40,51 +40,6 @@ using simd::Unaligned;
 // unchanged (about 23 ms).
 constexpr int64_t kAheadFloats = 2048;
 
-// R rows of x against one panel: y[r, c] for the panel's `cols` columns.
-template <typename V, int R>
-__attribute__((always_inline)) inline void panel_rows(const float* __restrict x, int64_t ldx, int64_t k_len,
-                                                      const float* __restrict panel, const float* bias,
-                                                      float* __restrict y, int64_t ldy, int64_t cols) {
-  typedef typename Unaligned<V>::type VL;
-  constexpr int kLanes = static_cast<int>(sizeof(V) / sizeof(float));
-  constexpr int kVecs = static_cast<int>(kLinearPanel) / kLanes;
-  V acc[R][kVecs];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < kVecs; ++v) acc[r][v] = V{};
-  for (int64_t k = 0; k < k_len; ++k) {
-    const float* wk = panel + k * kLinearPanel;
-    __builtin_prefetch(wk + kAheadFloats, 0, 2);  // one cache line per k
-    V w[kVecs];
-    for (int v = 0; v < kVecs; ++v) w[v] = *reinterpret_cast<const VL*>(wk + v * kLanes);
-    for (int r = 0; r < R; ++r) {
-      const float xs = x[r * ldx + k];
-      for (int v = 0; v < kVecs; ++v) acc[r][v] += xs * w[v];
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    float out[kLinearPanel];
-    std::memcpy(out, acc[r], sizeof(out));
-    float* yr = y + r * ldy;
-    if (bias != nullptr) {
-      for (int64_t c = 0; c < cols; ++c) yr[c] = out[c] + bias[c];
-    } else {
-      for (int64_t c = 0; c < cols; ++c) yr[c] = out[c];
-    }
-  }
-}
-
-// `rows` (1 <= rows <= kRows) rows against one panel, in one group.
-template <typename V, int kRows>
-__attribute__((always_inline)) inline void panel_upto(int64_t rows, const float* x, int64_t ldx, int64_t k_len,
-                                                      const float* panel, const float* bias, float* y,
-                                                      int64_t ldy, int64_t cols) {
-  if (rows == kRows) {
-    panel_rows<V, kRows>(x, ldx, k_len, panel, bias, y, ldy, cols);
-    return;
-  }
-  if constexpr (kRows > 1) panel_upto<V, kRows - 1>(rows, x, ldx, k_len, panel, bias, y, ldy, cols);
-}
-
 // Rows that take more than one group: each panel runs in blocks of kBlockK
 // values of k, every group over a block before the next block, so that the
 // later groups read the block from the cache while the prefetches of the
@@ -99,107 +54,66 @@ constexpr int64_t kBlockK = 128;
 // At most this many rows run blocked (their accumulators on the stack); more
 // (the model hands such products to oneDNN) run one group after another.
 constexpr int64_t kBlockedMaxRows = 48;
+// Panels a group runs at once, at most (see panels_impl).
+constexpr int kMaxPanelsAtOnce = 4;
 
-// R rows of x against k in [k0, k1) of one panel, continuing the sums in
-// acc [R, kLinearPanel] (starting them at 0 when k0 == 0).
-template <typename V, int R>
-__attribute__((always_inline)) inline void panel_rows_block(const float* __restrict x, int64_t ldx, int64_t k0,
-                                                            int64_t k1, const float* __restrict panel,
-                                                            float* __restrict acc_io) {
-  typedef typename Unaligned<V>::type VL;
-  constexpr int kLanes = static_cast<int>(sizeof(V) / sizeof(float));
-  constexpr int kVecs = static_cast<int>(kLinearPanel) / kLanes;
-  V acc[R][kVecs];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < kVecs; ++v)
-      acc[r][v] = k0 == 0 ? V{} : *reinterpret_cast<const VL*>(acc_io + r * kLinearPanel + v * kLanes);
-  for (int64_t k = k0; k < k1; ++k) {
-    const float* wk = panel + k * kLinearPanel;
-    __builtin_prefetch(wk + kAheadFloats, 0, 2);
-    V w[kVecs];
-    for (int v = 0; v < kVecs; ++v) w[v] = *reinterpret_cast<const VL*>(wk + v * kLanes);
-    for (int r = 0; r < R; ++r) {
-      const float xs = x[r * ldx + k];
-      for (int v = 0; v < kVecs; ++v) acc[r][v] += xs * w[v];
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < kVecs; ++v) *reinterpret_cast<VL*>(acc_io + r * kLinearPanel + v * kLanes) = acc[r][v];
-}
+// A group of R rows runs over NP consecutive panels at once (panel stride
+// `pstride` floats): each row's x[k] is broadcast once for all NP, and the R *
+// NP * kVecs accumulators are as many independent chains of multiply-adds.
+// Every output is one chain of multiply-adds over k in order whatever NP is,
+// so NP does not change the bits.
 
-template <typename V, int kRows>
-__attribute__((always_inline)) inline void block_upto(int64_t rows, const float* x, int64_t ldx, int64_t k0,
-                                                      int64_t k1, const float* panel, float* acc_io) {
-  if (rows == kRows) {
-    panel_rows_block<V, kRows>(x, ldx, k0, k1, panel, acc_io);
-    return;
-  }
-  if constexpr (kRows > 1) block_upto<V, kRows - 1>(rows, x, ldx, k0, k1, panel, acc_io);
-}
-
-// Several panels at once, where a vector holds a whole panel row (AVX-512):
-// each row's x[k] is broadcast once for NP consecutive panels (panel stride
-// `pstride` floats), and the R * NP accumulators are as many independent
-// chains of multiply-adds. With one panel, a group of 8 rows had 8 chains and
-// a load per multiply-add, and its products, not the memory, set the pace.
-// Every output is still one chain of fused multiply-adds over k in order, so
-// the bits do not change. How many panels: kChains accumulators at most (24
-// of the 32 vector registers), 4 panels at most (4 prefetched weight streams).
-// Measured (SmolLM2-135M's matrices of one forward, 537 MB, streamed on 2
-// threads, alternated in one process, medians of 7; Intel Xeon with
-// AVX-512), one panel at a time against several: 1 row 20.6 / 20.2 ms, 4
-// rows 21.0 / 21.3, 8 rows 24.9 / 22.6, 12 rows 28.6 / 25.5, 16 rows 31.4 /
-// 28.7, 24 rows 39.1 / 34.6.
-template <int R>
-constexpr int panels_at_once(int chains) {
-  return chains / R >= 4 ? 4 : chains / R >= 1 ? chains / R : 1;
-}
-
-// acc[q][r] += x[r, k] * W_q[., k] for k in [k0, k1), R rows and the NP
-// panels at `panel`, k ascending.
+// acc[q][r] += x[r, k] * W_q[., k] for k in [k0, k1), k ascending.
 template <typename V, int R, int NP>
 __attribute__((always_inline)) inline void np_steps(const float* __restrict x, int64_t ldx, int64_t k0, int64_t k1,
                                                     const float* __restrict panel, int64_t pstride,
-                                                    V (&acc)[NP][R]) {
+                                                    V (&acc)[NP][R][kLinearPanel * sizeof(float) / sizeof(V)]) {
   typedef typename Unaligned<V>::type VL;
-  static_assert(sizeof(V) == kLinearPanel * sizeof(float), "a vector must hold a whole panel row");
+  constexpr int kLanes = static_cast<int>(sizeof(V) / sizeof(float));
+  constexpr int kVecs = static_cast<int>(kLinearPanel) / kLanes;
   for (int64_t k = k0; k < k1; ++k) {
-    V w[NP];
+    V w[NP][kVecs];
     for (int q = 0; q < NP; ++q) {
       const float* wk = panel + q * pstride + k * kLinearPanel;
-      __builtin_prefetch(wk + kAheadFloats, 0, 2);
-      w[q] = *reinterpret_cast<const VL*>(wk);
+      __builtin_prefetch(wk + kAheadFloats, 0, 2);  // one cache line per k and panel
+      for (int v = 0; v < kVecs; ++v) w[q][v] = *reinterpret_cast<const VL*>(wk + v * kLanes);
     }
     for (int r = 0; r < R; ++r) {
       const float xs = x[r * ldx + k];
-      for (int q = 0; q < NP; ++q) acc[q][r] += xs * w[q];
+      for (int q = 0; q < NP; ++q)
+        for (int v = 0; v < kVecs; ++v) acc[q][r][v] += xs * w[q][v];
     }
+  }
+}
+
+// y[c] = out[c] (+ b[c]) for c < cols.
+inline void store_row(const float* out, const float* b, float* y, int64_t cols) {
+  if (b != nullptr) {
+    for (int64_t c = 0; c < cols; ++c) y[c] = out[c] + b[c];
+  } else {
+    for (int64_t c = 0; c < cols; ++c) y[c] = out[c];
   }
 }
 
 // R rows against the NP panels at `panel`: y[r, c] for their columns, the
 // last panel's first `cols_last` only.
 template <typename V, int R, int NP>
-__attribute__((always_inline)) inline void panel_rows_np(const float* __restrict x, int64_t ldx, int64_t k_len,
-                                                         const float* __restrict panel, int64_t pstride,
-                                                         const float* bias, float* __restrict y, int64_t ldy,
-                                                         int64_t cols_last) {
-  V acc[NP][R];
+__attribute__((always_inline)) inline void panel_rows(const float* __restrict x, int64_t ldx, int64_t k_len,
+                                                      const float* __restrict panel, int64_t pstride,
+                                                      const float* bias, float* __restrict y, int64_t ldy,
+                                                      int64_t cols_last) {
+  constexpr int kVecs = static_cast<int>(kLinearPanel * sizeof(float) / sizeof(V));
+  V acc[NP][R][kVecs];
   for (int q = 0; q < NP; ++q)
-    for (int r = 0; r < R; ++r) acc[q][r] = V{};
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < kVecs; ++v) acc[q][r][v] = V{};
   np_steps<V, R, NP>(x, ldx, 0, k_len, panel, pstride, acc);
   for (int q = 0; q < NP; ++q) {
-    const int64_t cols = q + 1 < NP ? kLinearPanel : cols_last;
-    const float* b = bias != nullptr ? bias + q * kLinearPanel : nullptr;
     for (int r = 0; r < R; ++r) {
       float out[kLinearPanel];
-      std::memcpy(out, &acc[q][r], sizeof(out));
-      float* yr = y + r * ldy + q * kLinearPanel;
-      if (b != nullptr) {
-        for (int64_t c = 0; c < cols; ++c) yr[c] = out[c] + b[c];
-      } else {
-        for (int64_t c = 0; c < cols; ++c) yr[c] = out[c];
-      }
+      std::memcpy(out, acc[q][r], sizeof(out));
+      store_row(out, bias != nullptr ? bias + q * kLinearPanel : nullptr, y + r * ldy + q * kLinearPanel,
+                q + 1 < NP ? kLinearPanel : cols_last);
     }
   }
 }
@@ -208,164 +122,115 @@ __attribute__((always_inline)) inline void panel_rows_np(const float* __restrict
 // at acc_io + (q * kBlockedMaxRows + r) * kLinearPanel (started at 0 when
 // k0 == 0).
 template <typename V, int R, int NP>
-__attribute__((always_inline)) inline void panel_rows_block_np(const float* __restrict x, int64_t ldx, int64_t k0,
-                                                               int64_t k1, const float* __restrict panel,
-                                                               int64_t pstride, float* __restrict acc_io) {
+__attribute__((always_inline)) inline void panel_rows_block(const float* __restrict x, int64_t ldx, int64_t k0,
+                                                            int64_t k1, const float* __restrict panel,
+                                                            int64_t pstride, float* __restrict acc_io) {
   typedef typename Unaligned<V>::type VL;
-  V acc[NP][R];
+  constexpr int kLanes = static_cast<int>(sizeof(V) / sizeof(float));
+  constexpr int kVecs = static_cast<int>(kLinearPanel) / kLanes;
+  V acc[NP][R][kVecs];
   for (int q = 0; q < NP; ++q)
     for (int r = 0; r < R; ++r)
-      acc[q][r] = k0 == 0 ? V{} : *reinterpret_cast<const VL*>(acc_io + (q * kBlockedMaxRows + r) * kLinearPanel);
+      for (int v = 0; v < kVecs; ++v)
+        acc[q][r][v] = k0 == 0 ? V{}
+                               : *reinterpret_cast<const VL*>(acc_io + (q * kBlockedMaxRows + r) * kLinearPanel +
+                                                              v * kLanes);
   np_steps<V, R, NP>(x, ldx, k0, k1, panel, pstride, acc);
   for (int q = 0; q < NP; ++q)
     for (int r = 0; r < R; ++r)
-      *reinterpret_cast<VL*>(acc_io + (q * kBlockedMaxRows + r) * kLinearPanel) = acc[q][r];
+      for (int v = 0; v < kVecs; ++v)
+        *reinterpret_cast<VL*>(acc_io + (q * kBlockedMaxRows + r) * kLinearPanel + v * kLanes) = acc[q][r][v];
 }
 
-// `take` (1 <= take <= NP) panels with R rows: the kernels above, specialised.
-template <typename V, int R, int NP>
-__attribute__((always_inline)) inline void np_rows(int64_t take, const float* x, int64_t ldx, int64_t k_len,
-                                                   const float* panel, int64_t pstride, const float* bias, float* y,
-                                                   int64_t ldy, int64_t cols_last) {
-  if (take == NP) {
-    panel_rows_np<V, R, NP>(x, ldx, k_len, panel, pstride, bias, y, ldy, cols_last);
+// The most panels a group of R rows runs at once: its accumulators within
+// kChains vectors, kMaxPanels at most.
+template <typename V, int R, int kChains, int kMaxPanels>
+constexpr int panels_at_once() {
+  constexpr int per_panel = R * static_cast<int>(kLinearPanel * sizeof(float) / sizeof(V));
+  return kChains / per_panel >= kMaxPanels ? kMaxPanels : kChains / per_panel >= 1 ? kChains / per_panel : 1;
+}
+
+// `rows` (1 <= rows <= kRows) rows of one group over `take` panels (at most
+// panels_at_once for `rows`): whole (k_len given, k1 < 0, the result in y),
+// or over [k0, k1) (the sums in acc_io).
+template <typename V, int kRows, int kChains, int kMaxPanels, int NP = panels_at_once<V, kRows, kChains, kMaxPanels>()>
+__attribute__((always_inline)) inline void group_rows(int64_t rows, int64_t take, const float* x, int64_t ldx,
+                                                      int64_t k0, int64_t k1, const float* panel, int64_t pstride,
+                                                      const float* bias, float* y, int64_t ldy, int64_t cols_last,
+                                                      float* acc_io) {
+  if (rows == kRows && take == NP) {
+    if (acc_io == nullptr) {
+      panel_rows<V, kRows, NP>(x, ldx, k1, panel, pstride, bias, y, ldy, cols_last);
+    } else {
+      panel_rows_block<V, kRows, NP>(x, ldx, k0, k1, panel, pstride, acc_io);
+    }
     return;
   }
-  if constexpr (NP > 1) np_rows<V, R, NP - 1>(take, x, ldx, k_len, panel, pstride, bias, y, ldy, cols_last);
-}
-
-template <typename V, int R, int NP>
-__attribute__((always_inline)) inline void np_block(int64_t take, const float* x, int64_t ldx, int64_t k0,
-                                                    int64_t k1, const float* panel, int64_t pstride, float* acc_io) {
-  if (take == NP) {
-    panel_rows_block_np<V, R, NP>(x, ldx, k0, k1, panel, pstride, acc_io);
-    return;
-  }
-  if constexpr (NP > 1) np_block<V, R, NP - 1>(take, x, ldx, k0, k1, panel, pstride, acc_io);
-}
-
-// `rows` (1 <= rows <= kRows) rows of one group: over `take` panels (at most
-// panels_at_once<rows>) whole, or over [k0, k1) of them (blocked).
-template <typename V, int kRows, int kChains>
-__attribute__((always_inline)) inline void np_rows_upto(int64_t rows, int64_t take, const float* x, int64_t ldx,
-                                                        int64_t k_len, const float* panel, int64_t pstride,
-                                                        const float* bias, float* y, int64_t ldy,
-                                                        int64_t cols_last) {
   if (rows == kRows) {
-    np_rows<V, kRows, panels_at_once<kRows>(kChains)>(take, x, ldx, k_len, panel, pstride, bias, y, ldy, cols_last);
+    if constexpr (NP > 1)
+      group_rows<V, kRows, kChains, kMaxPanels, NP - 1>(rows, take, x, ldx, k0, k1, panel, pstride, bias, y, ldy,
+                                                        cols_last, acc_io);
     return;
   }
   if constexpr (kRows > 1)
-    np_rows_upto<V, kRows - 1, kChains>(rows, take, x, ldx, k_len, panel, pstride, bias, y, ldy, cols_last);
-}
-
-template <typename V, int kRows, int kChains>
-__attribute__((always_inline)) inline void np_block_upto(int64_t rows, int64_t take, const float* x, int64_t ldx,
-                                                         int64_t k0, int64_t k1, const float* panel,
-                                                         int64_t pstride, float* acc_io) {
-  if (rows == kRows) {
-    np_block<V, kRows, panels_at_once<kRows>(kChains)>(take, x, ldx, k0, k1, panel, pstride, acc_io);
-    return;
-  }
-  if constexpr (kRows > 1) np_block_upto<V, kRows - 1, kChains>(rows, take, x, ldx, k0, k1, panel, pstride, acc_io);
-}
-
-// panels_impl with several panels at once (see panel_rows_np): rows in
-// groups of at most kRows, as there; panels taken as many at once as the
-// largest group allows.
-template <typename V, int kRows, int kChains>
-__attribute__((always_inline)) inline void panels_np_impl(const float* x, int64_t rows, int64_t ldx, int64_t k_len,
-                                                          const float* panels, int64_t n, const float* bias,
-                                                          float* y, int64_t ldy, int64_t p0, int64_t p1) {
-  const int64_t groups = (rows + kRows - 1) / kRows;
-  const int64_t largest = (rows + groups - 1) / groups;
-  const int64_t at_once = std::max<int64_t>(1, std::min<int64_t>(4, kChains / largest));
-  const int64_t pstride = k_len * kLinearPanel;
-  alignas(64) float acc[4 * kBlockedMaxRows * kLinearPanel];
-  for (int64_t p = p0; p < p1;) {
-    const int64_t take = std::min(at_once, p1 - p);
-    const int64_t c0 = p * kLinearPanel;
-    const float* panel = panels + p * pstride;
-    const float* b = bias != nullptr ? bias + c0 : nullptr;
-    const int64_t cols_last = std::min<int64_t>(kLinearPanel, n - c0 - (take - 1) * kLinearPanel);
-    if (groups == 1) {
-      np_rows_upto<V, kRows, kChains>(rows, take, x, ldx, k_len, panel, pstride, b, y + c0, ldy, cols_last);
-    } else {
-      for (int64_t k0 = 0; k0 < k_len; k0 += kBlockK) {
-        const int64_t k1 = std::min(k0 + kBlockK, k_len);
-        for (int64_t g = 0, r = 0; g < groups; ++g) {
-          const int64_t m = rows / groups + (g < rows % groups ? 1 : 0);
-          np_block_upto<V, kRows, kChains>(m, take, x + r * ldx, ldx, k0, k1, panel, pstride,
-                                           acc + r * kLinearPanel);
-          r += m;
-        }
-      }
-      for (int64_t q = 0; q < take; ++q) {
-        const int64_t cols = q + 1 < take ? kLinearPanel : cols_last;
-        for (int64_t r = 0; r < rows; ++r) {
-          const float* out = acc + (q * kBlockedMaxRows + r) * kLinearPanel;
-          float* yr = y + r * ldy + c0 + q * kLinearPanel;
-          if (b != nullptr) {
-            for (int64_t c = 0; c < cols; ++c) yr[c] = out[c] + b[q * kLinearPanel + c];
-          } else {
-            for (int64_t c = 0; c < cols; ++c) yr[c] = out[c];
-          }
-        }
-      }
-    }
-    p += take;
-  }
+    group_rows<V, kRows - 1, kChains, kMaxPanels>(rows, take, x, ldx, k0, k1, panel, pstride, bias, y, ldy,
+                                                  cols_last, acc_io);
 }
 
 // Panels [p0, p1) for all rows, in groups of at most kRows rows (accumulators
 // for kRows rows fill most of the vector registers) whose sizes differ by at
 // most one: 13 rows run as 7 + 6, not 12 + 1 (measured before the groups ran
 // blocked, 13 rows of SmolLM2-135M: 35 ms as 7 + 6, 38 ms as 12 + 1; not
-// measured again since). Several groups run blocked (see kBlockK).
-template <typename V, int kRows>
+// measured again since). Several groups run blocked (see kBlockK). Each group
+// takes as many panels at once as the largest group's accumulators allow
+// within kChains vectors, kMaxPanels at most.
+template <typename V, int kRows, int kChains, int kMaxPanels>
 __attribute__((always_inline)) inline void panels_impl(const float* x, int64_t rows, int64_t ldx, int64_t k_len,
                                                        const float* panels, int64_t n, const float* bias,
                                                        float* y, int64_t ldy, int64_t p0, int64_t p1) {
+  constexpr int64_t kVecs = static_cast<int64_t>(kLinearPanel * sizeof(float) / sizeof(V));
   const int64_t groups = (rows + kRows - 1) / kRows;
   const bool blocked = groups > 1 && rows <= kBlockedMaxRows;
-  alignas(64) float acc[kBlockedMaxRows * kLinearPanel];
-  for (int64_t p = p0; p < p1; ++p) {
-    const float* panel = panels + p * k_len * kLinearPanel;
+  const int64_t largest = (rows + groups - 1) / groups;
+  const int64_t at_once = std::max<int64_t>(1, std::min<int64_t>(kMaxPanels, kChains / (largest * kVecs)));
+  const int64_t pstride = k_len * kLinearPanel;
+  alignas(64) float acc[kMaxPanels * kBlockedMaxRows * kLinearPanel];
+  for (int64_t p = p0; p < p1;) {
+    const int64_t take = std::min(at_once, p1 - p);
     const int64_t c0 = p * kLinearPanel;
-    const int64_t cols = std::min<int64_t>(kLinearPanel, n - c0);
+    const float* panel = panels + p * pstride;
     const float* b = bias != nullptr ? bias + c0 : nullptr;
+    const int64_t cols_last = std::min<int64_t>(kLinearPanel, n - c0 - (take - 1) * kLinearPanel);
     if (!blocked) {
       for (int64_t g = 0, r = 0; g < groups; ++g) {
         const int64_t m = rows / groups + (g < rows % groups ? 1 : 0);
-        panel_upto<V, kRows>(m, x + r * ldx, ldx, k_len, panel, b, y + r * ldy + c0, ldy, cols);
+        group_rows<V, kRows, kChains, kMaxPanels>(m, take, x + r * ldx, ldx, 0, k_len, panel, pstride, b,
+                                                  y + r * ldy + c0, ldy, cols_last, nullptr);
         r += m;
       }
-      continue;
-    }
-    for (int64_t k0 = 0; k0 < k_len; k0 += kBlockK) {
-      const int64_t k1 = std::min(k0 + kBlockK, k_len);
-      for (int64_t g = 0, r = 0; g < groups; ++g) {
-        const int64_t m = rows / groups + (g < rows % groups ? 1 : 0);
-        block_upto<V, kRows>(m, x + r * ldx, ldx, k0, k1, panel, acc + r * kLinearPanel);
-        r += m;
+    } else {
+      for (int64_t k0 = 0; k0 < k_len; k0 += kBlockK) {
+        const int64_t k1 = std::min(k0 + kBlockK, k_len);
+        for (int64_t g = 0, r = 0; g < groups; ++g) {
+          const int64_t m = rows / groups + (g < rows % groups ? 1 : 0);
+          group_rows<V, kRows, kChains, kMaxPanels>(m, take, x + r * ldx, ldx, k0, k1, panel, pstride, nullptr,
+                                                    nullptr, 0, 0, acc + r * kLinearPanel);
+          r += m;
+        }
       }
+      for (int64_t q = 0; q < take; ++q)
+        for (int64_t r = 0; r < rows; ++r)
+          store_row(acc + (q * kBlockedMaxRows + r) * kLinearPanel, b != nullptr ? b + q * kLinearPanel : nullptr,
+                    y + r * ldy + c0 + q * kLinearPanel, q + 1 < take ? kLinearPanel : cols_last);
     }
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* out = acc + r * kLinearPanel;
-      float* yr = y + r * ldy + c0;
-      if (b != nullptr) {
-        for (int64_t c = 0; c < cols; ++c) yr[c] = out[c] + b[c];
-      } else {
-        for (int64_t c = 0; c < cols; ++c) yr[c] = out[c];
-      }
-    }
+    p += take;
   }
 }
 
 // Baseline: 4-float vectors, 4 per panel row; 3 rows = 12 of the 16 SSE registers.
 void panels_baseline(const float* x, int64_t rows, int64_t ldx, int64_t k_len, const float* panels, int64_t n,
                      const float* bias, float* y, int64_t ldy, int64_t p0, int64_t p1) {
-  panels_impl<F4, 3>(x, rows, ldx, k_len, panels, n, bias, y, ldy, p0, p1);
+  panels_impl<F4, 3, 12, 1>(x, rows, ldx, k_len, panels, n, bias, y, ldy, p0, p1);
 }
 
 #if ATLAS_X86_TARGETS
@@ -374,20 +239,23 @@ void panels_baseline(const float* x, int64_t rows, int64_t ldx, int64_t k_len, c
 __attribute__((target("avx2,fma"))) void panels_wide(const float* x, int64_t rows, int64_t ldx, int64_t k_len,
                                                      const float* panels, int64_t n, const float* bias, float* y,
                                                      int64_t ldy, int64_t p0, int64_t p1) {
-  panels_impl<F8, 6>(x, rows, ldx, k_len, panels, n, bias, y, ldy, p0, p1);
+  panels_impl<F8, 6, 12, 1>(x, rows, ldx, k_len, panels, n, bias, y, ldy, p0, p1);
 }
 
-// AVX-512: one 16-float vector per panel row, 12 rows a group, several panels
-// at once (panels_np_impl). (One panel at a time, groups of 8 and 16
-// measured the same over 1-32 rows; 24 spilled and ran 2x slower.)
+// AVX-512: one 16-float vector per panel row, 12 rows a group, up to four
+// panels at once within 24 accumulators (4 panels up to 6 rows, 3 up to 8, 2
+// up to 12). One panel at a time, a group of 8 rows had 8 chains and a load
+// per multiply-add, and its products, not the memory, set the pace. Measured
+// (SmolLM2-135M's matrices of one forward, 537 MB, streamed on 2 threads,
+// alternated in one process, medians of 7; Intel Xeon with AVX-512), one
+// panel at a time against several: 1 row 20.6 / 20.2 ms, 4 rows 21.0 / 21.3,
+// 8 rows 24.9 / 22.6, 12 rows 28.6 / 25.5, 16 rows 31.4 / 28.7, 24 rows
+// 39.1 / 34.6. (One panel at a time, groups of 8 and 16 measured the same
+// over 1-32 rows; 24 spilled and ran 2x slower.)
 __attribute__((target("avx512f"))) void panels_512(const float* x, int64_t rows, int64_t ldx, int64_t k_len,
                                                    const float* panels, int64_t n, const float* bias, float* y,
                                                    int64_t ldy, int64_t p0, int64_t p1) {
-  if (rows <= kBlockedMaxRows) {
-    panels_np_impl<F16, 12, 24>(x, rows, ldx, k_len, panels, n, bias, y, ldy, p0, p1);
-    return;
-  }
-  panels_impl<F16, 12>(x, rows, ldx, k_len, panels, n, bias, y, ldy, p0, p1);
+  panels_impl<F16, 12, 24, kMaxPanelsAtOnce>(x, rows, ldx, k_len, panels, n, bias, y, ldy, p0, p1);
 }
 #endif
 
